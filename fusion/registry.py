@@ -1,0 +1,125 @@
+"""The one registry of fusion methods, and the one contract every method obeys.
+
+Contract
+--------
+A fusion method is an object built by ``create_method(name, **kwargs)``. Called as
+``method(ir, vi)`` it takes
+
+* ``ir``: infrared, float tensor (B, 1, H, W) with values in [0, 1];
+* ``vi``: visible, float tensor (B, C, H, W), C = 3 (RGB) or 1 (grey), values in [0, 1];
+
+and returns the fused image, a float tensor (B, C, H, W) in [0, 1] with the visible's channel
+count (grey visible -> grey fused). Inputs are on one device; the output is on the same device.
+Methods must accept any H, W (pad internally if they need a multiple of something).
+
+Methods that fuse luminance only subclass :class:`fusion.base.LuminanceFusion`, which converts
+the visible to YCbCr, fuses Y with the infrared and puts the visible Cb/Cr back.
+
+Registering
+-----------
+``@register_method("name")`` on a class or factory function. ``trainable=True`` marks a learned
+model (a ``torch.nn.Module``) that the pipeline can train with :mod:`fusion.train`; such a model
+implements ``training_losses(ir, vi_y, phase) -> (loss, {name: value})`` and names its training
+phases in a ``phases`` class attribute. User plug-ins are modules listed in a config's
+``plugins:`` list; :func:`load_plugins` imports them, and their decorators register the methods.
+"""
+from __future__ import annotations
+
+import importlib
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from fusion.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    name: str
+    factory: Callable[..., Any]
+    trainable: bool
+    description: str
+    module: str
+
+
+_REGISTRY: dict[str, MethodEntry] = {}
+_BUILTINS_LOADED = False
+BUILTIN_MODULES = ("fusion.baselines", "fusion.sspfusion")
+
+
+def register_method(name: str, *, trainable: bool = False, description: str | None = None):
+    """Decorator: register ``factory`` under ``name``. A second registration of a name is an error."""
+
+    def decorator(factory):
+        if name in _REGISTRY:
+            prev = _REGISTRY[name]
+            raise ValueError(f"fusion method {name!r} is already registered (by {prev.module}); "
+                             "choose another name for your method.")
+        doc = description or (factory.__doc__ or "").strip().split("\n")[0]
+        _REGISTRY[name] = MethodEntry(name, factory, trainable, doc, getattr(factory, "__module__", "?"))
+        return factory
+
+    return decorator
+
+
+def _load_builtins() -> None:
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
+        for mod in BUILTIN_MODULES:
+            try:
+                importlib.import_module(mod)
+            except ModuleNotFoundError as exc:  # a built-in module not written yet
+                if exc.name != mod:
+                    raise
+
+
+def list_methods() -> list[str]:
+    """Sorted names of every registered method (built-ins and loaded plug-ins)."""
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def get_entry(name: str) -> MethodEntry:
+    """The registry entry of ``name``; a ConfigError listing the valid names if unknown."""
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown fusion method {name!r}. Registered methods: "
+                          f"{', '.join(sorted(_REGISTRY)) or '(none)'}. A method of your own must be "
+                          "registered with @register_method in a module listed under `plugins:`.")
+    return _REGISTRY[name]
+
+
+def create_method(name: str, **kwargs):
+    """Build the registered method ``name`` with ``kwargs``."""
+    entry = get_entry(name)
+    try:
+        return entry.factory(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"fusion method {name!r} rejected its settings {kwargs}: {exc}. "
+                          "Check the method's keyword arguments in the config.") from exc
+
+
+def load_plugins(modules: list[str] | tuple[str, ...]) -> list[str]:
+    """Import each plug-in module (dotted name, importable from the working directory or
+    sys.path). Returns the names of the methods they registered. A module that fails to import is
+    a ConfigError that shows its error."""
+    import sys
+    from pathlib import Path
+
+    _load_builtins()
+    before = set(_REGISTRY)
+    cwd = str(Path.cwd())
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    for mod in modules:
+        if mod in sys.modules:
+            continue
+        try:
+            importlib.import_module(mod)
+        except Exception as exc:  # show the plug-in's own error
+            tb = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            raise ConfigError(f"plug-in module {mod!r} (listed under `plugins:`) failed to import: "
+                              f"{tb}. Fix the module, or make sure it is importable from the working "
+                              "directory (python -c 'import {0}').".replace("{0}", mod)) from exc
+    return sorted(set(_REGISTRY) - before)

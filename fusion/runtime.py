@@ -1,0 +1,155 @@
+"""Runtime helpers shared by both trainers: device choice, seeding and RNG state, atomic and
+self-describing checkpoints, mixed precision, and torch.distributed set-up.
+
+Nothing here calls ``.cuda()``: the device is chosen once (``resolve_device``) and passed in.
+"""
+from __future__ import annotations
+
+import io
+import os
+import random
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fusion.data.io import atomic_write_bytes
+from fusion.errors import CheckpointError, ConfigError
+
+
+# ---------------------------------------------------------------- device, precision
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``'auto'`` -> CUDA (this process's local rank under torchrun) if available, else CPU;
+    otherwise ``torch.device(spec)``, checked to exist."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {spec!r} requested but CUDA is not available here; set "
+                          "device=auto or device=cpu.")
+    return dev
+
+
+def autocast(device: torch.device, amp: str = "auto"):
+    """Mixed-precision context: on CUDA, bf16 where supported else fp16 (``amp='auto'``), or the
+    named dtype (``'bf16'``, ``'fp16'``); ``'off'`` or a CPU device: full precision."""
+    if amp == "off" or device.type != "cuda":
+        return nullcontext()
+    if amp == "auto":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def needs_grad_scaler(device: torch.device, amp: str = "auto") -> bool:
+    """True when autocast will use fp16 (which needs loss scaling)."""
+    if amp == "off" or device.type != "cuda":
+        return False
+    return amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported())
+
+
+# ---------------------------------------------------------------- seeds and RNG state
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def get_rng_state() -> dict[str, Any]:
+    """Every RNG state a training run depends on, for checkpoints."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path | str, payload: dict[str, Any]) -> None:
+    """``torch.save`` ``payload`` to ``path`` atomically (temporary file, then rename).
+
+    A self-describing checkpoint holds at least ``method``/``kind``, ``kwargs`` and
+    ``state_dict``, so a model can be rebuilt from the file alone."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: Path | str, *, expect: dict[str, Any] | None = None,
+                    map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint`.
+
+    ``expect`` maps keys to required values (e.g. ``{'kind': 'fusion', 'method': 'sspfusion'}``);
+    a mismatch, a missing or corrupt file is a CheckpointError naming the file and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist. Check the path, or train first.")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a fuseseg checkpoint "
+                              f"({type(exc).__name__}: {exc}). Delete it and retrain, or resume "
+                              "from an earlier one.") from exc
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"checkpoint {path} is not a fuseseg checkpoint (no state_dict). "
+                              "Use a file written by `fuseseg train-fusion` or `fuseseg segment train`.")
+    for key, want in (expect or {}).items():
+        if ckpt.get(key) != want:
+            raise CheckpointError(f"checkpoint {path} has {key}={ckpt.get(key)!r}, but {want!r} is "
+                                  "needed here. Pass the checkpoint of the right method/model.")
+    return ckpt
+
+
+def load_state_dict_checked(model: torch.nn.Module, state_dict: dict, path: Path | str) -> None:
+    """``model.load_state_dict`` with a CheckpointError naming the file on a shape/key mismatch."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise CheckpointError(f"checkpoint {path} does not fit this model (different shape or "
+                              f"settings): {' '.join(first[:3])[:400]}. Use the settings it was "
+                              "trained with (they are stored in the checkpoint's kwargs).") from exc
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside DistributedDataParallel / torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+# ---------------------------------------------------------------- distributed
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size) of this process; (0, 1) when not distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1): NCCL on CUDA,
+    gloo on CPU. Returns (rank, world_size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend=backend)
+    return dist_info()
+
+
+def is_main_process() -> bool:
+    return dist_info()[0] == 0

@@ -1,0 +1,51 @@
+"""The ``fuseseg`` command line: a thin layer over the stage functions.
+
+Each sub-command lives in its own module under ``pipelines/commands/`` and exposes
+``register(subparsers)``, which adds its parser and sets ``func`` (called with the parsed args,
+returns an exit code). Add a module to ``COMMANDS`` to make it appear in ``fuseseg --help``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = [
+    "pipelines.commands.data",
+    "pipelines.commands.metrics",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fuseseg",
+        description="Does this infrared-visible fusion method help segmentation? "
+        "Train, fuse, segment and compare with one command.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fusion.errors import FusesegError
+    from pipelines.console import console
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if argv is None or not argv else 2
+    try:
+        return int(args.func(args) or 0)
+    except FusesegError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
