@@ -1,0 +1,789 @@
+"""Fusion quality metrics: the field's reference definitions, fast, with named conventions.
+
+Every metric is a pure function over float64 arrays on the **0..255 scale**. Shapes: ``fused``,
+``ir`` and ``vi`` are (H, W) grey images of one size (any real dtype; uint8 is converted to
+float64 first, so none of the reference's uint8 wrap-around pitfalls apply). ``F`` = fused,
+``A`` = infrared, ``B`` = visible, ``M x N`` = image size.
+
+Reference (the default): the ``Evaluator`` class of MMIF-CDDFuse as run in its pinned
+environment, see ``../shared/docs/metrics.md``: sum over the two sources for MI, VIF and SSIM;
+MI in nats; SSIM with a 7x7 uniform window, sample covariance and data_range=2; Qabf with
+zero-padded Sobel; VIF = Sheikh-Bovik multiscale pixel VIF (sigma_n^2 = 2). Nabf (not in that
+class) follows Linfeng Tang's ``analysis_nabf.m`` with the arguments in the documented order.
+Common alternatives are named options (``mi(..., unit="bits")``, ``ag(..., convention="matlab")``,
+``mse/psnr(..., convention="tang")`` ...) collected in :class:`Convention`; every printed table
+carries :meth:`Convention.describe`.
+
+Speed: separable/box filters from OpenCV (exact for the integer-valued inputs that images are),
+joint histograms with ``np.bincount``, and one shared :class:`Triplet` cache so Sobel responses,
+means and filtered moments are computed once when several metrics are requested
+(:func:`compute_all`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from functools import cached_property
+from pathlib import Path
+from typing import Callable, Iterable
+
+import cv2
+import numpy as np
+
+from fusion.errors import DataError
+
+METRICS = ("EN", "SD", "SF", "AG", "MI", "MSE", "CC", "PSNR", "SCD", "VIF", "Qabf", "SSIM", "Nabf")
+LOWER_IS_BETTER = frozenset({"MSE", "Nabf"})
+VIF_MIN_SIDE = 41  # smallest side for which every VIF scale has a non-empty 'valid' region
+
+_LN2 = math.log(2.0)
+_F64 = cv2.CV_64F
+
+
+# ----------------------------------------------------------------------------- input handling
+def read_gray_reference(path: str | Path) -> np.ndarray:
+    """Read an image as the reference evaluator does; returns (H, W) float64 with integer values.
+
+    ``round(cvtColor(float32(cv2.imread(path)), BGR2GRAY))``: a 3-channel 8-bit read (grey files
+    become 3 equal channels), OpenCV's 0.299R + 0.587G + 0.114B in float32, rounded half-to-even.
+    Raises DataError naming the file when it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found. Check the folder given for this image.")
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise DataError(f"{path}: not a readable image (OpenCV could not decode it). "
+                        "Re-export it as PNG/JPG or remove it together with its partners.")
+    grey = cv2.cvtColor(img.astype(np.float32), cv2.COLOR_BGR2GRAY)
+    return np.round(grey).astype(np.float64)
+
+
+def _as_image(x, name: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 2:
+        raise DataError(f"{name}: expected a grey (H, W) image, got shape {arr.shape}. Convert colour "
+                        "images with read_gray_reference() (OpenCV BGR2GRAY) first.")
+    if min(arr.shape) < 2:
+        raise DataError(f"{name}: image of shape {arr.shape} is too small; every side needs >= 2 px.")
+    return np.ascontiguousarray(arr, dtype=np.float64)
+
+
+def _check_same(shapes: dict[str, tuple]) -> None:
+    ref_name, ref_shape = next(iter(shapes.items()))
+    for name, shape in shapes.items():
+        if shape != ref_shape:
+            listing = ", ".join(f"{k} {v[0]}x{v[1]}" for k, v in shapes.items())
+            raise DataError(f"image sizes differ ({listing}): metrics compare pixel by pixel, so "
+                            "fused, ir and vi must have the same HxW. Resize or crop them to match.")
+
+
+def _uint8_labels(x: np.ndarray) -> np.ndarray | None:
+    """x as uint8 when every value is an integer in 0..255, else None (one cast + one compare)."""
+    with np.errstate(invalid="ignore"):
+        u = x.astype(np.uint8)
+    return u if np.array_equal(u, x) else None
+
+
+# ----------------------------------------------------------------------------- conventions
+_CHOICES = {
+    "mi_unit": ("nats", "bits"),
+    "ag": ("reference", "matlab"),
+    "sf": ("reference", "mn"),
+    "mse": ("reference", "tang"),
+    "psnr": ("reference", "tang"),
+    "nabf_order": ("correct", "tang_head"),
+}
+
+
+@dataclass(frozen=True)
+class Convention:
+    """Which variant of each metric to compute. Defaults = the reference (CDDFuse Evaluator).
+
+    mi_unit:        "nats" (reference, sklearn) | "bits" (Tang MATLAB; = nats / ln 2)
+    mi_tang_uint8_quirk: merge grey values 254 and 255 as Tang's ``Hab.m`` does (uint8 + 1 saturates)
+    ag:             "reference" (sum / MN) | "matlab" (sum / ((M-1)(N-1)); Tang, VIFB, MEFB)
+    sf:             "reference" (means over the M(N-1) and (M-1)N differences) | "mn" (both sums / MN; VIFB, MEFB)
+    mse:            "reference" (0..255 scale) | "tang" (0..1 scale, = reference / 65025)
+    psnr:           "reference" (peak = max(F)) | "tang" (10 log10(255^2 / MSE on 0..1), ~ +48.13 dB)
+    ssim_data_range: 2.0 reproduces the reference's implicit float data range; 255 = IF-FILM's copy
+    nabf_order:     "correct" | "tang_head" (analysis_Reference.m HEAD calls analysis_nabf(ir, vi, fused))
+    """
+
+    mi_unit: str = "nats"
+    mi_tang_uint8_quirk: bool = False
+    ag: str = "reference"
+    sf: str = "reference"
+    mse: str = "reference"
+    psnr: str = "reference"
+    ssim_data_range: float = 2.0
+    nabf_order: str = "correct"
+
+    def __post_init__(self):
+        for key, valid in _CHOICES.items():
+            if getattr(self, key) not in valid:
+                raise ValueError(f"Convention.{key}={getattr(self, key)!r} is not valid; "
+                                 f"choose one of {', '.join(valid)}")
+        if not self.ssim_data_range > 0:
+            raise ValueError(f"Convention.ssim_data_range must be > 0, got {self.ssim_data_range}")
+
+    @classmethod
+    def preset(cls, name: str) -> "Convention":
+        """A named preset: ``reference``, ``sspfusion`` (reference with MI in bits: matches the
+        SSPFusion paper's MSRS table) or ``tang`` (Tang's MATLAB scales for MI/AG/MSE/PSNR)."""
+        try:
+            return PRESETS[name]
+        except KeyError:
+            raise ValueError(f"unknown convention preset {name!r}; valid: {', '.join(PRESETS)}") from None
+
+    def with_options(self, **changes) -> "Convention":
+        """A copy with some fields changed (validated)."""
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise ValueError(f"unknown Convention field(s) {sorted(unknown)}; valid: "
+                             f"{', '.join(f.name for f in fields(self))}")
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        """One human-readable line stating every convention (printed under every metric table)."""
+        mi = f"MI=MI(F,IR)+MI(F,VI) in {self.mi_unit}" + (" (Tang uint8 254/255 merge)"
+                                                           if self.mi_tang_uint8_quirk else "")
+        ag = "AG=sum/((M-1)(N-1)) [MATLAB]" if self.ag == "matlab" else "AG=sum/(MN)"
+        sf = "SF=sums/(MN) [VIFB]" if self.sf == "mn" else "SF=mean of differences"
+        mse = "MSE on 0..1 [Tang]" if self.mse == "tang" else "MSE on 0..255"
+        psnr = ("PSNR=10log10(255^2/MSE_0..1) [Tang]" if self.psnr == "tang"
+                else "PSNR peak=max(F)")
+        dr = f"{self.ssim_data_range:g}"
+        nabf = ("Nabf args as Tang HEAD driver (ir,vi,fused)" if self.nabf_order == "tang_head"
+                else "Nabf=Tang analysis_nabf.m")
+        return (f"{mi}; VIF=sum of Sheikh-Bovik vifp (sigma_n^2=2); SSIM=sum, 7x7 uniform, "
+                f"data_range={dr}; Qabf zero-padded Sobel; {ag}; {sf}; {mse}; {psnr}; {nabf}; "
+                "EN log2; SD population; CC/SCD Pearson")
+
+
+PRESETS = {
+    "reference": Convention(),
+    "sspfusion": Convention(mi_unit="bits"),
+    "tang": Convention(mi_unit="bits", mi_tang_uint8_quirk=True, ag="matlab", mse="tang", psnr="tang"),
+}
+
+
+# ----------------------------------------------------------------------------- shared cache
+def _gauss_1d(n: int) -> np.ndarray:
+    """1-D factor of MATLAB ``fspecial('gaussian', n, n/5)`` (normalised to sum 1).
+
+    The 2-D window is the outer product of this vector with itself: none of its entries is
+    below eps * max for n in (3, 5, 9, 17), so fspecial's zeroing step never applies."""
+    r = (n - 1) / 2.0
+    x = np.arange(-r, r + 1.0)
+    g = np.exp(-(x * x) / (2.0 * (n / 5.0) ** 2))
+    return g / g.sum()
+
+
+_VIF_WINDOWS = {s: _gauss_1d(2 ** (5 - s) + 1) for s in range(1, 5)}
+
+
+def _gfilt(x: np.ndarray, s: int) -> np.ndarray:
+    """'Same'-size separable Gaussian filtering of scale ``s``; the caller crops the valid part."""
+    k = _VIF_WINDOWS[s]
+    return cv2.sepFilter2D(x, _F64, k, k, borderType=cv2.BORDER_REFLECT)
+
+
+class Triplet:
+    """One (fused, ir, vi) triplet plus lazily computed intermediates shared between metrics.
+
+    Construct once and call the ``*_t`` metric kernels, or simply use :func:`compute_all`."""
+
+    def __init__(self, fused, ir, vi):
+        self.F = _as_image(fused, "fused")
+        self.A = _as_image(ir, "ir")
+        self.B = _as_image(vi, "vi")
+        _check_same({"fused": self.F.shape, "ir": self.A.shape, "vi": self.B.shape})
+        self.shape = self.F.shape
+
+    @classmethod
+    def single(cls, fused) -> "Triplet":
+        """A cache for the fused-only metrics (EN, SD, SF, AG): ir = vi = fused."""
+        t = cls.__new__(cls)
+        t.F = t.A = t.B = _as_image(fused, "fused")
+        t.shape = t.F.shape
+        return t
+
+    # --- labels / histogram inputs
+    @cached_property
+    def u8(self) -> dict[str, np.ndarray | None]:
+        return {"F": _uint8_labels(self.F), "A": _uint8_labels(self.A), "B": _uint8_labels(self.B)}
+
+    # --- centred images for CC / SCD
+    @cached_property
+    def centred(self) -> dict[str, np.ndarray]:
+        return {k: (x - x.mean()).ravel() for k, x in (("F", self.F), ("A", self.A), ("B", self.B))}
+
+    # --- Sobel responses: correlation with kx=[[-1,0,1],[-2,0,2],[-1,0,1]] and ky=kx.T
+    def _sobel(self, key: str, border: int) -> tuple[np.ndarray, np.ndarray]:
+        x = getattr(self, key)
+        return (cv2.Sobel(x, _F64, 1, 0, ksize=3, borderType=border),
+                cv2.Sobel(x, _F64, 0, 1, ksize=3, borderType=border))
+
+    @cached_property
+    def sobel_reflect(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Sobel (gx, gy) with mirror-without-edge-repeat padding (Nabf)."""
+        return {k: self._sobel(k, cv2.BORDER_REFLECT_101) for k in "FAB"}
+
+    @cached_property
+    def sobel_zero(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Sobel (gx, gy) with zero padding (Qabf). Shares the interior with :attr:`sobel_reflect`
+        when that is already computed: only the one-pixel border strips are recomputed."""
+        if "sobel_reflect" not in self.__dict__:
+            return {k: self._sobel(k, cv2.BORDER_CONSTANT) for k in "FAB"}
+        out = {}
+        for k in "FAB":
+            x = getattr(self, k)
+            gx, gy = (a.copy() for a in self.sobel_reflect[k])
+            c = cv2.BORDER_CONSTANT
+            for sl_src, sl_dst in (((slice(0, 2), slice(None)), (0, slice(None))),
+                                   ((slice(-2, None), slice(None)), (-1, slice(None)))):
+                strip = np.ascontiguousarray(x[sl_src])
+                gx[sl_dst] = cv2.Sobel(strip, _F64, 1, 0, ksize=3, borderType=c)[sl_dst[0]]
+                gy[sl_dst] = cv2.Sobel(strip, _F64, 0, 1, ksize=3, borderType=c)[sl_dst[0]]
+            for sl_src, col in (((slice(None), slice(0, 2)), 0), ((slice(None), slice(-2, None)), -1)):
+                strip = np.ascontiguousarray(x[sl_src])
+                gx[:, col] = cv2.Sobel(strip, _F64, 1, 0, ksize=3, borderType=c)[:, col]
+                gy[:, col] = cv2.Sobel(strip, _F64, 0, 1, ksize=3, borderType=c)[:, col]
+            out[k] = (gx, gy)
+        return out
+
+    # --- VIF moments, per scale: dict scale -> (A, B, F) at that scale
+    @cached_property
+    def vif_pyramid(self) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        h, w = self.shape
+        if min(h, w) < VIF_MIN_SIDE:
+            raise DataError(f"VIF needs images of at least {VIF_MIN_SIDE}x{VIF_MIN_SIDE} px (4 scales of "
+                            f"'valid' Gaussian filtering); got {h}x{w}. The reference code silently "
+                            "returns meaningless numbers (scipy swaps the operands) and MATLAB returns "
+                            "empty scales, so no value is given: leave VIF out (metrics=[...]) for "
+                            "images this small.")
+        levels = {1: (self.A, self.B, self.F)}
+        cur = levels[1]
+        for s in range(2, 5):
+            r = (2 ** (5 - s)) // 2
+            nxt = []
+            for x in cur:
+                y = _gfilt(x, s)
+                nxt.append(np.ascontiguousarray(y[r:y.shape[0] - r:2, r:y.shape[1] - r:2]))
+            cur = levels[s] = tuple(nxt)
+        return levels
+
+
+# ----------------------------------------------------------------------------- kernels
+def _entropy_bits(u8: np.ndarray) -> float:
+    counts = np.bincount(u8.ravel(), minlength=256)
+    p = counts[counts > 0] / u8.size
+    return float(-(p * np.log2(p)).sum())
+
+
+def en_t(t: Triplet) -> float:
+    u = t.u8["F"]
+    if u is None:
+        u = np.round(np.clip(t.F, 0, 255)).astype(np.uint8)
+    return _entropy_bits(u)
+
+
+def _pair_labels(x: np.ndarray, u: np.ndarray | None, quirk: bool) -> tuple[np.ndarray, int]:
+    """Integer labels of the exact pixel values and their count (for the joint histogram)."""
+    if u is not None:
+        lab = np.minimum(u, 254) if quirk else u
+        return lab.ravel().astype(np.intp), 256
+    if quirk:
+        raise DataError("mi_tang_uint8_quirk needs integer images in 0..255 (Tang's Hab.m works on "
+                        "uint8); round the images or switch the quirk off.")
+    if not np.isfinite(x).all():
+        raise DataError("MI: image holds NaN or inf values; replace them before scoring.")
+    _, inv = np.unique(x.ravel(), return_inverse=True)
+    return inv.ravel().astype(np.intp), int(inv.max()) + 1
+
+
+def _mi_nats(lf: np.ndarray, nf: int, lx: np.ndarray, nx: int) -> float:
+    n = lf.size
+    if nf * nx <= 1 << 22:
+        joint = np.bincount(lf * nx + lx, minlength=nf * nx).reshape(nf, nx)
+        pf = joint.sum(axis=1)
+        px = joint.sum(axis=0)
+        i, j = np.nonzero(joint)
+        c = joint[i, j]
+        pfi, pxj = pf[i], px[j]
+    else:  # many distinct float values: count the pairs that occur
+        pairs, c = np.unique(lf.astype(np.int64) * nx + lx, return_counts=True)
+        pf = np.bincount(lf, minlength=nf)
+        px = np.bincount(lx, minlength=nx)
+        pfi, pxj = pf[pairs // nx], px[pairs % nx]
+    c = c.astype(np.float64)
+    mi = float((c * np.log(c * n / (pfi.astype(np.float64) * pxj))).sum() / n)
+    return max(mi, 0.0)
+
+
+def mi_terms_t(t: Triplet, *, unit: str = "nats", tang_uint8_quirk: bool = False) -> tuple[float, float]:
+    """(MI(F, IR), MI(F, VI)) in ``unit``."""
+    if unit not in ("nats", "bits"):
+        raise ValueError(f"unit={unit!r}; choose 'nats' or 'bits'")
+    lf, nf = _pair_labels(t.F, t.u8["F"], tang_uint8_quirk)
+    out = []
+    for key, x in (("A", t.A), ("B", t.B)):
+        lx, nx = _pair_labels(x, t.u8[key], tang_uint8_quirk)
+        v = _mi_nats(lf, nf, lx, nx)
+        out.append(v / _LN2 if unit == "bits" else v)
+    return out[0], out[1]
+
+
+def sd_t(t: Triplet) -> float:
+    return float(np.std(t.F))
+
+
+def sf_t(t: Triplet, convention: str = "reference") -> float:
+    F = t.F
+    dx = np.diff(F, axis=1)
+    dy = np.diff(F, axis=0)
+    sx, sy = float(np.einsum("ij,ij->", dx, dx)), float(np.einsum("ij,ij->", dy, dy))
+    if convention == "reference":
+        return math.sqrt(sx / dx.size + sy / dy.size)
+    if convention == "mn":
+        return math.sqrt((sx + sy) / F.size)
+    raise ValueError(f"SF convention {convention!r}; choose 'reference' or 'mn'")
+
+
+def ag_t(t: Triplet, convention: str = "reference") -> float:
+    F = t.F
+    gx = np.empty_like(F)
+    gy = np.empty_like(F)
+    gx[:, 1:-1] = (F[:, 2:] - F[:, :-2]) / 2.0
+    gx[:, 0] = F[:, 1] - F[:, 0]
+    gx[:, -1] = F[:, -1] - F[:, -2]
+    gy[1:-1, :] = (F[2:, :] - F[:-2, :]) / 2.0
+    gy[0, :] = F[1, :] - F[0, :]
+    gy[-1, :] = F[-1, :] - F[-2, :]
+    gx *= gx
+    gy *= gy
+    gx += gy
+    gx /= 2.0
+    total = float(np.sqrt(gx, out=gx).sum())
+    m, n = F.shape
+    if convention == "reference":
+        return total / (m * n)
+    if convention == "matlab":
+        return total / ((m - 1) * (n - 1))
+    raise ValueError(f"AG convention {convention!r}; choose 'reference' or 'matlab'")
+
+
+def mse_t(t: Triplet, convention: str = "reference") -> float:
+    da = t.A - t.F
+    db = t.B - t.F
+    v = (float(np.einsum("ij,ij->", da, da)) + float(np.einsum("ij,ij->", db, db))) / (2.0 * t.F.size)
+    if convention == "reference":
+        return v
+    if convention == "tang":
+        return v / 65025.0
+    raise ValueError(f"MSE convention {convention!r}; choose 'reference' or 'tang'")
+
+
+def psnr_t(t: Triplet, convention: str = "reference") -> float:
+    m = mse_t(t)
+    if convention == "reference":
+        peak2 = float(t.F.max()) ** 2
+    elif convention == "tang":
+        peak2 = 255.0 ** 2 * 65025.0
+    else:
+        raise ValueError(f"PSNR convention {convention!r}; choose 'reference' or 'tang'")
+    if m == 0.0:
+        return math.inf
+    if peak2 == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(peak2 / m)
+
+
+def _pearson(xc: np.ndarray, yc: np.ndarray) -> float:
+    """Pearson r of two centred vectors; 0.0 when either is constant (documented choice)."""
+    sxx = float(np.dot(xc, xc))
+    syy = float(np.dot(yc, yc))
+    if sxx == 0.0 or syy == 0.0:
+        return 0.0
+    return float(np.dot(xc, yc)) / math.sqrt(sxx * syy)
+
+
+def cc_t(t: Triplet) -> float:
+    c = t.centred
+    return 0.5 * (_pearson(c["A"], c["F"]) + _pearson(c["B"], c["F"]))
+
+
+def scd_t(t: Triplet) -> float:
+    c = t.centred
+    return _pearson(c["A"], c["F"] - c["B"]) + _pearson(c["B"], c["F"] - c["A"])
+
+
+def _vifp_from_moments(mu1, mu2, s11, s22, s12) -> tuple[float, float]:
+    """num, den of one VIF scale from the filtered moments (in-place on the inputs)."""
+    eps = 1e-10
+    sigma1 = s11 - mu1 * mu1
+    sigma2 = s22 - mu2 * mu2
+    sigma12 = s12 - mu1 * mu2
+    np.maximum(sigma1, 0.0, out=sigma1)
+    np.maximum(sigma2, 0.0, out=sigma2)
+    g = sigma12 / (sigma1 + eps)
+    sv = sigma2 - g * sigma12
+    m1 = sigma1 < eps
+    g[m1] = 0.0
+    sv[m1] = sigma2[m1]
+    sigma1[m1] = 0.0
+    m2 = sigma2 < eps
+    g[m2] = 0.0
+    sv[m2] = 0.0
+    neg = g < 0
+    sv[neg] = sigma2[neg]
+    g[neg] = 0.0
+    sv[sv <= eps] = eps
+    num = float(np.log10(1.0 + g * g * sigma1 / (sv + 2.0)).sum())
+    den = float(np.log10(1.0 + sigma1 / 2.0).sum())
+    return num, den
+
+
+def vif_terms_t(t: Triplet) -> tuple[float, float]:
+    """(vifp(IR, F), vifp(VI, F)): reference = source, distorted = fused."""
+    levels = t.vif_pyramid
+    num = [0.0, 0.0]
+    den = [0.0, 0.0]
+    for s in range(1, 5):
+        A, B, F = levels[s]
+        r = (2 ** (5 - s)) // 2
+        h, w = F.shape
+        crop = (slice(r, h - r), slice(r, w - r))
+
+        def valid(x):
+            return _gfilt(x, s)[crop]
+
+        muF = valid(F)
+        sFF = valid(F * F)
+        for i, X in enumerate((A, B)):
+            n_, d_ = _vifp_from_moments(valid(X), muF, valid(X * X), sFF, valid(X * F))
+            num[i] += n_
+            den[i] += d_
+    out = []
+    for n_, d_ in zip(num, den):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            v = np.float64(n_) / np.float64(d_)
+        out.append(1.0 if np.isnan(v) else float(v))
+    return out[0], out[1]
+
+
+def _qabf_angles(gx: np.ndarray, gy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Qabf's strength g and angle alpha from correlation Sobel (gx, gy).
+
+    analysis_Qabf.m uses conv2 (true convolution): Sx = -gx, Sy = gy. alpha = atan(Sy/Sx), pi/2
+    where Sx == 0."""
+    g = np.sqrt(gx * gx + gy * gy)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = np.arctan(gy / -gx)
+    a[gx == 0] = math.pi / 2
+    return g, a
+
+
+def _qabf_q(gX, aX, gF, aF) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        G = np.minimum(gX, gF) / np.maximum(gX, gF)
+    eq = gX == gF
+    G[eq] = gF[eq]  # analysis_Qabf.m: G = gF where gX == gF (kept for fidelity)
+    Aa = 1.0 - np.abs(aX - aF) / (math.pi / 2)
+    Qg = 0.9994 / (1.0 + np.exp(-15.0 * (G - 0.5)))
+    Qa = 0.9879 / (1.0 + np.exp(-22.0 * (Aa - 0.8)))
+    return Qg * Qa
+
+
+def qabf_t(t: Triplet) -> float:
+    sz = t.sobel_zero
+    gF, aF = _qabf_angles(*sz["F"])
+    gA, aA = _qabf_angles(*sz["A"])
+    gB, aB = _qabf_angles(*sz["B"])
+    den = float(gA.sum() + gB.sum())
+    if den == 0.0:
+        return 0.0  # constant sources: no edges to transfer (documented)
+    num = float(np.einsum("ij,ij->", _qabf_q(gA, aA, gF, aF), gA)
+                + np.einsum("ij,ij->", _qabf_q(gB, aB, gF, aF), gB))
+    return num / den
+
+
+def _nabf_core(gvf, ghf, gva, gha, gvb, ghb) -> float:
+    """Nabf from the /8-scaled Sobel responses (gv: horizontal derivative, gh: vertical) of
+    f, I1, I2 (analysis_nabf.m's argument order)."""
+    def strength_angle(gv, gh):
+        g = np.sqrt(gv * gv + gh * gh)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            a = np.arctan(gv / gh)
+        a[(gv == 0) & (gh == 0)] = 0.0
+        return g, a
+
+    gF, aF = strength_angle(gvf, ghf)
+    gA, aA = strength_angle(gva, gha)
+    gB, aB = strength_angle(gvb, ghb)
+
+    def q(gX, aX):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            G = np.minimum(gX, gF) / np.maximum(gX, gF)
+        G[(gX == 0) | (gF == 0)] = 0.0
+        Aa = np.abs(np.abs(aX - aF) - math.pi / 2) * (2.0 / math.pi)
+        Qg = 0.9999 / (1.0 + np.exp(-19.0 * (G - 0.5)))
+        Qa = 0.9995 / (1.0 + np.exp(-22.0 * (Aa - 0.5)))
+        return np.sqrt(Qg * Qa)
+
+    def weight(gX):
+        return np.where(gX >= 2.0, gX ** 1.5, 0.001)
+
+    wA, wB = weight(gA), weight(gB)
+    na = (gF > gA) & (gF > gB)
+    num = float((((1.0 - q(gA, aA)) * wA + (1.0 - q(gB, aB)) * wB)[na]).sum())
+    return num / float(wA.sum() + wB.sum())
+
+
+def nabf_t(t: Triplet, order: str = "correct") -> float:
+    sr = t.sobel_reflect
+    s = {k: (sr[k][0] * 0.125, sr[k][1] * 0.125) for k in "FAB"}
+    if order == "correct":
+        return _nabf_core(*s["F"], *s["A"], *s["B"])
+    if order == "tang_head":  # analysis_nabf(img1=ir, img2=vi, img_f) against signature (f, I1, I2)
+        return _nabf_core(*s["A"], *s["B"], *s["F"])
+    raise ValueError(f"Nabf order {order!r}; choose 'correct' or 'tang_head'")
+
+
+def _box_mean(x: np.ndarray) -> np.ndarray:
+    """7x7 mean, cropped by 3 px on each side (the part of the SSIM map the reference averages)."""
+    y = cv2.boxFilter(x, _F64, (7, 7), normalize=False, borderType=cv2.BORDER_REFLECT)
+    return y[3:-3, 3:-3] * (1.0 / 49.0)
+
+
+def ssim_terms_t(t: Triplet, data_range: float = 2.0) -> tuple[float, float]:
+    """(SSIM(F, IR), SSIM(F, VI)) with skimage's defaults (7x7 uniform, sample covariance)."""
+    if min(t.shape) < 7:
+        raise DataError(f"SSIM needs images of at least 7x7 px; got {t.shape[0]}x{t.shape[1]}.")
+    c1 = (0.01 * data_range) ** 2
+    c2 = (0.03 * data_range) ** 2
+    cov = 49.0 / 48.0
+    F = t.F
+    uF = _box_mean(F)
+    vF = cov * (_box_mean(F * F) - uF * uF)
+    out = []
+    for X in (t.A, t.B):
+        uX = _box_mean(X)
+        vX = cov * (_box_mean(X * X) - uX * uX)
+        vFX = cov * (_box_mean(F * X) - uF * uX)
+        s = ((2.0 * uF * uX + c1) * (2.0 * vFX + c2)) / ((uF * uF + uX * uX + c1) * (vF + vX + c2))
+        out.append(float(s.mean()))
+    return out[0], out[1]
+
+
+# ----------------------------------------------------------------------------- public metrics
+def en(fused) -> float:
+    """Entropy EN = -sum_k p_k log2 p_k of the 256-bin histogram of uint8(round(clip(F, 0, 255))).
+
+    fused: (H, W). Range 0..8 bits; higher = more information. Constant image: 0."""
+    return en_t(Triplet.single(fused))
+
+
+def sd(fused) -> float:
+    """Standard deviation SD = sqrt(mean((F - mean F)^2)) (population, ddof=0), 0..255 scale.
+
+    fused: (H, W). Range 0..127.5; higher = more contrast. Constant image: 0."""
+    return float(np.std(_as_image(fused, "fused")))
+
+
+def sf(fused, *, convention: str = "reference") -> float:
+    """Spatial frequency SF = sqrt(RF^2 + CF^2).
+
+    reference: RF^2 = mean over the M(N-1) horizontal differences (F[i,j]-F[i,j-1])^2, CF^2 = mean
+    over the (M-1)N vertical ones (= Tang MATLAB). ``convention="mn"``: both sums divided by MN
+    (VIFB/MEFB). fused: (H, W). Range >= 0; higher = more detail. Constant image: 0."""
+    return sf_t(Triplet.single(fused), convention)
+
+
+def ag(fused, *, convention: str = "reference") -> float:
+    """Average gradient AG = (1/MN) sum sqrt((Gx^2 + Gy^2)/2).
+
+    Gx, Gy as ``np.gradient``/MATLAB ``gradient``: central differences /2 inside, one-sided at the
+    borders. ``convention="matlab"`` divides the same sum by (M-1)(N-1) (Tang, VIFB, MEFB;
+    x1.003656 at 480x640). fused: (H, W). Range >= 0. Constant image: 0."""
+    return ag_t(Triplet.single(fused), convention)
+
+
+def mi(fused, ir, vi, *, unit: str = "nats", tang_uint8_quirk: bool = False) -> float:
+    """Mutual information MI = MI(F, IR) + MI(F, VI) (sum over sources).
+
+    MI(F, X) = sum_{f,x} p(f,x) ln(p(f,x) / (p(f) p(x))) over the joint histogram of the exact pixel
+    values (sklearn ``mutual_info_score``; 256x256 for integer images). ``unit="bits"`` divides by
+    ln 2 (Tang MATLAB; SSPFusion's tables). ``tang_uint8_quirk=True`` merges values 254 and 255 like
+    Tang's Hab.m. Shapes: (H, W) each. Range 0..2*ln(256) nats. Constant F: 0."""
+    a, b = mi_terms_t(Triplet(fused, ir, vi), unit=unit, tang_uint8_quirk=tang_uint8_quirk)
+    return a + b
+
+
+def mse(fused, ir, vi, *, convention: str = "reference") -> float:
+    """MSE = 1/2 [mean((IR - F)^2) + mean((VI - F)^2)] on the 0..255 scale (range 0..65025; lower
+    is better). ``convention="tang"``: on the 0..1 scale (/65025). Shapes: (H, W) each."""
+    return mse_t(Triplet(fused, ir, vi), convention)
+
+
+def psnr(fused, ir, vi, *, convention: str = "reference") -> float:
+    """PSNR = 10 log10(max(F)^2 / MSE) in dB, peak = the fused image's maximum (not 255).
+
+    ``convention="tang"``: 10 log10(255^2 / MSE_0..1) = 10 log10(255^2 * 65025 / MSE) (about
+    +48.13 dB over the standard 255-peak PSNR). +inf when MSE = 0 (F = IR = VI); -inf when F is all
+    zero but MSE > 0 (reference convention). Shapes: (H, W) each."""
+    return psnr_t(Triplet(fused, ir, vi), convention)
+
+
+def cc(fused, ir, vi) -> float:
+    """Correlation coefficient CC = 1/2 [r(IR, F) + r(VI, F)], Pearson r.
+
+    r(X, Y) = sum (X-mean X)(Y-mean Y) / sqrt(sum (X-mean X)^2 sum (Y-mean Y)^2); r = 0 when either
+    image is constant (the reference gives NaN). Range -1..1. Shapes: (H, W) each."""
+    return cc_t(Triplet(fused, ir, vi))
+
+
+def scd(fused, ir, vi) -> float:
+    """Sum of correlations of differences SCD = r(IR, F - VI) + r(VI, F - IR) (MATLAB corr2).
+
+    r = 0 when an argument is constant. Range -2..2. Shapes: (H, W) each."""
+    return scd_t(Triplet(fused, ir, vi))
+
+
+def vif(fused, ir, vi) -> float:
+    """VIF = vifp(IR, F) + vifp(VI, F): Sheikh-Bovik multiscale pixel-domain VIF (vifp_mscale.m).
+
+    4 scales, window N = 2^(5-s)+1 Gaussian (sigma N/5, fspecial), 'valid' filtering, scales > 1
+    filter then keep every other row/column; sigma_n^2 = 2, eps = 1e-10, clamps in the reference
+    order (sigma1^2 < eps; sigma2^2 < eps; g < 0; sv^2 <= eps). vifp = num/den, 1.0 when that is
+    NaN (constant source). Range >= 0 (each term ~0..1, can exceed 1 for contrast enhancement).
+    Needs >= 41 px per side: DataError otherwise. Shapes: (H, W) each. Not Han et al.'s VIFF."""
+    a, b = vif_terms_t(Triplet(fused, ir, vi))
+    return a + b
+
+
+def qabf(fused, ir, vi) -> float:
+    """Xydeas-Petrovic edge preservation Qabf (analysis_Qabf.m variant).
+
+    Sobel by conv2 with zero padding; g = sqrt(Sx^2 + Sy^2), alpha = atan(Sy/Sx) (pi/2 where Sx = 0);
+    G = min/max of gX, gF but G = gF where gX == gF (MATLAB original); A = 1 - |aX - aF|/(pi/2);
+    Q^XF = 0.9994/(1+exp(-15(G-0.5))) * 0.9879/(1+exp(-22(A-0.8))); Qabf = sum(Q^AF gA + Q^BF gB) /
+    sum(gA + gB). Range 0..1, higher is better. Constant IR and VI (no edges): 0."""
+    return qabf_t(Triplet(fused, ir, vi))
+
+
+def ssim(fused, ir, vi, *, data_range: float = 2.0) -> float:
+    """SSIM = SSIM(F, IR) + SSIM(F, VI) as the reference computes it (skimage 0.19 defaults).
+
+    7x7 uniform window, sample covariance (x 49/48), K1 = 0.01, K2 = 0.03, C = (K R)^2 with
+    R = data_range = 2 (the reference's implicit float range; 255 = IF-FILM's copy), map cropped by
+    3 px then averaged. Range up to 2 (sum). Constant images: finite (the C terms keep it defined).
+    Shapes: (H, W) each, >= 7 px per side."""
+    a, b = ssim_terms_t(Triplet(fused, ir, vi), data_range)
+    return a + b
+
+
+def nabf(fused, ir, vi, *, order: str = "correct") -> float:
+    """Fusion artefacts Nabf (Shreyamsha Kumar's modification; Tang's analysis_nabf.m). Lower is better.
+
+    Sobel /8 as correlation on mirror-padded (no edge repeat) images: gv = horizontal derivative,
+    gh = vertical, g = sqrt(gv^2 + gh^2), alpha = atan(gv/gh) (0 where both are 0).
+    gXF = min/max of gX, gF (0 if either is 0); aXF = ||aX - aF| - pi/2| 2/pi;
+    Q^XF = sqrt(0.9999/(1+exp(-19(gXF-0.5))) * 0.9995/(1+exp(-22(aXF-0.5))));
+    wX = gX^1.5 where gX >= 2 else 0.001; na = [gF > gA and gF > gB];
+    Nabf = sum na((1-Q^AF)wA + (1-Q^BF)wB) / sum(wA + wB). Range 0..1. Constant images: 0.
+    ``order="tang_head"`` reproduces analysis_Reference.m's swapped call (ir, vi, fused)."""
+    return nabf_t(Triplet(fused, ir, vi), order)
+
+
+# ----------------------------------------------------------------------------- all together
+def _run_metric(name: str, t: Triplet, c: Convention) -> float:
+    if name == "EN":
+        return en_t(t)
+    if name == "SD":
+        return sd_t(t)
+    if name == "SF":
+        return sf_t(t, c.sf)
+    if name == "AG":
+        return ag_t(t, c.ag)
+    if name == "MI":
+        return sum(mi_terms_t(t, unit=c.mi_unit, tang_uint8_quirk=c.mi_tang_uint8_quirk))
+    if name == "MSE":
+        return mse_t(t, c.mse)
+    if name == "CC":
+        return cc_t(t)
+    if name == "PSNR":
+        return psnr_t(t, c.psnr)
+    if name == "SCD":
+        return scd_t(t)
+    if name == "VIF":
+        return sum(vif_terms_t(t))
+    if name == "Qabf":
+        return qabf_t(t)
+    if name == "SSIM":
+        return sum(ssim_terms_t(t, c.ssim_data_range))
+    if name == "Nabf":
+        return nabf_t(t, c.nabf_order)
+    raise ValueError(f"unknown metric {name!r}; valid: {', '.join(METRICS)}")
+
+
+def resolve_metrics(metrics: Iterable[str] | None) -> tuple[str, ...]:
+    """Validate metric names (case-insensitive) and return them in canonical spelling and order."""
+    if metrics is None:
+        return METRICS
+    lookup = {m.lower(): m for m in METRICS}
+    chosen = []
+    for m in metrics:
+        key = str(m).strip().lower()
+        if key not in lookup:
+            raise ValueError(f"unknown metric {m!r}; valid: {', '.join(METRICS)}")
+        chosen.append(lookup[key])
+    return tuple(m for m in METRICS if m in chosen)
+
+
+def compute_all(fused, ir, vi, metrics: Iterable[str] | None = None,
+                conventions: Convention | str | None = None) -> dict[str, float]:
+    """Every requested metric of one triplet, sharing intermediate results.
+
+    fused, ir, vi: (H, W) on the 0..255 scale. metrics: names from METRICS (default all 13).
+    conventions: a Convention or a preset name (default: reference). Returns {name: value} in
+    METRICS order. Qabf and Nabf share their Sobel responses (Nabf's are computed first)."""
+    c = _resolve_convention(conventions)
+    names = resolve_metrics(metrics)
+    t = Triplet(fused, ir, vi)
+    if "VIF" in names:
+        t.vif_pyramid  # raise the size error before spending time on the others
+    out = {}
+    for name in _COMPUTE_ORDER:
+        if name in names:
+            out[name] = _run_metric(name, t, c)
+    return {name: out[name] for name in names}
+
+
+_COMPUTE_ORDER = ("Nabf",) + tuple(m for m in METRICS if m != "Nabf")
+
+
+def _resolve_convention(conventions: Convention | str | None) -> Convention:
+    if conventions is None:
+        return PRESETS["reference"]
+    if isinstance(conventions, str):
+        return Convention.preset(conventions)
+    if isinstance(conventions, Convention):
+        return conventions
+    raise TypeError(f"conventions must be a Convention or a preset name, got {type(conventions)}")
+
+
+def describe_conventions(conventions: Convention | str | None = None) -> str:
+    """The human-readable convention line for a Convention or preset name."""
+    return _resolve_convention(conventions).describe()
+
+
+METRIC_FUNCTIONS: dict[str, Callable] = {
+    "EN": en, "SD": sd, "SF": sf, "AG": ag, "MI": mi, "MSE": mse, "CC": cc, "PSNR": psnr,
+    "SCD": scd, "VIF": vif, "Qabf": qabf, "SSIM": ssim, "Nabf": nabf,
+}

@@ -1,0 +1,47 @@
+"""Shared test fixtures: tiny image folders and the location of ../shared."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+REAL = SHARED / "data" / "real"
+
+
+def require_shared(sub: str = "") -> Path:
+    """Path under ../shared, or skip the test with the reason when it is absent (a user's clone)."""
+    path = SHARED / sub
+    if not path.exists():
+        pytest.skip(f"{path} is absent: ../shared (real image pairs, metric vectors) exists only in "
+                    "the project's CI and developer checkouts, not in a user's clone")
+    return path
+
+
+def write_png(path: Path, arr: np.ndarray) -> Path:
+    """Write ``arr`` (grey, or RGB converted to OpenCV's BGR) as a PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR) if arr.ndim == 3 and arr.shape[2] == 3 else arr
+    assert cv2.imwrite(str(path), img)
+    return path
+
+
+@pytest.fixture
+def make_pairs(tmp_path):
+    """Factory: a pair folder ``root/{ir,vi[,Segmentation_labels]}`` with ``n`` random pairs."""
+
+    def _make(n=3, size=(24, 32), labels=False, root=None, seed=0):
+        rng = np.random.default_rng(seed)
+        root = Path(root or tmp_path / "pairs")
+        for i in range(n):
+            name = f"{i + 1:05d}{'DN'[i % 2]}.png"
+            write_png(root / "ir" / name, rng.integers(0, 256, size, dtype=np.uint8))
+            write_png(root / "vi" / name, rng.integers(0, 256, size + (3,), dtype=np.uint8))
+            if labels:
+                write_png(root / "Segmentation_labels" / name, rng.integers(0, 9, size, dtype=np.uint8))
+        return root
+
+    return _make
