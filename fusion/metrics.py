@@ -22,6 +22,7 @@ means and filtered moments are computed once when several metrics are requested
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import asdict, dataclass, fields, replace
 from functools import cached_property
 from pathlib import Path
@@ -172,6 +173,38 @@ PRESETS = {
 }
 
 
+# ----------------------------------------------------------------------------- workspace
+_CHUNK_ROWS = 32  # element-wise chains run on row blocks that stay in the L2 cache
+
+
+class _Workspace(threading.local):
+    """Per-thread reusable full-frame buffers (filter outputs), keyed by name and shape.
+
+    Re-using them across triplets of one size avoids fresh multi-MB allocations (page faults)
+    for every image; a new image size replaces the set."""
+
+    def __init__(self):
+        self.shape = None
+        self.bufs: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, int], frame: tuple[int, int]) -> np.ndarray:
+        if frame != self.shape:
+            self.shape, self.bufs = frame, {}
+        key = f"{name}{shape}"
+        buf = self.bufs.get(key)
+        if buf is None:
+            buf = self.bufs[key] = np.empty(shape, np.float64)
+        return buf
+
+
+_WS = _Workspace()
+
+
+def _row_blocks(r0: int, r1: int, step: int = _CHUNK_ROWS):
+    for a in range(r0, r1, step):
+        yield slice(a, min(a + step, r1))
+
+
 # ----------------------------------------------------------------------------- shared cache
 def _gauss_1d(n: int) -> np.ndarray:
     """1-D factor of MATLAB ``fspecial('gaussian', n, n/5)`` (normalised to sum 1).
@@ -187,16 +220,19 @@ def _gauss_1d(n: int) -> np.ndarray:
 _VIF_WINDOWS = {s: _gauss_1d(2 ** (5 - s) + 1) for s in range(1, 5)}
 
 
-def _gfilt(x: np.ndarray, s: int) -> np.ndarray:
+def _gfilt(x: np.ndarray, s: int, dst: np.ndarray | None = None) -> np.ndarray:
     """'Same'-size separable Gaussian filtering of scale ``s``; the caller crops the valid part."""
     k = _VIF_WINDOWS[s]
-    return cv2.sepFilter2D(x, _F64, k, k, borderType=cv2.BORDER_REFLECT)
+    if dst is None:
+        return cv2.sepFilter2D(x, _F64, k, k, borderType=cv2.BORDER_REFLECT)
+    return cv2.sepFilter2D(x, _F64, k, k, dst=dst, borderType=cv2.BORDER_REFLECT)
 
 
 class Triplet:
     """One (fused, ir, vi) triplet plus lazily computed intermediates shared between metrics.
 
-    Construct once and call the ``*_t`` metric kernels, or simply use :func:`compute_all`."""
+    Construct once and call the ``*_t`` metric kernels, or simply use :func:`compute_all`.
+    Not shared between threads (each thread has its own buffer workspace)."""
 
     def __init__(self, fused, ir, vi):
         self.F = _as_image(fused, "fused")
@@ -213,6 +249,9 @@ class Triplet:
         t.shape = t.F.shape
         return t
 
+    def buf(self, name: str, shape: tuple[int, int] | None = None) -> np.ndarray:
+        return _WS.get(name, shape or self.shape, self.shape)
+
     # --- labels / histogram inputs
     @cached_property
     def u8(self) -> dict[str, np.ndarray | None]:
@@ -221,43 +260,44 @@ class Triplet:
     # --- centred images for CC / SCD
     @cached_property
     def centred(self) -> dict[str, np.ndarray]:
-        return {k: (x - x.mean()).ravel() for k, x in (("F", self.F), ("A", self.A), ("B", self.B))}
+        """X - mean(X), flattened, for X in F, A, B."""
+        return {k: np.subtract(x, x.mean(), out=self.buf(f"c{k}")).ravel()
+                for k, x in (("F", self.F), ("A", self.A), ("B", self.B))}
 
     # --- Sobel responses: correlation with kx=[[-1,0,1],[-2,0,2],[-1,0,1]] and ky=kx.T
     def _sobel(self, key: str, border: int) -> tuple[np.ndarray, np.ndarray]:
         x = getattr(self, key)
-        return (cv2.Sobel(x, _F64, 1, 0, ksize=3, borderType=border),
-                cv2.Sobel(x, _F64, 0, 1, ksize=3, borderType=border))
+        return (cv2.Sobel(x, _F64, 1, 0, dst=self.buf(f"sx{key}"), ksize=3, borderType=border),
+                cv2.Sobel(x, _F64, 0, 1, dst=self.buf(f"sy{key}"), ksize=3, borderType=border))
 
     @cached_property
     def sobel_reflect(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Sobel (gx, gy) with mirror-without-edge-repeat padding (Nabf)."""
+        self.__dict__.pop("sobel_zero", None)  # same buffers
         return {k: self._sobel(k, cv2.BORDER_REFLECT_101) for k in "FAB"}
 
     @cached_property
     def sobel_zero(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Sobel (gx, gy) with zero padding (Qabf). Shares the interior with :attr:`sobel_reflect`
-        when that is already computed: only the one-pixel border strips are recomputed."""
-        if "sobel_reflect" not in self.__dict__:
+        """Sobel (gx, gy) with zero padding (Qabf). When :attr:`sobel_reflect` is cached its
+        buffers are converted in place (only the one-pixel border differs) and it is dropped."""
+        reflect = self.__dict__.pop("sobel_reflect", None)
+        if reflect is None:
             return {k: self._sobel(k, cv2.BORDER_CONSTANT) for k in "FAB"}
-        out = {}
+        c = cv2.BORDER_CONSTANT
         for k in "FAB":
             x = getattr(self, k)
-            gx, gy = (a.copy() for a in self.sobel_reflect[k])
-            c = cv2.BORDER_CONSTANT
-            for sl_src, sl_dst in (((slice(0, 2), slice(None)), (0, slice(None))),
-                                   ((slice(-2, None), slice(None)), (-1, slice(None)))):
-                strip = np.ascontiguousarray(x[sl_src])
-                gx[sl_dst] = cv2.Sobel(strip, _F64, 1, 0, ksize=3, borderType=c)[sl_dst[0]]
-                gy[sl_dst] = cv2.Sobel(strip, _F64, 0, 1, ksize=3, borderType=c)[sl_dst[0]]
-            for sl_src, col in (((slice(None), slice(0, 2)), 0), ((slice(None), slice(-2, None)), -1)):
-                strip = np.ascontiguousarray(x[sl_src])
+            gx, gy = reflect[k]
+            for src, row in ((x[:2], 0), (x[-2:], -1)):
+                strip = np.ascontiguousarray(src)
+                gx[row] = cv2.Sobel(strip, _F64, 1, 0, ksize=3, borderType=c)[row]
+                gy[row] = cv2.Sobel(strip, _F64, 0, 1, ksize=3, borderType=c)[row]
+            for src, col in ((x[:, :2], 0), (x[:, -2:], -1)):
+                strip = np.ascontiguousarray(src)
                 gx[:, col] = cv2.Sobel(strip, _F64, 1, 0, ksize=3, borderType=c)[:, col]
                 gy[:, col] = cv2.Sobel(strip, _F64, 0, 1, ksize=3, borderType=c)[:, col]
-            out[k] = (gx, gy)
-        return out
+        return reflect
 
-    # --- VIF moments, per scale: dict scale -> (A, B, F) at that scale
+    # --- VIF: (A, B, F) at each of the 4 scales
     @cached_property
     def vif_pyramid(self) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         h, w = self.shape
@@ -272,16 +312,32 @@ class Triplet:
         for s in range(2, 5):
             r = (2 ** (5 - s)) // 2
             nxt = []
-            for x in cur:
-                y = _gfilt(x, s)
+            for i, x in enumerate(cur):
+                y = _gfilt(x, s, self.buf(f"pyr{s}{i}", x.shape))
                 nxt.append(np.ascontiguousarray(y[r:y.shape[0] - r:2, r:y.shape[1] - r:2]))
             cur = levels[s] = tuple(nxt)
         return levels
 
 
 # ----------------------------------------------------------------------------- kernels
+_EXACT_HIST = 1 << 24  # cv2.calcHist counts in float32: exact below 2^24 pixels
+
+
+def _hist256(u8: np.ndarray) -> np.ndarray:
+    if u8.size < _EXACT_HIST:
+        return cv2.calcHist([u8], [0], None, [256], [0, 256]).ravel().astype(np.float64)
+    return np.bincount(u8.ravel(), minlength=256).astype(np.float64)
+
+
+def _joint256(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """256x256 joint histogram of two uint8 images (rows: a, columns: b)."""
+    if a.size < _EXACT_HIST:
+        return cv2.calcHist([a, b], [0, 1], None, [256, 256], [0, 256, 0, 256]).astype(np.float64)
+    return np.bincount(a.ravel().astype(np.intp) * 256 + b.ravel(), minlength=65536).reshape(256, 256)
+
+
 def _entropy_bits(u8: np.ndarray) -> float:
-    counts = np.bincount(u8.ravel(), minlength=256)
+    counts = _hist256(u8)
     p = counts[counts > 0] / u8.size
     return float(-(p * np.log2(p)).sum())
 
@@ -330,23 +386,44 @@ def mi_terms_t(t: Triplet, *, unit: str = "nats", tang_uint8_quirk: bool = False
     """(MI(F, IR), MI(F, VI)) in ``unit``."""
     if unit not in ("nats", "bits"):
         raise ValueError(f"unit={unit!r}; choose 'nats' or 'bits'")
-    lf, nf = _pair_labels(t.F, t.u8["F"], tang_uint8_quirk)
     out = []
+    uf = t.u8["F"]
     for key, x in (("A", t.A), ("B", t.B)):
-        lx, nx = _pair_labels(x, t.u8[key], tang_uint8_quirk)
-        v = _mi_nats(lf, nf, lx, nx)
+        ux = t.u8[key]
+        if uf is not None and ux is not None:  # fast path: 256x256 joint histogram
+            if tang_uint8_quirk:
+                uf2, ux2 = np.minimum(uf, 254), np.minimum(ux, 254)
+            else:
+                uf2, ux2 = uf, ux
+            v = _mi_from_joint(_joint256(uf2, ux2))
+        else:
+            lf, nf = _pair_labels(t.F, uf, tang_uint8_quirk)
+            lx, nx = _pair_labels(x, ux, tang_uint8_quirk)
+            v = _mi_nats(lf, nf, lx, nx)
         out.append(v / _LN2 if unit == "bits" else v)
     return out[0], out[1]
 
 
+def _mi_from_joint(joint: np.ndarray) -> float:
+    n = float(joint.sum())
+    pf = joint.sum(axis=1).astype(np.float64)
+    px = joint.sum(axis=0).astype(np.float64)
+    i, j = np.nonzero(joint)
+    c = joint[i, j].astype(np.float64)
+    if n == 0:
+        return 0.0
+    return max(float((c * np.log(c * n / (pf[i] * px[j]))).sum() / n), 0.0)
+
+
 def sd_t(t: Triplet) -> float:
-    return float(np.std(t.F))
+    c = t.centred["F"]
+    return math.sqrt(float(np.einsum("i,i->", c, c)) / c.size)
 
 
 def sf_t(t: Triplet, convention: str = "reference") -> float:
     F = t.F
-    dx = np.diff(F, axis=1)
-    dy = np.diff(F, axis=0)
+    dx = np.subtract(F[:, 1:], F[:, :-1], out=t.buf("sfx")[:, 1:])
+    dy = np.subtract(F[1:], F[:-1], out=t.buf("sfy")[1:])
     sx, sy = float(np.einsum("ij,ij->", dx, dx)), float(np.einsum("ij,ij->", dy, dy))
     if convention == "reference":
         return math.sqrt(sx / dx.size + sy / dy.size)
@@ -356,20 +433,26 @@ def sf_t(t: Triplet, convention: str = "reference") -> float:
 
 
 def ag_t(t: Triplet, convention: str = "reference") -> float:
+    # Differences are kept unhalved (borders doubled) and the 1/4 folded into the final 1/8:
+    # scaling by powers of two is exact, so this equals sqrt(((d/2)^2 + (e/2)^2) / 2) bit for bit.
     F = t.F
-    gx = np.empty_like(F)
-    gy = np.empty_like(F)
-    gx[:, 1:-1] = (F[:, 2:] - F[:, :-2]) / 2.0
-    gx[:, 0] = F[:, 1] - F[:, 0]
-    gx[:, -1] = F[:, -1] - F[:, -2]
-    gy[1:-1, :] = (F[2:, :] - F[:-2, :]) / 2.0
-    gy[0, :] = F[1, :] - F[0, :]
-    gy[-1, :] = F[-1, :] - F[-2, :]
-    gx *= gx
-    gy *= gy
-    gx += gy
-    gx /= 2.0
-    total = float(np.sqrt(gx, out=gx).sum())
+    dx = t.buf("agx")
+    dy = t.buf("agy")
+    np.subtract(F[:, 2:], F[:, :-2], out=dx[:, 1:-1])
+    dx[:, 0] = F[:, 1] - F[:, 0]
+    dx[:, -1] = F[:, -1] - F[:, -2]
+    dx[:, 0] *= 2.0
+    dx[:, -1] *= 2.0
+    np.subtract(F[2:], F[:-2], out=dy[1:-1])
+    dy[0] = F[1] - F[0]
+    dy[-1] = F[-1] - F[-2]
+    dy[0] *= 2.0
+    dy[-1] *= 2.0
+    np.multiply(dx, dx, out=dx)
+    np.multiply(dy, dy, out=dy)
+    dx += dy
+    dx *= 0.125
+    total = float(np.sqrt(dx, out=dx).sum())
     m, n = F.shape
     if convention == "reference":
         return total / (m * n)
@@ -379,14 +462,14 @@ def ag_t(t: Triplet, convention: str = "reference") -> float:
 
 
 def mse_t(t: Triplet, convention: str = "reference") -> float:
-    da = t.A - t.F
-    db = t.B - t.F
-    v = (float(np.einsum("ij,ij->", da, da)) + float(np.einsum("ij,ij->", db, db))) / (2.0 * t.F.size)
-    if convention == "reference":
-        return v
-    if convention == "tang":
-        return v / 65025.0
-    raise ValueError(f"MSE convention {convention!r}; choose 'reference' or 'tang'")
+    if convention not in ("reference", "tang"):
+        raise ValueError(f"MSE convention {convention!r}; choose 'reference' or 'tang'")
+    d = t.buf("mse")
+    np.subtract(t.A, t.F, out=d)
+    sa = float(np.einsum("ij,ij->", d, d))
+    np.subtract(t.B, t.F, out=d)
+    v = (sa + float(np.einsum("ij,ij->", d, d))) / (2.0 * t.F.size)
+    return v / 65025.0 if convention == "tang" else v
 
 
 def psnr_t(t: Triplet, convention: str = "reference") -> float:
@@ -406,11 +489,11 @@ def psnr_t(t: Triplet, convention: str = "reference") -> float:
 
 def _pearson(xc: np.ndarray, yc: np.ndarray) -> float:
     """Pearson r of two centred vectors; 0.0 when either is constant (documented choice)."""
-    sxx = float(np.dot(xc, xc))
-    syy = float(np.dot(yc, yc))
+    sxx = float(np.einsum("i,i->", xc, xc))
+    syy = float(np.einsum("i,i->", yc, yc))
     if sxx == 0.0 or syy == 0.0:
         return 0.0
-    return float(np.dot(xc, yc)) / math.sqrt(sxx * syy)
+    return float(np.einsum("i,i->", xc, yc)) / math.sqrt(sxx * syy)
 
 
 def cc_t(t: Triplet) -> float:
@@ -420,55 +503,69 @@ def cc_t(t: Triplet) -> float:
 
 def scd_t(t: Triplet) -> float:
     c = t.centred
-    return _pearson(c["A"], c["F"] - c["B"]) + _pearson(c["B"], c["F"] - c["A"])
-
-
-def _vifp_from_moments(mu1, mu2, s11, s22, s12) -> tuple[float, float]:
-    """num, den of one VIF scale from the filtered moments (in-place on the inputs)."""
-    eps = 1e-10
-    sigma1 = s11 - mu1 * mu1
-    sigma2 = s22 - mu2 * mu2
-    sigma12 = s12 - mu1 * mu2
-    np.maximum(sigma1, 0.0, out=sigma1)
-    np.maximum(sigma2, 0.0, out=sigma2)
-    g = sigma12 / (sigma1 + eps)
-    sv = sigma2 - g * sigma12
-    m1 = sigma1 < eps
-    g[m1] = 0.0
-    sv[m1] = sigma2[m1]
-    sigma1[m1] = 0.0
-    m2 = sigma2 < eps
-    g[m2] = 0.0
-    sv[m2] = 0.0
-    neg = g < 0
-    sv[neg] = sigma2[neg]
-    g[neg] = 0.0
-    sv[sv <= eps] = eps
-    num = float(np.log10(1.0 + g * g * sigma1 / (sv + 2.0)).sum())
-    den = float(np.log10(1.0 + sigma1 / 2.0).sum())
-    return num, den
+    d = t.buf("scd").ravel()
+    r1 = _pearson(c["A"], np.subtract(c["F"], c["B"], out=d))
+    return r1 + _pearson(c["B"], np.subtract(c["F"], c["A"], out=d))
 
 
 def vif_terms_t(t: Triplet) -> tuple[float, float]:
-    """(vifp(IR, F), vifp(VI, F)): reference = source, distorted = fused."""
+    """(vifp(IR, F), vifp(VI, F)): reference = source, distorted = fused.
+
+    Per scale the 8 filtered moments (F, F^2, A, A^2, AF, B, B^2, BF) go to reusable buffers; the
+    clamping chain then runs on row blocks. It is the reference's chain rewritten without masked
+    assignments: wherever g ends up 0 the numerator term log10(1 + 0) is 0 whatever sv is, so
+    num = sum log10(1 + g^2 s1 / (max(sv, eps) + 2)) with g zeroed outside
+    {s1 >= eps, s2 >= eps, g > 0}, and den uses s1 zeroed where s1 < eps."""
+    eps = 1e-10
     levels = t.vif_pyramid
     num = [0.0, 0.0]
     den = [0.0, 0.0]
     for s in range(1, 5):
         A, B, F = levels[s]
-        r = (2 ** (5 - s)) // 2
         h, w = F.shape
-        crop = (slice(r, h - r), slice(r, w - r))
-
-        def valid(x):
-            return _gfilt(x, s)[crop]
-
-        muF = valid(F)
-        sFF = valid(F * F)
+        r = (2 ** (5 - s)) // 2
+        tmp = t.buf(f"vtmp{s}", F.shape)
+        muF = _gfilt(F, s, t.buf(f"vmuF{s}", F.shape))
+        sFF = _gfilt(np.multiply(F, F, out=tmp), s, t.buf(f"vsFF{s}", F.shape))
+        mom = []
         for i, X in enumerate((A, B)):
-            n_, d_ = _vifp_from_moments(valid(X), muF, valid(X * X), sFF, valid(X * F))
-            num[i] += n_
-            den[i] += d_
+            mom.append((_gfilt(X, s, t.buf(f"vmu{i}{s}", F.shape)),
+                        _gfilt(np.multiply(X, X, out=tmp), s, t.buf(f"vsXX{i}{s}", F.shape)),
+                        _gfilt(np.multiply(X, F, out=tmp), s, t.buf(f"vsXF{i}{s}", F.shape))))
+        cols = slice(r, w - r)  # full-width (contiguous) row blocks; border columns excluded from the sums
+        for rows in _row_blocks(r, h - r):
+            m2 = muF[rows]
+            s2 = m2 * m2
+            np.subtract(sFF[rows], s2, out=s2)  # no clamp needed: only used where s2 >= eps
+            ok2 = s2 >= eps
+            for i in range(2):
+                muX, sXX, sXF = mom[i]
+                m1 = muX[rows]
+                s1 = m1 * m1
+                np.subtract(sXX[rows], s1, out=s1)
+                ok1 = s1 >= eps
+                s1 *= ok1                       # s1 < eps (incl. negative) -> 0, as the reference
+                s12 = m1 * m2
+                np.subtract(sXF[rows], s12, out=s12)
+                keep = ok1 & ok2
+                keep &= s12 > 0                 # g > 0  <=>  s12 > 0 (denominator > 0)
+                g = s1 + eps
+                np.divide(s12, g, out=g)
+                g *= keep
+                sv = g * s12
+                np.subtract(s2, sv, out=sv)
+                np.maximum(sv, eps, out=sv)
+                sv += 2.0
+                x = g * g
+                x *= s1
+                x /= sv
+                x += 1.0
+                np.log10(x, out=x)
+                num[i] += float(x[:, cols].sum())
+                s1 *= 0.5
+                s1 += 1.0
+                np.log10(s1, out=s1)
+                den[i] += float(s1[:, cols].sum())
     out = []
     for n_, d_ in zip(num, den):
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -477,108 +574,164 @@ def vif_terms_t(t: Triplet) -> tuple[float, float]:
     return out[0], out[1]
 
 
-def _qabf_angles(gx: np.ndarray, gy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Qabf's strength g and angle alpha from correlation Sobel (gx, gy).
-
-    analysis_Qabf.m uses conv2 (true convolution): Sx = -gx, Sy = gy. alpha = atan(Sy/Sx), pi/2
-    where Sx == 0."""
-    g = np.sqrt(gx * gx + gy * gy)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        a = np.arctan(gy / -gx)
-    a[gx == 0] = math.pi / 2
-    return g, a
-
-
-def _qabf_q(gX, aX, gF, aF) -> np.ndarray:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        G = np.minimum(gX, gF) / np.maximum(gX, gF)
-    eq = gX == gF
-    G[eq] = gF[eq]  # analysis_Qabf.m: G = gF where gX == gF (kept for fidelity)
-    Aa = 1.0 - np.abs(aX - aF) / (math.pi / 2)
-    Qg = 0.9994 / (1.0 + np.exp(-15.0 * (G - 0.5)))
-    Qa = 0.9879 / (1.0 + np.exp(-22.0 * (Aa - 0.8)))
-    return Qg * Qa
+_EXP_M4_4 = math.exp(-22.0 * 0.2)
 
 
 def qabf_t(t: Triplet) -> float:
+    """Qabf on row blocks. Angles are taken as atan(gy/gx) = -atan(Sy/Sx) (conv2 flips Sx's sign),
+    i.e. every angle negated, with -pi/2 where gx == 0: |aX - aF| is unchanged."""
     sz = t.sobel_zero
-    gF, aF = _qabf_angles(*sz["F"])
-    gA, aA = _qabf_angles(*sz["A"])
-    gB, aB = _qabf_angles(*sz["B"])
-    den = float(gA.sum() + gB.sum())
+    num = 0.0
+    den = 0.0
+    half_pi = math.pi / 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for rows in _row_blocks(0, t.shape[0]):
+            ga = []
+            for k in "FAB":
+                gx, gy = sz[k][0][rows], sz[k][1][rows]
+                g = cv2.magnitude(gx, gy)
+                a = gy / gx
+                np.arctan(a, out=a)
+                np.copyto(a, -half_pi, where=gx == 0)
+                ga.append((g, a))
+            gF, aF = ga[0]
+            for gX, aX in ga[1:]:
+                G = np.minimum(gX, gF)
+                G /= np.maximum(gX, gF)
+                np.copyto(G, gF, where=gX == gF)  # analysis_Qabf.m: G = gF where gX == gF
+                G -= 0.5
+                G *= -15.0
+                np.exp(G, out=G)
+                G += 1.0                            # Q = 0.9994/G * 0.9879/Aa
+                # exp(-22 (1 - |d|/(pi/2) - 0.8)) = exp(-4.4) exp((22/(pi/2)) |d|)
+                aX -= aF
+                np.abs(aX, out=aX)
+                aX *= 22.0 / half_pi
+                np.exp(aX, out=aX)
+                aX *= _EXP_M4_4
+                aX += 1.0
+                G *= aX
+                num += 0.9994 * 0.9879 * float(np.divide(gX, G, out=G).sum())
+                den += float(gX.sum())
     if den == 0.0:
         return 0.0  # constant sources: no edges to transfer (documented)
-    num = float(np.einsum("ij,ij->", _qabf_q(gA, aA, gF, aF), gA)
-                + np.einsum("ij,ij->", _qabf_q(gB, aB, gF, aF), gB))
     return num / den
 
 
-def _nabf_core(gvf, ghf, gva, gha, gvb, ghb) -> float:
-    """Nabf from the /8-scaled Sobel responses (gv: horizontal derivative, gh: vertical) of
-    f, I1, I2 (analysis_nabf.m's argument order)."""
-    def strength_angle(gv, gh):
-        g = np.sqrt(gv * gv + gh * gh)
+def _nabf_from_sobel(s: dict[str, tuple[np.ndarray, np.ndarray]], f: str, i1: str, i2: str,
+                     shape: tuple[int, int]) -> float:
+    """Nabf from unscaled reflect-padded Sobel responses of f, I1, I2 (analysis_nabf.m order).
+
+    The /8 scaling is exact (power of two), so ratios and angles use the unscaled responses and
+    only the weights and the threshold use g/8. The numerator needs Q only where na = 1
+    (gF > gA and gF > gB), so angles and Q are evaluated on those pixels alone."""
+    num = 0.0
+    den = 0.0
+    n_small = 0
+    for rows in _row_blocks(0, shape[0], 64):
+        g = {}
+        for k in (f, i1, i2):
+            m = cv2.magnitude(s[k][0][rows], s[k][1][rows])
+            m *= 0.125
+            g[k] = m
+        for k in (i1, i2):
+            big = g[k] >= 2.0
+            w = np.sqrt(g[k])
+            w *= g[k]
+            den += float(np.sum(w, where=big))
+            n_small += int(big.size - np.count_nonzero(big))
+        na = g[f] > g[i1]
+        na &= g[f] > g[i2]
+        idx = np.flatnonzero(na)
+        if idx.size == 0:
+            continue
+        gF = g[f].ravel()[idx]
+        gxF, gyF = s[f][0][rows].ravel()[idx], s[f][1][rows].ravel()[idx]
         with np.errstate(divide="ignore", invalid="ignore"):
-            a = np.arctan(gv / gh)
-        a[(gv == 0) & (gh == 0)] = 0.0
-        return g, a
-
-    gF, aF = strength_angle(gvf, ghf)
-    gA, aA = strength_angle(gva, gha)
-    gB, aB = strength_angle(gvb, ghb)
-
-    def q(gX, aX):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            G = np.minimum(gX, gF) / np.maximum(gX, gF)
-        G[(gX == 0) | (gF == 0)] = 0.0
-        Aa = np.abs(np.abs(aX - aF) - math.pi / 2) * (2.0 / math.pi)
-        Qg = 0.9999 / (1.0 + np.exp(-19.0 * (G - 0.5)))
-        Qa = 0.9995 / (1.0 + np.exp(-22.0 * (Aa - 0.5)))
-        return np.sqrt(Qg * Qa)
-
-    def weight(gX):
-        return np.where(gX >= 2.0, gX ** 1.5, 0.001)
-
-    wA, wB = weight(gA), weight(gB)
-    na = (gF > gA) & (gF > gB)
-    num = float((((1.0 - q(gA, aA)) * wA + (1.0 - q(gB, aB)) * wB)[na]).sum())
-    return num / float(wA.sum() + wB.sum())
+            aF = np.arctan(gxF / gyF)  # gF > 0 here, so never 0/0
+            for k in (i1, i2):
+                gX = g[k].ravel()[idx]
+                gx, gy = s[k][0][rows].ravel()[idx], s[k][1][rows].ravel()[idx]
+                aX = np.arctan(gx / gy)
+                aX[(gx == 0) & (gy == 0)] = 0.0
+                G = np.minimum(gX, gF) / np.maximum(gX, gF)
+                G[gX == 0] = 0.0  # gF > 0 on these pixels
+                Aa = np.abs(np.abs(aX - aF) - math.pi / 2) * (2.0 / math.pi)
+                Qg = 0.9999 / (1.0 + np.exp(-19.0 * (G - 0.5)))
+                Qa = 0.9995 / (1.0 + np.exp(-22.0 * (Aa - 0.5)))
+                w = np.where(gX >= 2.0, gX * np.sqrt(gX), 0.001)
+                num += float(((1.0 - np.sqrt(Qg * Qa)) * w).sum())
+    den += 0.001 * n_small
+    return num / den
 
 
 def nabf_t(t: Triplet, order: str = "correct") -> float:
-    sr = t.sobel_reflect
-    s = {k: (sr[k][0] * 0.125, sr[k][1] * 0.125) for k in "FAB"}
+    if order not in ("correct", "tang_head"):
+        raise ValueError(f"Nabf order {order!r}; choose 'correct' or 'tang_head'")
+    s = t.sobel_reflect
     if order == "correct":
-        return _nabf_core(*s["F"], *s["A"], *s["B"])
-    if order == "tang_head":  # analysis_nabf(img1=ir, img2=vi, img_f) against signature (f, I1, I2)
-        return _nabf_core(*s["A"], *s["B"], *s["F"])
-    raise ValueError(f"Nabf order {order!r}; choose 'correct' or 'tang_head'")
-
-
-def _box_mean(x: np.ndarray) -> np.ndarray:
-    """7x7 mean, cropped by 3 px on each side (the part of the SSIM map the reference averages)."""
-    y = cv2.boxFilter(x, _F64, (7, 7), normalize=False, borderType=cv2.BORDER_REFLECT)
-    return y[3:-3, 3:-3] * (1.0 / 49.0)
+        return _nabf_from_sobel(s, "F", "A", "B", t.shape)
+    # analysis_Reference.m HEAD: analysis_nabf(img1=ir, img2=vi, img_f) vs signature (f, I1, I2)
+    return _nabf_from_sobel(s, "A", "B", "F", t.shape)
 
 
 def ssim_terms_t(t: Triplet, data_range: float = 2.0) -> tuple[float, float]:
-    """(SSIM(F, IR), SSIM(F, VI)) with skimage's defaults (7x7 uniform, sample covariance)."""
-    if min(t.shape) < 7:
-        raise DataError(f"SSIM needs images of at least 7x7 px; got {t.shape[0]}x{t.shape[1]}.")
+    """(SSIM(F, IR), SSIM(F, VI)) with skimage's defaults (7x7 uniform, sample covariance).
+
+    7x7 box sums (OpenCV, reusable buffers); the map is evaluated only on the interior the
+    reference averages (3 px cropped), on row blocks."""
+    h, w = t.shape
+    if min(h, w) < 7:
+        raise DataError(f"SSIM needs images of at least 7x7 px; got {h}x{w}.")
     c1 = (0.01 * data_range) ** 2
     c2 = (0.03 * data_range) ** 2
     cov = 49.0 / 48.0
+    inv = 1.0 / 49.0
     F = t.F
-    uF = _box_mean(F)
-    vF = cov * (_box_mean(F * F) - uF * uF)
-    out = []
-    for X in (t.A, t.B):
-        uX = _box_mean(X)
-        vX = cov * (_box_mean(X * X) - uX * uX)
-        vFX = cov * (_box_mean(F * X) - uF * uX)
-        s = ((2.0 * uF * uX + c1) * (2.0 * vFX + c2)) / ((uF * uF + uX * uX + c1) * (vF + vX + c2))
-        out.append(float(s.mean()))
-    return out[0], out[1]
+    tmp = t.buf("stmp")
+
+    def box(x, name):
+        return cv2.boxFilter(x, _F64, (7, 7), dst=t.buf(name), normalize=False,
+                             borderType=cv2.BORDER_REFLECT)
+
+    bF = box(F, "sF")
+    bFF = box(np.multiply(F, F, out=tmp), "sFF")
+    mom = []
+    for i, X in enumerate((t.A, t.B)):
+        mom.append((box(X, f"s{i}"), box(np.multiply(X, X, out=tmp), f"sXX{i}"),
+                    box(np.multiply(F, X, out=tmp), f"sFX{i}")))
+    total = [0.0, 0.0]
+    cols = slice(3, w - 3)  # full-width (contiguous) row blocks; border columns excluded from the sums
+    for rows in _row_blocks(3, h - 3):
+        uF = bF[rows] * inv
+        uF2 = uF * uF
+        vF = bFF[rows] * inv
+        vF -= uF2
+        vF *= cov
+        vF += c2
+        for i in range(2):
+            bX, bXX, bFX = mom[i]
+            uX = bX[rows] * inv
+            uX2 = uX * uX
+            vX = bXX[rows] * inv
+            vX -= uX2
+            vX *= cov
+            vX += vF                            # vX + vF + C2
+            vFX = bFX[rows] * inv
+            uX *= uF                            # uF uX
+            vFX -= uX
+            vFX *= 2.0 * cov
+            vFX += c2                           # 2 vFX + C2
+            uX *= 2.0
+            uX += c1                            # 2 uF uX + C1
+            uX *= vFX                           # numerator
+            uX2 += uF2
+            uX2 += c1                           # uF^2 + uX^2 + C1
+            uX2 *= vX                           # denominator
+            uX /= uX2
+            total[i] += float(uX[:, cols].sum())
+    n = (h - 6) * (w - 6)
+    return total[0] / n, total[1] / n
 
 
 # ----------------------------------------------------------------------------- public metrics

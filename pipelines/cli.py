@@ -16,6 +16,7 @@ COMMANDS = [
     "pipelines.commands.synthetic",
     "pipelines.commands.fusion",
     "pipelines.commands.segment",
+    "pipelines.commands.run",
 ]
 
 

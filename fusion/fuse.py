@@ -1,0 +1,236 @@
+"""The fuse stage: build a fusion method (from the registry or from a checkpoint alone) and fuse
+a folder of infrared/visible pairs into a folder of fused PNGs.
+
+Output convention: one file ``OUT/STEM.png`` per pair (stem of the input files), the size of the
+input; RGB when the visible image is colour, grey otherwise. A 3-channel visible file whose three
+channels are identical (TNO stores grey images so) counts as grey. Files are written atomically
+and existing outputs are skipped, so a killed run redoes only the missing images.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fusion import runtime
+from fusion.data.io import read_infrared, read_visible, write_image
+from fusion.data.pairs import find_pairs
+from fusion.errors import CheckpointError, ConfigError, DataError, FusesegError
+from fusion.registry import create_method, get_entry, load_plugins
+
+
+# ---------------------------------------------------------------------- building a method
+def load_fusion_method(name: str | None = None, checkpoint: Path | str | None = None,
+                       kwargs: dict[str, Any] | None = None, device: str | torch.device = "auto",
+                       *, plugins: Iterable[str] = (), allow_untrained: bool = False):
+    """A ready-to-run fusion method (an ``nn.Module`` in eval mode on ``device``, or a callable).
+
+    * ``checkpoint`` given: rebuilt from the file alone (its ``method``, ``kwargs`` and
+      ``state_dict``); ``name``, when also given, must match the checkpoint's method, and
+      ``kwargs`` override the stored ones. Corrupt file, another method or a shape mismatch:
+      :class:`CheckpointError` naming the file.
+    * otherwise ``create_method(name, **kwargs)``. A trainable (learned) method without a
+      checkpoint would fuse with random weights: a ConfigError unless ``allow_untrained``.
+    """
+    device = runtime.resolve_device(device) if not isinstance(device, torch.device) else device
+    if plugins:
+        load_plugins(list(plugins))
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        ckpt = runtime.load_checkpoint(path, map_location="cpu")
+        if ckpt.get("kind", "fusion") != "fusion" or "method" not in ckpt:
+            raise CheckpointError(f"checkpoint {path} is not a fusion checkpoint (kind="
+                                  f"{ckpt.get('kind')!r}). Pass a file written by "
+                                  "`fuseseg train-fusion` (its final.pt or last.pt).")
+        method_name = ckpt["method"]
+        if name is not None and name != method_name:
+            raise CheckpointError(f"checkpoint {path} holds fusion method {method_name!r}, not "
+                                  f"{name!r}. Pass --method {method_name} (or leave --method out), "
+                                  f"or the checkpoint of a {name!r} model.")
+        try:
+            get_entry(method_name)
+        except ConfigError as exc:
+            raise CheckpointError(f"checkpoint {path} holds fusion method {method_name!r}, which is "
+                                  f"not registered here: {exc}") from exc
+        build_kwargs = {**dict(ckpt.get("kwargs") or {}), **dict(kwargs or {})}
+        method = create_method(method_name, **build_kwargs)
+        if not isinstance(method, nn.Module):
+            raise CheckpointError(f"checkpoint {path}: method {method_name!r} has no weights to load.")
+        runtime.load_state_dict_checked(method, ckpt["state_dict"], path)
+    else:
+        if name is None:
+            raise ConfigError("no fusion method given: pass a method name (--method NAME) or a "
+                              "checkpoint (--checkpoint FILE).")
+        entry = get_entry(name)
+        if entry.trainable and not allow_untrained:
+            raise ConfigError(f"fusion method {name!r} is a learned model: pass its trained weights "
+                              "with --checkpoint FILE (the final.pt written by `fuseseg "
+                              "train-fusion`).")
+        method = create_method(name, **dict(kwargs or {}))
+    if isinstance(method, nn.Module):
+        method.to(device).eval()
+    return method
+
+
+# ---------------------------------------------------------------------- running a method
+def _visible_array(vi: np.ndarray) -> np.ndarray:
+    """A 3-channel visible whose channels are all equal becomes (H, W) grey."""
+    if vi.ndim == 3 and np.array_equal(vi[..., 0], vi[..., 1]) and np.array_equal(vi[..., 0], vi[..., 2]):
+        return np.ascontiguousarray(vi[..., 0])
+    return vi
+
+
+def _to_tensor(imgs: list[np.ndarray]) -> torch.Tensor:
+    """List of (H, W) or (H, W, C) uint8 -> (B, C, H, W) float32 in [0, 1]."""
+    x = torch.from_numpy(np.stack(imgs))
+    x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    return x.float().div_(255.0)
+
+
+def _run(method, ir: list[np.ndarray], vi: list[np.ndarray], device: torch.device, amp: str,
+         name: str = "fusion method") -> np.ndarray:
+    """Fuse a batch of same-size pairs -> (B, H, W) or (B, H, W, 3) uint8."""
+    ir_t = _to_tensor(ir).to(device)
+    vi_t = _to_tensor(vi).to(device)
+    with torch.inference_mode():
+        with runtime.autocast(device, amp):
+            out = method(ir_t, vi_t)
+        if not torch.is_tensor(out) or tuple(out.shape) != tuple(vi_t.shape):
+            got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+            raise FusesegError(f"{name} returned {got} for visible input {tuple(vi_t.shape)}; the "
+                               "fusion contract (fusion/registry.py) needs a (B, C, H, W) tensor "
+                               "with the visible's shape.")
+        out = out.float().clamp(0, 1).mul(255.0).round().to(torch.uint8).cpu()
+    out = out[:, 0] if out.shape[1] == 1 else out.permute(0, 2, 3, 1)
+    return out.numpy()
+
+
+def fuse_arrays(method, ir_uint8: np.ndarray, vi_uint8: np.ndarray,
+                device: str | torch.device = "cpu", amp: str = "auto") -> np.ndarray:
+    """Fuse one pair held in memory: ``ir_uint8`` (H, W), ``vi_uint8`` (H, W, 3) RGB or (H, W)
+    grey -> fused uint8, (H, W, 3) when the visible is colour, else (H, W)."""
+    device = runtime.resolve_device(device) if not isinstance(device, torch.device) else device
+    if ir_uint8.ndim != 2:
+        raise DataError(f"infrared must be an (H, W) array, got shape {ir_uint8.shape}")
+    vi = _visible_array(vi_uint8)
+    if ir_uint8.shape != vi.shape[:2]:
+        raise DataError(f"infrared {ir_uint8.shape} and visible {vi_uint8.shape[:2]} differ in size")
+    return _run(method, [ir_uint8], [vi], device, amp)[0]
+
+
+@dataclass
+class FuseSummary:
+    """What :func:`fuse_folder` did."""
+
+    pairs: int
+    written: int
+    skipped: int
+    seconds: float
+    out_dir: Path
+
+    @property
+    def images_per_s(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else 0.0
+
+
+class _PairReader(torch.utils.data.Dataset):
+    """Decodes pair ``i`` of ``stems`` (in a DataLoader worker when workers > 0)."""
+
+    def __init__(self, pairs, stems: list[str], ir16: str):
+        self.pairs, self.stems, self.ir16 = pairs, stems, ir16
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+    def __getitem__(self, i: int):
+        stem = self.stems[i]
+        ir = read_infrared(self.pairs.ir[stem], self.ir16)
+        vi = _visible_array(read_visible(self.pairs.vi[stem]))
+        if ir.shape != vi.shape[:2]:
+            raise DataError(f"pair {stem!r}: infrared {self.pairs.ir[stem]} is {ir.shape[0]}x"
+                            f"{ir.shape[1]} but visible {self.pairs.vi[stem]} is {vi.shape[0]}x"
+                            f"{vi.shape[1]}. Fusion needs registered pairs of equal size.")
+        return stem, ir, vi
+
+
+def _identity(x):
+    return x
+
+
+def size_batches(items: Iterable[tuple[str, np.ndarray, np.ndarray]], batch_size: int,
+                 max_pending: int | None = None):
+    """Group a stream of ``(stem, ir, vi)`` into batches of equal size and channel count.
+
+    A batch is released as soon as ``batch_size`` items of one shape are pending; when more than
+    ``max_pending`` (default ``4 * batch_size``) items are pending in all, the fullest group is
+    released early, so memory stays bounded whatever the folder size or number of sizes. At the
+    end every remaining group is released. Yields lists of items."""
+    cap = max_pending if max_pending is not None else 4 * batch_size
+    groups: dict[tuple, list] = {}
+    pending = 0
+    for item in items:
+        key = item[2].shape
+        group = groups.setdefault(key, [])
+        group.append(item)
+        pending += 1
+        if len(group) >= batch_size:
+            pending -= len(group)
+            yield groups.pop(key)
+        elif pending > cap:
+            key = max(groups, key=lambda k: len(groups[k]))
+            pending -= len(groups[key])
+            yield groups.pop(key)
+    for key in list(groups):
+        yield groups.pop(key)
+
+
+def fuse_folder(method, ir_dir: Path | str, vi_dir: Path | str, out_dir: Path | str,
+                device: str | torch.device = "auto", batch_size: int = 4, skip_existing: bool = True,
+                progress: bool = True, ir16: str = "minmax", *, amp: str = "auto", workers: int = 0,
+                name: str | None = None) -> FuseSummary:
+    """Fuse every pair of ``ir_dir``/``vi_dir`` (paired by stem) into ``out_dir/STEM.png``.
+
+    Pairs of the same size and channel count are fused in batches of up to ``batch_size``
+    (folders may mix sizes); inference runs under ``torch.inference_mode`` and, on CUDA,
+    autocast. Outputs already present are skipped when ``skip_existing``. Decoding happens in
+    ``workers`` DataLoader processes (0: in this process); memory does not grow with the folder
+    size. Returns a :class:`FuseSummary`."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    device = runtime.resolve_device(device) if not isinstance(device, torch.device) else device
+    name = name or getattr(method, "name", None) or type(method).__name__
+    pairs = find_pairs(ir_dir, vi_dir)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = [s for s in pairs.stems if not (skip_existing and (out_dir / f"{s}.png").is_file())]
+    t0 = time.perf_counter()
+    loader = torch.utils.data.DataLoader(_PairReader(pairs, todo, ir16), batch_size=None,
+                                         num_workers=workers, collate_fn=_identity)
+    bar = task = None
+    if progress and todo:
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+        bar = Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn(), TimeRemainingColumn())
+        bar.start()
+        task = bar.add_task(f"fusing ({name})", total=len(todo))
+    written = 0
+    try:
+        for batch in size_batches(loader, batch_size):
+            fused = _run(method, [b[1] for b in batch], [b[2] for b in batch], device, amp, name)
+            for (stem, _, _), img in zip(batch, fused):
+                write_image(out_dir / f"{stem}.png", img)
+            written += len(batch)
+            if bar is not None:
+                bar.advance(task, len(batch))
+    finally:
+        if bar is not None:
+            bar.stop()
+    return FuseSummary(pairs=len(pairs), written=written, skipped=len(pairs) - len(todo),
+                       seconds=time.perf_counter() - t0, out_dir=out_dir)

@@ -1,0 +1,139 @@
+"""Losses of SSPFusion (Eqs. 6-11 of the paper, read as in ``../shared/docs/sspfusion-spec.md``).
+
+All inputs are (B, 1, H, W) images in [0, 1] (``F`` fused, ``IR`` infrared, ``VI`` visible Y).
+Every loss is computed in float32 (inputs of lower precision are cast), so they are safe under
+autocast. Each returns a scalar tensor (mean over the batch).
+
+* ``L_ssim   = 1 - (SSIM(F, IR) + SSIM(F, VI)) / 2``                          (Eq. 9)
+* ``L_smooth = mean | F - max(IR, VI) |``                                     (Eq. 10)
+* ``L_grad   = mean | |grad F| - max(|grad IR|, |grad VI|) |``                (Eq. 11)
+  with ``|grad x| = |Gx| + |Gy|`` (Sobel, replicate padding; see :func:`sobel_l1`)
+* ``L_rec    = mean sqrt((P - S)^2 + eps^2)``   (Charbonnier, Eq. 7)
+
+"mean" is over every pixel of every image (the paper's ||.||_1 normalised by the pixel count).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fusion.structure import no_autocast, sobel
+
+__all__ = ["gaussian_window", "ssim", "SSIMLoss", "ssim_loss", "smooth_loss", "sobel_l1",
+           "grad_loss", "charbonnier", "CharbonnierLoss"]
+
+
+def gaussian_window(size: int = 11, sigma: float = 1.5, *, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Normalised 1-D Gaussian (size,): ``g_i = exp(-(i - c)^2 / (2 sigma^2)) / sum``, c = (size-1)/2.
+    The 2-D window is the outer product ``g g^T`` (sums to 1)."""
+    c = (size - 1) / 2.0
+    g = torch.tensor([math.exp(-((i - c) ** 2) / (2.0 * sigma * sigma)) for i in range(size)],
+                     dtype=torch.float64)
+    return (g / g.sum()).to(dtype=dtype, device=device)
+
+
+def _blur(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Separable 'valid' Gaussian filtering of (B, C, H, W): output (B, C, H-s+1, W-s+1)."""
+    c = x.shape[1]
+    s = g.numel()
+    x = F.conv2d(x, g.view(1, 1, 1, s).expand(c, 1, 1, s), groups=c)
+    return F.conv2d(x, g.view(1, 1, s, 1).expand(c, 1, s, 1), groups=c)
+
+
+@no_autocast
+def ssim(x: torch.Tensor, y: torch.Tensor, *, window_size: int = 11, sigma: float = 1.5,
+         data_range: float = 1.0, k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
+    """Mean SSIM (Wang et al. 2004) per image: (B, C, H, W) x2 -> (B,).
+
+    With Gaussian-weighted local statistics (window ``window_size`` x ``window_size``, std
+    ``sigma``; only windows fully inside the image, i.e. 'valid' filtering, as in the reference
+    implementation), ``C1 = (k1 L)^2``, ``C2 = (k2 L)^2``, L = ``data_range``::
+
+        SSIM = (2 mu_x mu_y + C1)(2 s_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(s_x^2 + s_y^2 + C2))
+
+    averaged over all window positions and channels. Computed in float32 (float64 inputs stay
+    float64). H and W must be at least ``window_size``."""
+    if x.shape != y.shape or x.ndim != 4:
+        raise ValueError(f"ssim expects two (B, C, H, W) tensors of one shape, got {tuple(x.shape)} "
+                         f"and {tuple(y.shape)}")
+    if min(x.shape[-2:]) < window_size:
+        raise ValueError(f"ssim: image {tuple(x.shape[-2:])} is smaller than the {window_size}x"
+                         f"{window_size} window; use larger crops or a smaller window_size")
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x, y = x.to(dt), y.to(dt)
+    g = gaussian_window(window_size, sigma, dtype=dt, device=x.device)
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    mu_x, mu_y = _blur(x, g), _blur(y, g)
+    sxx = _blur(x * x, g) - mu_x * mu_x
+    syy = _blur(y * y, g) - mu_y * mu_y
+    sxy = _blur(x * y, g) - mu_x * mu_y
+    num = (2 * mu_x * mu_y + c1) * (2 * sxy + c2)
+    den = (mu_x * mu_x + mu_y * mu_y + c1) * (sxx + syy + c2)
+    return (num / den).mean(dim=(1, 2, 3))
+
+
+def ssim_loss(fused: torch.Tensor, ir: torch.Tensor, vi: torch.Tensor, **ssim_kwargs) -> torch.Tensor:
+    """``L_ssim = 1 - mean_batch (SSIM(F, IR) + SSIM(F, VI)) / 2`` (Eq. 9); scalar."""
+    return 1.0 - 0.5 * (ssim(fused, ir, **ssim_kwargs) + ssim(fused, vi, **ssim_kwargs)).mean()
+
+
+class SSIMLoss(nn.Module):
+    """Module form of :func:`ssim_loss`: ``SSIMLoss()(fused, ir, vi)`` -> scalar
+    ``1 - (SSIM(F, IR) + SSIM(F, VI)) / 2``, 11x11 Gaussian window, sigma 1.5 by default."""
+
+    def __init__(self, window_size: int = 11, sigma: float = 1.5, data_range: float = 1.0):
+        super().__init__()
+        self.window_size, self.sigma, self.data_range = window_size, sigma, data_range
+
+    def forward(self, fused: torch.Tensor, ir: torch.Tensor, vi: torch.Tensor) -> torch.Tensor:
+        return ssim_loss(fused, ir, vi, window_size=self.window_size, sigma=self.sigma,
+                         data_range=self.data_range)
+
+
+@no_autocast
+def smooth_loss(fused: torch.Tensor, ir: torch.Tensor, vi: torch.Tensor) -> torch.Tensor:
+    """Max-intensity L1, ``L_smooth = mean | F - max(IR, VI) |`` (Eq. 10); scalar, float32."""
+    f, a, b = fused.float(), ir.float(), vi.float()
+    return (f - torch.maximum(a, b)).abs().mean()
+
+
+def sobel_l1(x: torch.Tensor) -> torch.Tensor:
+    """Gradient size used by the losses: ``|Gx| + |Gy|`` (Sobel, replicate padding), (B, C, H, W).
+
+    Chosen over the Euclidean magnitude because its derivative is bounded everywhere: the
+    derivative of ``sqrt(Gx^2 + Gy^2)`` is infinite at 0 and gives NaN gradients on flat regions
+    (every constant patch of a fused image); ``|.|`` has the sub-gradient 0 there. It is also the
+    form used by common max-gradient fusion losses."""
+    gx, gy = sobel(x)
+    return gx.abs() + gy.abs()
+
+
+@no_autocast
+def grad_loss(fused: torch.Tensor, ir: torch.Tensor, vi: torch.Tensor) -> torch.Tensor:
+    """Max-gradient L1, ``L_grad = mean | |grad F| - max(|grad IR|, |grad VI|) |`` (Eq. 11), with
+    ``|grad x| = |Gx| + |Gy|`` (:func:`sobel_l1`); scalar, float32."""
+    f, a, b = fused.float(), ir.float(), vi.float()
+    return (sobel_l1(f) - torch.maximum(sobel_l1(a), sobel_l1(b))).abs().mean()
+
+
+@no_autocast
+def charbonnier(pred: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Charbonnier loss ``mean sqrt((P - S)^2 + eps^2)`` (Eq. 7, per pixel as in LapSRN); scalar,
+    float32. Its minimum is ``eps`` (at P = S): with the paper's eps = 1 it behaves like
+    ``1 + (P - S)^2 / 2`` (a shifted, halved L2) for |P - S| <= 1."""
+    d = pred.float() - target.float()
+    return torch.sqrt(d * d + eps * eps).mean()
+
+
+class CharbonnierLoss(nn.Module):
+    """Module form of :func:`charbonnier` with a fixed ``eps``."""
+
+    def __init__(self, eps: float = 1.0):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return charbonnier(pred, target, self.eps)

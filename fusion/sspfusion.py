@@ -1,0 +1,328 @@
+"""SSPFusion (Yang et al., arXiv 2309.14745): semantic structure-preserving infrared-visible fusion,
+read as in ``../shared/docs/sspfusion-spec.md``; every open choice is argued in ``fusion/README.md``.
+
+Data flow on (B, 1, H, W) inputs in [0, 1] (infrared ``ir`` and visible luminance ``vi_y``),
+after reflect-padding H, W to a multiple of 2^(N+1):
+
+1. SFE encoder, one per modality (weights not shared): a full-resolution stem gives F^0, then for
+   k = 1..N a stride-2 3x3 convolution D^k = down_k(F^{k-1}) and a residual block
+   F^k = res_k(D^k), at 1/2^k resolution with ``channels[k]`` channels.
+2. Structure branch R, one per modality: "the SFE without skip connections and residual
+   blocks". With ``structure_branch="shared"`` (default) R reuses the encoder's stem and
+   down-sampling convolutions, skipping the residual blocks: R^0 = F^0, R^k = down_k(R^{k-1});
+   with ``"separate"`` R has its own plain stem/down convolutions. At each level a 3x3 head gives
+   P^k = sigmoid(head_k(R^k)), (B, 1, H/2^k, W/2^k).
+3. Hard structure maps S^k (no gradient): ``structure_map="G"`` -> S^k = G(P^k) (Sobel edges of
+   P^k above their mean, :func:`fusion.structure.structure_map`); ``"threshold"`` -> S^k = [P^k > 0.5].
+4. SPF at every level k = 1..N: M_ir = S_ir (1 - S_vi), M_vi = S_vi (1 - S_ir);
+   F^_ir = F_ir + M_ir F_ir, F^_vi = F_vi + M_vi F_vi; Z^k = act(conv1x1([F^_ir, F^_vi])).
+   Without SPF (``use_spf=False``) or without SFE (``use_sfe=False``, masks all zero):
+   Z^k = act(conv1x1([F_ir, F_vi])). The stems are merged the same way (no masks) into Z^0.
+5. U-shaped decoder: d = Z^N; for k = N-1..0: d = block_k([upsample_bilinear(d), Z^k]); the
+   fused Y is sigmoid(conv3x3(d)), cropped back to H x W.
+
+Losses (:mod:`fusion.losses`): phase "structure": L_rec = mean over both modalities and all N
+levels of Charbonnier(P^k, G(resize_k(input))); phase "fusion":
+``alpha L_rec + L_ssim + L_smooth + L_grad``.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fusion.base import LuminanceFusion
+from fusion.errors import ConfigError
+from fusion.losses import charbonnier, grad_loss, smooth_loss, ssim_loss
+from fusion.registry import register_method
+from fusion.structure import structure_map, structure_pyramid, xor_masks
+
+__all__ = ["SSPFusion", "sspfusion_no_sfe", "sspfusion_no_spf", "PAPER_LIKE_CHANNELS"]
+
+DEFAULT_CHANNELS = (16, 32, 48, 64)
+#: Widths of a typical U-Net-sized variant (the paper gives none); ~17x the default's FLOPs.
+PAPER_LIKE_CHANNELS = (32, 64, 128, 256)
+_NEG_SLOPE = 0.1
+
+
+def _conv(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2)
+
+
+def _act() -> nn.Module:
+    return nn.LeakyReLU(_NEG_SLOPE, inplace=True)
+
+
+class _ResBlock(nn.Module):
+    """``act(x + conv(act(conv(x))))``, channels preserved."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.body = nn.Sequential(_conv(c, c), _act(), _conv(c, c))
+        self.act = _act()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x + self.body(x))
+
+
+class _ModalityEncoder(nn.Module):
+    """SFE of one modality: encoder (stem, down_k, res_k) and, if ``structure_branch`` is not
+    None, the structure branch R (heads, plus own plain convs when ``"separate"``)."""
+
+    def __init__(self, channels: tuple[int, ...], structure_branch: str | None):
+        super().__init__()
+        c = channels
+        n = len(c) - 1
+        self.stem = nn.Sequential(_conv(1, c[0]), _act(), _conv(c[0], c[0]), _act())
+        self.down = nn.ModuleList([nn.Sequential(_conv(c[k - 1], c[k], stride=2), _act())
+                                   for k in range(1, n + 1)])
+        self.res = nn.ModuleList([_ResBlock(c[k]) for k in range(1, n + 1)])
+        self.structure_branch = structure_branch
+        if structure_branch == "separate":
+            self.s_stem = nn.Sequential(_conv(1, c[0]), _act())
+            self.s_down = nn.ModuleList([
+                nn.Sequential(_conv(c[k - 1], c[k], stride=2), _act(), _conv(c[k], c[k]), _act())
+                for k in range(1, n + 1)])
+        if structure_branch is not None:
+            self.heads = nn.ModuleList([_conv(c[k], 1) for k in range(1, n + 1)])
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x (B, 1, H, W) -> [F^0, ..., F^N], F^k (B, channels[k], H/2^k, W/2^k)."""
+        feats = [self.stem(x)]
+        for down, res in zip(self.down, self.res, strict=True):
+            feats.append(res(down(feats[-1])))
+        return feats
+
+    def structure(self, x: torch.Tensor, stem: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """x (B, 1, H, W) -> [P^1, ..., P^N], P^k (B, 1, H/2^k, W/2^k) in (0, 1). ``stem``: F^0
+        if already computed (re-used by the shared branch)."""
+        if self.structure_branch == "shared":
+            r = self.stem(x) if stem is None else stem
+            downs = self.down
+        else:
+            r = self.s_stem(x)
+            downs = self.s_down
+        preds = []
+        for down, head in zip(downs, self.heads, strict=True):
+            r = down(r)
+            preds.append(torch.sigmoid(head(r)))
+        return preds
+
+    def structure_phase_parameters(self) -> list[nn.Parameter]:
+        """Every parameter on R's path (shared stem/down convs included)."""
+        if self.structure_branch == "shared":
+            mods = [self.stem, self.down, self.heads]
+        else:
+            mods = [self.s_stem, self.s_down, self.heads]
+        return [p for m in mods for p in m.parameters()]
+
+    def structure_only_parameters(self) -> list[nn.Parameter]:
+        """Parameters that only R uses (the fused output depends on them only through masks)."""
+        if self.structure_branch is None:
+            return []
+        mods = [self.heads] if self.structure_branch == "shared" else [self.s_stem, self.s_down, self.heads]
+        return [p for m in mods for p in m.parameters()]
+
+
+@register_method("sspfusion", trainable=True)
+class SSPFusion(LuminanceFusion):
+    """SSPFusion: structure-preserving IR-visible fusion network (SFE + SPF + U-shaped decoder).
+
+    Keyword arguments (plain JSON values, kept in ``self.init_kwargs`` for checkpoints):
+
+    * ``levels`` (N, default 3): number of stride-2 levels; inputs are padded to a multiple of
+      2^(N+1).
+    * ``channels`` (default ``(16, 32, 48, 64)``): widths of the stem and of levels 1..N
+      (length N+1). ``PAPER_LIKE_CHANNELS = (32, 64, 128, 256)`` is a U-Net-sized alternative.
+    * ``use_sfe`` (True): structure branch + L_rec; False = ablation "w/o SFE" (no branch,
+      masks all zero, no L_rec, single training phase).
+    * ``use_spf`` (True): mask-enhanced merge; False = ablation "w/o SPF" (plain concatenation
+      merge; the structure branch still trains with L_rec).
+    * ``structure_map`` ("G"): hard maps S = G(P) ("G") or S = [P > 0.5] ("threshold").
+    * ``structure_branch`` ("shared"): R re-uses the encoder's stem/down convolutions
+      ("shared") or has its own ("separate").
+    * ``charbonnier_eps`` (1.0, the paper's eps) and ``alpha`` (0.01): L_total = alpha L_rec + L_fus.
+
+    Training interface (used by :mod:`fusion.train`): ``phases``, ``training_losses``,
+    ``parameters_for_phase``; inference: ``fuse_y`` / ``forward`` (the fusion contract).
+    """
+
+    #: Training phases of the default configuration (instances set their own, see __init__).
+    phases: tuple[str, ...] = ("structure", "fusion")
+
+    def __init__(self, levels: int = 3, channels: Iterable[int] = DEFAULT_CHANNELS, use_sfe: bool = True,
+                 use_spf: bool = True, structure_map: str = "G", charbonnier_eps: float = 1.0,
+                 alpha: float = 0.01, structure_branch: str = "shared"):
+        super().__init__()
+        channels = tuple(int(c) for c in channels)
+        if int(levels) != levels or levels < 1:
+            raise ConfigError(f"sspfusion: `levels` must be an integer >= 1, got {levels!r}")
+        levels = int(levels)
+        if len(channels) != levels + 1 or min(channels) < 1:
+            raise ConfigError(f"sspfusion: `channels` needs levels + 1 = {levels + 1} positive widths "
+                              f"(stem, then levels 1..{levels}), got {list(channels)}; fix the method's kwargs.")
+        if structure_map not in ("G", "threshold"):
+            raise ConfigError(f"sspfusion: `structure_map` must be 'G' or 'threshold', got {structure_map!r}")
+        if structure_branch not in ("shared", "separate"):
+            raise ConfigError(f"sspfusion: `structure_branch` must be 'shared' or 'separate', got {structure_branch!r}")
+        if charbonnier_eps < 0 or alpha < 0:
+            raise ConfigError(f"sspfusion: `charbonnier_eps` and `alpha` must be >= 0, got "
+                              f"{charbonnier_eps!r} and {alpha!r}")
+        self.init_kwargs = {"levels": levels, "channels": list(channels), "use_sfe": bool(use_sfe),
+                            "use_spf": bool(use_spf), "structure_map": structure_map,
+                            "charbonnier_eps": float(charbonnier_eps), "alpha": float(alpha),
+                            "structure_branch": structure_branch}
+        self.levels, self.channels = levels, channels
+        self.use_sfe, self.use_spf = bool(use_sfe), bool(use_spf)
+        self.structure_map_mode = structure_map
+        self.charbonnier_eps, self.alpha = float(charbonnier_eps), float(alpha)
+        self.phases = ("structure", "fusion") if self.use_sfe else ("fusion",)
+        branch = structure_branch if self.use_sfe else None
+        self.enc_ir = _ModalityEncoder(channels, branch)
+        self.enc_vi = _ModalityEncoder(channels, branch)
+        self.merge = nn.ModuleList([nn.Sequential(_conv(2 * c, c, k=1), _act()) for c in channels])
+        self.dec = nn.ModuleList([
+            nn.Sequential(_conv(channels[k + 1] + channels[k], channels[k]), _act(),
+                          _conv(channels[k], channels[k]), _act())
+            for k in range(levels)])
+        self.head = _conv(channels[0], 1)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def multiple(self) -> int:
+        """Inputs are padded to a multiple of this: 2^(N+1)."""
+        return 2 ** (self.levels + 1)
+
+    def _pad(self, *xs: torch.Tensor) -> list[torch.Tensor]:
+        """Pad each (B, C, H, W) at the bottom/right to a multiple of 2^(N+1): reflect, or replicate
+        where the padding is not smaller than the side (reflect cannot pad that far)."""
+        h, w = xs[0].shape[-2:]
+        m = self.multiple
+        ph, pw = (-h) % m, (-w) % m
+        if ph == 0 and pw == 0:
+            return list(xs)
+        mode = "reflect" if (ph < h and pw < w) else "replicate"
+        return [F.pad(x, (0, pw, 0, ph), mode=mode) for x in xs]
+
+    def _hard_map(self, p: torch.Tensor) -> torch.Tensor:
+        """S = G(P) or [P > 0.5]; binary, no gradient, P's dtype."""
+        with torch.no_grad():
+            if self.structure_map_mode == "G":
+                return structure_map(p.detach())
+            return (p.detach() > 0.5).to(p.dtype)
+
+    def predict_structure(self, ir: torch.Tensor, vi_y: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Soft structure maps ([P_ir^1..N], [P_vi^1..N]) of padded inputs (structure branch only)."""
+        if not self.use_sfe:
+            raise ConfigError("sspfusion: this model was built with use_sfe=False and has no structure branch")
+        return self.enc_ir.structure(ir), self.enc_vi.structure(vi_y)
+
+    def _run(self, ir: torch.Tensor, vi_y: torch.Tensor, need_structure: bool):
+        """Network on padded inputs: (fused_y (B,1,H,W), P_ir list or None, P_vi list or None)."""
+        f_ir, f_vi = self.enc_ir.encode(ir), self.enc_vi.encode(vi_y)
+        p_ir = p_vi = None
+        if self.use_sfe and (self.use_spf or need_structure):
+            p_ir = self.enc_ir.structure(ir, f_ir[0])
+            p_vi = self.enc_vi.structure(vi_y, f_vi[0])
+        fused = []
+        for k in range(self.levels + 1):
+            a, b = f_ir[k], f_vi[k]
+            if k > 0 and self.use_spf and self.use_sfe:
+                m_ir, m_vi = xor_masks(self._hard_map(p_ir[k - 1]), self._hard_map(p_vi[k - 1]))
+                a = a + m_ir.to(a.dtype) * a
+                b = b + m_vi.to(b.dtype) * b
+            fused.append(self.merge[k](torch.cat([a, b], dim=1)))
+        d = fused[-1]
+        for k in range(self.levels - 1, -1, -1):
+            up = F.interpolate(d, size=fused[k].shape[-2:], mode="bilinear", align_corners=False)
+            d = self.dec[k](torch.cat([up, fused[k]], dim=1))
+        return torch.sigmoid(self.head(d)), p_ir, p_vi
+
+    # ------------------------------------------------------------------ inference
+    def fuse_y(self, ir: torch.Tensor, vi_y: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) infrared and visible Y in [0, 1] -> fused Y (B, 1, H, W) in [0, 1], any H, W."""
+        h, w = ir.shape[-2:]
+        ir_p, vi_p = self._pad(ir, vi_y)
+        fused, _, _ = self._run(ir_p, vi_p, need_structure=False)
+        return fused[..., :h, :w]
+
+    # ------------------------------------------------------------------ training
+    def _rec_loss(self, ir: torch.Tensor, vi_y: torch.Tensor, p_ir: list, p_vi: list) -> torch.Tensor:
+        """L_rec: mean over both modalities and N levels of Charbonnier(P^k, G(area_resize_k(x)))."""
+        terms = []
+        for img, preds in ((ir, p_ir), (vi_y, p_vi)):
+            for p, s in zip(preds, structure_pyramid(img, self.levels), strict=True):
+                terms.append(charbonnier(p, s, self.charbonnier_eps))
+        return torch.stack(terms).mean()
+
+    def training_losses(self, ir: torch.Tensor, vi_y: torch.Tensor, phase: str) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of one batch. ir, vi_y: (B, 1, H, W) in [0, 1] (padded here if needed).
+
+        * ``phase="structure"``: L_rec only (structure branch; components ``rec, total``);
+        * ``phase="fusion"``: ``alpha L_rec + L_ssim + L_smooth + L_grad`` (components
+          ``rec, ssim, smooth, grad, total``; ``rec`` absent when use_sfe=False).
+
+        Losses are float32 scalars (computed outside autocast)."""
+        if phase not in self.phases:
+            raise ValueError(f"sspfusion: unknown training phase {phase!r} for this model; its phases are "
+                             f"{list(self.phases)} (use_sfe={self.use_sfe}).")
+        h, w = ir.shape[-2:]
+        ir_p, vi_p = self._pad(ir, vi_y)
+        if phase == "structure":
+            p_ir, p_vi = self.predict_structure(ir_p, vi_p)
+            rec = self._rec_loss(ir_p, vi_p, p_ir, p_vi)
+            return rec, {"rec": float(rec.detach()), "total": float(rec.detach())}
+        fused, p_ir, p_vi = self._run(ir_p, vi_p, need_structure=True)
+        fused = fused[..., :h, :w]
+        l_ssim = ssim_loss(fused, ir, vi_y)
+        l_smooth = smooth_loss(fused, ir, vi_y)
+        l_grad = grad_loss(fused, ir, vi_y)
+        total = l_ssim + l_smooth + l_grad
+        parts = {}
+        if self.use_sfe:
+            rec = self._rec_loss(ir_p, vi_p, p_ir, p_vi)
+            total = total + self.alpha * rec
+            parts["rec"] = float(rec.detach())
+        parts.update(ssim=float(l_ssim.detach()), smooth=float(l_smooth.detach()),
+                     grad=float(l_grad.detach()), total=float(total.detach()))
+        return total, parts
+
+    def parameters_for_phase(self, phase: str) -> list[nn.Parameter]:
+        """Parameters to optimise in ``phase``: "structure" -> the structure branches' path (both
+        modalities; with the shared branch this includes the encoders' stem and down convs);
+        "fusion" -> all parameters."""
+        if phase not in self.phases:
+            raise ValueError(f"sspfusion: unknown training phase {phase!r} for this model; its phases are "
+                             f"{list(self.phases)} (use_sfe={self.use_sfe}).")
+        if phase == "structure":
+            return self.enc_ir.structure_phase_parameters() + self.enc_vi.structure_phase_parameters()
+        return list(self.parameters())
+
+    def structure_only_parameters(self) -> list[nn.Parameter]:
+        """Parameters used by nothing but the structure branches (empty when use_sfe=False)."""
+        return self.enc_ir.structure_only_parameters() + self.enc_vi.structure_only_parameters()
+
+
+def _ablation(name: str, switch: str, **kwargs) -> SSPFusion:
+    if kwargs.pop(switch, False) is not False:
+        raise ConfigError(f"fusion method {name!r} fixes {switch}=False; remove `{switch}` from its kwargs "
+                          "or use method 'sspfusion'.")
+    return SSPFusion(**{switch: False}, **kwargs)
+
+
+@register_method("sspfusion_no_sfe", trainable=True)
+def sspfusion_no_sfe(**kwargs) -> SSPFusion:
+    """SSPFusion without SFE (ablation): no structure branch, masks all zero, no L_rec."""
+    return _ablation("sspfusion_no_sfe", "use_sfe", **kwargs)
+
+
+@register_method("sspfusion_no_spf", trainable=True)
+def sspfusion_no_spf(**kwargs) -> SSPFusion:
+    """SSPFusion without SPF (ablation): plain concatenation merge; structure branch kept."""
+    return _ablation("sspfusion_no_spf", "use_spf", **kwargs)
+
+
+sspfusion_no_sfe.phases = ("fusion",)
+sspfusion_no_spf.phases = ("structure", "fusion")

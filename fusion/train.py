@@ -1,0 +1,498 @@
+"""Training a learned fusion method (SSPFusion or a trainable plug-in): one flat loop.
+
+A trainable method is an ``nn.Module`` registered with ``trainable=True`` that provides
+
+* ``phases``: the names of its training phases, run in order, e.g. ``("structure", "fusion")``;
+* ``training_losses(ir, vi_y, phase) -> (loss, {name: float})`` on (B, 1, H, W) tensors in [0, 1];
+* ``parameters_for_phase(phase)`` (optional; default: all parameters);
+* ``init_kwargs``: the keyword arguments that rebuild it (stored in checkpoints).
+
+Schedule: phase ``"structure"`` runs ``structure_epochs`` epochs, every other phase ``epochs``
+epochs. Each phase has its own Adam optimiser over ``parameters_for_phase(phase)`` (the other
+parameters are frozen meanwhile) and its own cosine annealing of the learning rate over that
+phase's steps: ``lr_t = min_lr + (lr - min_lr) * (1 + cos(pi * t / T)) / 2``, ``T = epochs x
+steps_per_epoch``, stepped once per optimiser step.
+
+Files in ``out_dir``: ``config.yaml`` (the resolved config), ``log.csv`` (one row per epoch:
+phase, epoch, global step, the mean of each loss component, lr, images/s, seconds; rewritten
+atomically), ``last.pt`` (written atomically after every epoch, so a SIGKILL loses at most one
+epoch), ``final.pt`` (the trained model). Checkpoints are self-describing (``kind``, ``method``,
+``kwargs``, ``state_dict``) and hold everything needed to resume: optimiser, scheduler, grad
+scaler, RNG states, the sampler position and the log rows. ``resume=True`` continues from
+``last.pt``; on CPU the result is bit-identical to an uninterrupted run (all randomness of the
+data pipeline is keyed by ``(seed, epoch, index)``, see :mod:`fusion.datasets`).
+
+Ctrl-C (SIGINT) stops at the next step boundary and writes ``last.pt`` for that exact position
+(a second Ctrl-C stops at once and keeps the previous ``last.pt``); then KeyboardInterrupt is
+re-raised after printing how to resume. A non-finite loss stops the run with a FusesegError
+naming phase, epoch, step and the loss components; ``last.pt`` keeps the last good epoch.
+
+Devices: CUDA when present (``device='auto'``), autocast (bf16, or fp16 with a GradScaler),
+optional channels_last and ``torch.compile``. Multi-GPU / multi-process with ``torchrun
+--nproc_per_node=K``: each process trains on ``batch_size / K`` samples of every global batch of
+``batch_size`` (so results do not depend on K, up to float rounding and batch-norm statistics,
+which stay per process), gradients are averaged by DistributedDataParallel, and only rank 0
+writes files and prints.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.metadata
+import io
+import math
+import platform
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from fusion import runtime
+from fusion.data.io import atomic_write_text
+from fusion.data.pairs import PairSet, detect_splits, find_pairs, load_split
+from fusion.datasets import EpochBatchSampler, PairDataset, worker_init
+from fusion.errors import ConfigError, FusesegError
+from fusion.registry import create_method, get_entry, list_methods, load_plugins
+
+# settings that may differ between a run and its resumption (they do not change the maths on CPU)
+RUNTIME_KEYS = ("workers", "device", "amp", "compile", "channels_last", "log_every", "cache_images")
+
+
+@dataclass
+class FusionTrainConfig:
+    """Settings of ``fuseseg train-fusion`` (YAML keys of the same names).
+
+    Data: ``data_root`` (an MSRS-layout root, whose ``split`` folder is used, or a bare pair folder
+    holding ``ir/`` and ``vi/``), or ``ir_dir`` + ``vi_dir`` explicitly. ``batch_size`` is the
+    global batch (split across DDP processes). Paper values (Sec. 3.1): 256 crops, Adam (0.9,
+    0.999), lr 2e-4 with cosine annealing, 50 structure epochs then 300 epochs; the paper gives no
+    batch size (8 is this project's choice)."""
+
+    method: str = "sspfusion"
+    method_kwargs: dict[str, Any] = field(default_factory=dict)
+    plugins: list[str] = field(default_factory=list)
+    data_root: str | None = None
+    split: str = "train"
+    ir_dir: str | None = None
+    vi_dir: str | None = None
+    structure_epochs: int = 50
+    epochs: int = 300
+    batch_size: int = 8
+    crop_size: int | None = 256
+    vflip: bool = False
+    lr: float = 2e-4
+    min_lr: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    workers: int = 4
+    seed: int = 0
+    device: str = "auto"
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    ddp_find_unused: bool = False
+    max_steps_per_epoch: int | None = None
+    log_every: int = 10
+    cache_images: bool = False
+    ir16: Literal["minmax", "scale"] = "minmax"
+
+    def __post_init__(self):
+        for key in ("structure_epochs", "epochs", "workers"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("batch_size", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ValueError(f"max_steps_per_epoch must be >= 1 or null, got {self.max_steps_per_epoch}")
+        if self.crop_size is not None and self.crop_size < 8:
+            raise ValueError(f"crop_size must be >= 8 pixels or null, got {self.crop_size}")
+        if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+
+
+def config_to_dict(cfg: FusionTrainConfig) -> dict[str, Any]:
+    """The config as plain YAML-able data (tuples as lists)."""
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, Path):
+            return str(v)
+        return v
+    return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+
+def resolve_pairs(cfg: FusionTrainConfig) -> PairSet:
+    """The training pairs named by the config (see :class:`FusionTrainConfig`)."""
+    if cfg.ir_dir or cfg.vi_dir:
+        if not (cfg.ir_dir and cfg.vi_dir):
+            raise ConfigError("fusion_train: set both ir_dir and vi_dir (or data_root instead).")
+        return find_pairs(cfg.ir_dir, cfg.vi_dir)
+    if not cfg.data_root:
+        raise ConfigError("fusion_train: no training data. Set data_root (an MSRS-layout root or a "
+                          "folder with ir/ and vi/), or ir_dir and vi_dir.")
+    splits = detect_splits(cfg.data_root)
+    if splits == [None]:
+        return load_split(cfg.data_root, None)
+    if cfg.split not in splits:
+        raise ConfigError(f"fusion_train.split={cfg.split!r}, but {cfg.data_root} only has the "
+                          f"split(s) {', '.join(s for s in splits if s)}. Set split accordingly.")
+    return load_split(cfg.data_root, cfg.split)
+
+
+def _versions() -> dict[str, str]:
+    try:
+        own = importlib.metadata.version("fuseseg")
+    except importlib.metadata.PackageNotFoundError:
+        own = "unknown"
+    return {"fuseseg": own, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+class _Losses(nn.Module):
+    """Routes ``training_losses`` through ``forward`` so DDP / torch.compile see the call."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ir, vi_y, phase: str):
+        return self.model.training_losses(ir, vi_y, phase)
+
+
+class _StopRequest:
+    """SIGINT handler: the first Ctrl-C asks the loop to stop at the next step boundary, the
+    second raises KeyboardInterrupt at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+def _log_columns(rows: list[dict]) -> list[str]:
+    head, tail = ["phase", "epoch", "global_step"], ["loss", "lr", "images_per_s", "seconds"]
+    comps: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in head and k not in tail and k not in comps:
+                comps.append(k)
+    return head + comps + tail
+
+
+def write_log(path: Path, rows: list[dict]) -> None:
+    """Write the per-epoch rows as CSV atomically (columns: the union over rows)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=_log_columns(rows), restval="", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def _fmt(comps: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.4g}" for k, v in comps.items())
+
+
+def _check_resumable(saved: dict, cfg: FusionTrainConfig, path: Path) -> None:
+    now = config_to_dict(cfg)
+    diff = [k for k in now if k not in RUNTIME_KEYS and saved.get(k) != now[k]]
+    if diff:
+        shown = "; ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff)
+        raise ConfigError(f"cannot resume {path}: the config differs from the one it was trained "
+                          f"with ({shown}). Resume with the same settings (they are in config.yaml "
+                          "next to it), or start a new run in another --out folder.")
+
+
+def _check_trainable(model, name: str) -> None:
+    missing = [a for a in ("phases", "training_losses") if not hasattr(model, a)]
+    if not isinstance(model, nn.Module) or missing:
+        raise ConfigError(f"fusion method {name!r} cannot be trained: a trainable method must be an "
+                          f"nn.Module with `phases` and `training_losses` (missing: "
+                          f"{', '.join(missing) or 'nn.Module'}). See fusion/train.py.")
+
+
+def _phase_params(model: nn.Module, phase: str) -> list[nn.Parameter]:
+    fn = getattr(model, "parameters_for_phase", None)
+    params = list(fn(phase)) if fn is not None else list(model.parameters())
+    if not params:
+        raise ConfigError(f"fusion method has no parameters to train in phase {phase!r}.")
+    return params
+
+
+def train_fusion(cfg: FusionTrainConfig, out_dir: Path | str, resume: bool = False,
+                 progress: bool = True) -> Path:
+    """Train ``cfg.method`` and return the path of ``out_dir/final.pt`` (see the module doc)."""
+    device = runtime.resolve_device(cfg.device)
+    was_initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if device.type == "cuda" and device.index is None:
+        import os
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    rank, world = runtime.init_distributed(device)
+    try:
+        return _train(cfg, Path(out_dir), resume, progress, device, rank, world)
+    finally:
+        if world > 1 and not was_initialised:
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: FusionTrainConfig, out_dir: Path, resume: bool, progress: bool,
+           device: torch.device, rank: int, world: int) -> Path:
+    from rich.console import Console
+
+    main = rank == 0
+    console = Console(stderr=True, quiet=not main)
+    last_path, final_path = out_dir / "last.pt", out_dir / "final.pt"
+
+    # ------------------------------------------------------------------ method and checkpoint
+    if cfg.plugins:
+        load_plugins(cfg.plugins)
+    entry = get_entry(cfg.method)
+    if not entry.trainable:
+        trainable = [m for m in list_methods() if get_entry(m).trainable]
+        raise ConfigError(f"fusion_train.method={cfg.method!r} is not a trainable method. Trainable "
+                          f"methods: {', '.join(trainable) or '(none)'}.")
+    ckpt = None
+    if resume and last_path.exists():
+        ckpt = runtime.load_checkpoint(last_path, expect={"kind": "fusion", "method": cfg.method})
+        _check_resumable(ckpt["config"], cfg, last_path)
+    elif resume:
+        console.print(f"[yellow]note:[/] {last_path} does not exist; starting from the beginning.")
+    elif last_path.exists() or final_path.exists():
+        raise ConfigError(f"{out_dir} already holds a fusion training run ({last_path.name}). Pass "
+                          "--resume to continue it, or choose another --out folder.")
+    if ckpt is not None and ckpt.get("complete"):
+        if main and not final_path.exists():
+            runtime.save_checkpoint(final_path, _final_payload(ckpt))
+        console.print(f"training in {out_dir} is already complete: {final_path}")
+        return final_path
+
+    runtime.seed_everything(cfg.seed)
+    model = create_method(cfg.method, **cfg.method_kwargs)
+    _check_trainable(model, cfg.method)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if ckpt is not None:
+        runtime.load_state_dict_checked(model, ckpt["state_dict"], last_path)
+    init_kwargs = dict(getattr(model, "init_kwargs", cfg.method_kwargs))
+
+    # ------------------------------------------------------------------ data
+    dataset = PairDataset(resolve_pairs(cfg), crop=cfg.crop_size, train=True, ir16=cfg.ir16,
+                          cache=cfg.cache_images, seed=cfg.seed, vflip=cfg.vflip)
+    sampler = EpochBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
+    if cfg.cache_images and cfg.workers > 0:
+        dataset.preload()  # decode once, shared with the forked workers
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+        persistent_workers=cfg.workers > 0, worker_init_fn=worker_init,
+        generator=torch.Generator().manual_seed(cfg.seed))  # keeps the global torch RNG untouched
+    steps_per_epoch = sampler.batches_per_epoch
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    phases = [(p, cfg.structure_epochs if p == "structure" else cfg.epochs) for p in model.phases]
+
+    # ------------------------------------------------------------------ position
+    start_phase, start_epoch, start_step, global_step = 0, 0, 0, 0
+    rows: list[dict] = []
+    epoch_acc = None
+    if ckpt is not None:
+        start_phase, start_epoch = ckpt["phase_index"], ckpt["epoch"]
+        start_step, global_step = ckpt["step_in_epoch"], ckpt["global_step"]
+        rows, epoch_acc = list(ckpt["log"]), ckpt.get("epoch_acc")
+        runtime.set_rng_state(ckpt["rng"]["runtime"])
+        if ckpt["rng"]["sampler"]["seed"] != cfg.seed:
+            raise ConfigError(f"{last_path}: sampler seed differs from fusion_train.seed={cfg.seed}")
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        import yaml
+        atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        console.print(f"training {cfg.method} on {len(dataset)} pairs, {world} process(es) on {device}, "
+                      f"global batch {cfg.batch_size}, {steps_per_epoch} steps/epoch, phases "
+                      + ", ".join(f"{p} x{n}" for p, n in phases) + f" -> {out_dir}")
+
+    use_scaler = runtime.needs_grad_scaler(device, cfg.amp)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    stop = _StopRequest()
+    old_handler = None
+    if threading.current_thread() is threading.main_thread():
+        old_handler = signal.signal(signal.SIGINT, stop)
+
+    def payload(pi, ep, step, opt, sched, scaler, acc) -> dict:
+        return {"kind": "fusion", "method": cfg.method, "kwargs": init_kwargs,
+                "config": config_to_dict(cfg), "phase": phases[pi][0] if pi < len(phases) else None,
+                "phase_index": pi, "epoch": ep, "step_in_epoch": step, "global_step": global_step,
+                "state_dict": runtime.unwrap(model).state_dict(),
+                "optimizer": opt.state_dict() if opt else None,
+                "scheduler": sched.state_dict() if sched else None,
+                "scaler": scaler.state_dict() if scaler else None,
+                "rng": {"runtime": runtime.get_rng_state(),
+                        "sampler": {"seed": cfg.seed, "phase_index": pi, "epoch": ep, "step": step}},
+                "epoch_acc": acc, "log": rows, "complete": False, "versions": _versions()}
+
+    bar = None
+    if progress and main:
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+        bar = Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                       console=console)
+        bar.start()
+    position = "before the first epoch"
+    try:
+        epoch_offset = sum(n for _, n in phases[:start_phase])
+        for pi in range(start_phase, len(phases)):
+            phase, n_epochs = phases[pi]
+            first_epoch = start_epoch if pi == start_phase else 0
+            if first_epoch >= n_epochs:
+                epoch_offset += n_epochs
+                continue
+            # -------------------------------------------------------------- phase set-up
+            params = _phase_params(runtime.unwrap(model), phase)
+            chosen = {id(p) for p in params}
+            for p in model.parameters():
+                p.requires_grad_(id(p) in chosen)
+            opt = torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas),
+                                   weight_decay=cfg.weight_decay)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+                opt, T_max=n_epochs * steps_per_epoch, eta_min=cfg.min_lr)
+            scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+            if ckpt is not None and pi == ckpt["phase_index"] and ckpt["optimizer"] is not None:
+                opt.load_state_dict(ckpt["optimizer"])
+                sched.load_state_dict(ckpt["scheduler"])
+                if ckpt.get("scaler"):
+                    scaler.load_state_dict(ckpt["scaler"])
+            loss_fn: nn.Module = _Losses(model)
+            if world > 1:
+                loss_fn = nn.parallel.DistributedDataParallel(
+                    loss_fn, device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=cfg.ddp_find_unused)
+            if cfg.compile:
+                loss_fn = torch.compile(loss_fn)
+            model.train()
+            task = None
+            if bar is not None:
+                task = bar.add_task(phase, total=(n_epochs - first_epoch) * steps_per_epoch, info="")
+
+            for ep in range(first_epoch, n_epochs):
+                step0 = start_step if (pi == start_phase and ep == first_epoch) else 0
+                acc = epoch_acc if step0 > 0 and epoch_acc else {"sums": {}, "count": 0, "seconds": 0.0}
+                epoch_acc = None
+                sampler.set_epoch(epoch_offset + ep, start_batch=step0)
+                if bar is not None:
+                    bar.update(task, description=f"{phase} {ep + 1}/{n_epochs}")
+                    if step0:
+                        bar.advance(task, step0)
+                t_segment = time.perf_counter()
+                t_start = t_segment - acc["seconds"]
+                batches = iter(loader)
+                for step in range(step0, steps_per_epoch):
+                    position = f"phase {phase!r}, epoch {ep + 1}/{n_epochs}, step {step + 1}/{steps_per_epoch}"
+                    ir, vi_y = next(batches)
+                    ir = ir.to(device, non_blocking=True)
+                    vi_y = vi_y.to(device, non_blocking=True)
+                    if cfg.channels_last:
+                        ir = ir.contiguous(memory_format=torch.channels_last)
+                        vi_y = vi_y.contiguous(memory_format=torch.channels_last)
+                    opt.zero_grad(set_to_none=True)
+                    with runtime.autocast(device, cfg.amp):
+                        loss, comps = loss_fn(ir, vi_y, phase)
+                    comps = {k: float(v) for k, v in comps.items()}
+                    flags = torch.stack([(~torch.isfinite(loss.detach().float())).any().float(),
+                                         torch.tensor(float(stop.requested), device=loss.device)])
+                    if world > 1:
+                        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+                    bad, stop_now = (bool(x) for x in flags.tolist())
+                    if bad:
+                        raise FusesegError(
+                            f"training diverged: non-finite loss ({float(loss.detach()):g}) in "
+                            f"{position} (global step {global_step + 1}); loss components: "
+                            f"{_fmt(comps) or '(none)'}. The last good checkpoint is kept: {last_path}"
+                            f" ({'none yet' if not last_path.exists() else 'end of the last completed epoch'}). "
+                            f"Lower lr (now {cfg.lr:g}) or set amp=off, then retrain or resume with --resume.")
+                    if stop_now:
+                        acc["seconds"] = time.perf_counter() - t_start
+                        if main:
+                            runtime.save_checkpoint(last_path, payload(pi, ep, step, opt, sched, scaler, acc))
+                        position = f"phase {phase!r}, epoch {ep + 1}/{n_epochs}, step {step}/{steps_per_epoch}"
+                        raise KeyboardInterrupt("saved")
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                    sched.step()
+                    global_step += 1
+                    acc["count"] += 1
+                    for k, v in comps.items():
+                        acc["sums"][k] = acc["sums"].get(k, 0.0) + v
+                    acc["sums"]["loss"] = acc["sums"].get("loss", 0.0) + float(loss.detach())
+                    if bar is not None:
+                        bar.advance(task)
+                        if (step + 1) % cfg.log_every == 0 or step + 1 == steps_per_epoch:
+                            rate = (step + 1 - step0) * cfg.batch_size / max(
+                                1e-9, time.perf_counter() - t_segment)
+                            bar.update(task, info=f"{_fmt(comps)} | loss {float(loss.detach()):.4g} | "
+                                                  f"{rate:.1f} img/s")
+                # ---------------------------------------------------------- epoch end
+                seconds = time.perf_counter() - t_start
+                row: dict[str, Any] = {"phase": phase, "epoch": ep + 1, "global_step": global_step}
+                n = max(1, acc["count"])
+                row.update({k: v / n for k, v in acc["sums"].items() if k != "loss"})
+                row.update({"loss": acc["sums"].get("loss", math.nan) / n,
+                            "lr": float(opt.param_groups[0]["lr"]),
+                            "images_per_s": steps_per_epoch * cfg.batch_size / max(seconds, 1e-9),
+                            "seconds": seconds})
+                rows.append(row)
+                if main:
+                    runtime.save_checkpoint(last_path, payload(pi, ep + 1, 0, opt, sched, scaler, None))
+                    write_log(out_dir / "log.csv", rows)
+                position = f"the end of phase {phase!r} epoch {ep + 1}/{n_epochs}"
+                if stop.requested:
+                    raise KeyboardInterrupt("saved")
+            epoch_offset += n_epochs
+    except KeyboardInterrupt as exc:
+        if main:
+            saved = str(exc) == "saved"
+            what = (f"saved {last_path} at {position}" if saved else
+                    f"{last_path} holds the last completed epoch" if last_path.exists()
+                    else "no checkpoint was written yet")
+            console.print(f"[yellow]interrupted:[/] {what}. Resume with: fuseseg train-fusion "
+                          f"{out_dir / 'config.yaml'} --out {out_dir} --resume")
+        raise
+    finally:
+        if bar is not None:
+            bar.stop()
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+    if main:
+        final = payload(len(phases) - 1, phases[-1][1] if phases else 0, 0, None, None, None, None)
+        final["complete"] = True
+        runtime.save_checkpoint(last_path, final)
+        runtime.save_checkpoint(final_path, _final_payload(final))
+        console.print(f"done: {final_path}")
+    if world > 1:
+        torch.distributed.barrier()
+    return final_path
+
+
+def _final_payload(ckpt: dict) -> dict:
+    """The trained model's checkpoint: self-describing, without optimiser/scheduler state."""
+    keep = ("kind", "method", "kwargs", "config", "phase", "phase_index", "epoch", "global_step",
+            "state_dict", "log", "versions")
+    out = {k: ckpt[k] for k in keep if k in ckpt}
+    out["complete"] = True
+    return out

@@ -1,0 +1,120 @@
+"""``fuseseg train-fusion`` and ``fuseseg fuse``.
+
+    fuseseg train-fusion [CONFIG] [key=value ...] [--out DIR] [--resume]
+    fuseseg fuse (--method NAME | --checkpoint FILE) --ir DIR --vi DIR --out DIR [--batch-size N]
+
+CONFIG is a YAML file holding the FusionTrainConfig keys at the top level, or an experiment file
+with those keys under ``fusion_train:`` (top-level ``plugins:`` are then loaded too). Overrides
+are ``key=value`` (``fusion_train.key=value`` is accepted as well). ``--resume`` alone continues
+the run in ``--out`` with the config.yaml saved there.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fusion.errors import ConfigError
+from pipelines.config import from_dict, parse_overrides, read_yaml
+from pipelines.console import console
+
+SECTION = "fusion_train"
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_train_config(path: str | Path | None, overrides: list[str]):
+    """FusionTrainConfig from a YAML file (top-level keys or a ``fusion_train:`` section) plus
+    ``key=value`` overrides."""
+    from fusion.train import FusionTrainConfig
+
+    data, where = {}, "fusion_train"
+    if path is not None:
+        raw = read_yaml(path)
+        if SECTION in raw:
+            data = dict(raw[SECTION] or {})
+            if raw.get("plugins") and "plugins" not in data:
+                data["plugins"] = list(raw["plugins"])
+            where = f"{path}: {SECTION}"
+        else:
+            data, where = raw, str(path)
+    extra = parse_overrides(overrides)
+    if isinstance(extra.get(SECTION), dict):
+        extra = _merge({k: v for k, v in extra.items() if k != SECTION}, extra[SECTION])
+    return from_dict(FusionTrainConfig, _merge(data, extra), where)
+
+
+def _train(args) -> int:
+    from fusion.train import train_fusion
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).is_file():
+        overrides.insert(0, config)  # `fuseseg train-fusion key=value` without a config file
+        config = None
+    out = Path(args.out)
+    if config is None and args.resume and (out / "config.yaml").is_file():
+        config = out / "config.yaml"
+    if config is None and not overrides:
+        raise ConfigError("train-fusion needs a config file or key=value settings (at least "
+                          "data_root=...), e.g. `fuseseg train-fusion configs/fusion.yaml`.")
+    cfg = load_train_config(config, overrides)
+    final = train_fusion(cfg, out, resume=args.resume, progress=not args.no_progress)
+    console.print(f"trained fusion model: [bold]{final}[/]  (fuse with: fuseseg fuse "
+                  f"--checkpoint {final} --ir IR_DIR --vi VI_DIR --out OUT_DIR)", highlight=False)
+    return 0
+
+
+def _fuse(args) -> int:
+    from fusion.fuse import fuse_folder, load_fusion_method
+
+    kwargs = parse_overrides(args.kwargs) if args.kwargs else None
+    method = load_fusion_method(args.method, args.checkpoint, kwargs, args.device,
+                                plugins=args.plugins or ())
+    name = args.method or Path(args.checkpoint).stem
+    summary = fuse_folder(method, args.ir, args.vi, args.out, device=args.device,
+                          batch_size=args.batch_size, skip_existing=not args.overwrite,
+                          progress=not args.no_progress, ir16=args.ir16, workers=args.workers,
+                          name=name)
+    console.print(f"fused {summary.written} pair(s) into {summary.out_dir} "
+                  f"({summary.skipped} already there, skipped) in {summary.seconds:.1f} s"
+                  + (f", {summary.images_per_s:.1f} img/s" if summary.written else ""),
+                  highlight=False)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train-fusion", help="train a learned fusion method (SSPFusion by default)",
+        description="Train a trainable fusion method. CONFIG: YAML with the training keys (top "
+        "level or under fusion_train:); then key=value overrides.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("config", nargs="?", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="key=value settings, e.g. epochs=10 batch_size=4")
+    p.add_argument("--out", default="runs/fusion", help="run folder (checkpoints, log.csv, config.yaml)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+    f = subparsers.add_parser(
+        "fuse", help="fuse a folder of infrared/visible pairs",
+        description="Fuse every IR/VI pair (paired by file name) into OUT/NAME.png.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    f.add_argument("--method", help="registered method name (optional with --checkpoint)")
+    f.add_argument("--checkpoint", help="trained fusion checkpoint (final.pt of train-fusion)")
+    f.add_argument("--ir", required=True, help="infrared folder")
+    f.add_argument("--vi", required=True, help="visible folder")
+    f.add_argument("--out", required=True, help="output folder")
+    f.add_argument("--batch-size", type=int, default=4)
+    f.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    f.add_argument("--workers", type=int, default=0, help="image-decoding worker processes")
+    f.add_argument("--ir16", default="minmax", choices=["minmax", "scale"],
+                   help="mapping of 16-bit infrared to 8 bits")
+    f.add_argument("--kwargs", nargs="*", metavar="KEY=VALUE", help="method settings")
+    f.add_argument("--plugins", nargs="*", metavar="MODULE", help="plug-in modules to import")
+    f.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f.set_defaults(func=_fuse)

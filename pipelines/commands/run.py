@@ -1,0 +1,93 @@
+"""``fuseseg run [CONFIG] [key=value ...]`` and ``fuseseg compare RUN_DIR ...``."""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from fusion.errors import ConfigError
+from pipelines.console import console
+
+
+def _split_list(text: str | None) -> list[str] | None:
+    return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+
+def register(sub) -> None:
+    p = sub.add_parser("run", help="run the whole fuse-then-segment experiment (default: configs/default.yaml)",
+                       description="Run or resume the experiment: data -> train_fusion -> fuse -> metrics -> "
+                       "segment -> report. Finished stages whose configuration is unchanged are skipped.")
+    p.add_argument("config", nargs="?", help="experiment YAML (default: configs/default.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. segmentation.epochs=2")
+    p.add_argument("--only", help="comma-separated stages to run (data,train_fusion,fuse,metrics,segment,report)")
+    p.add_argument("--from", dest="from_stage", help="redo this stage and every later one, even if up to date")
+    p.add_argument("--variants", help="comma-separated input variants to segment (e.g. ir,vi,sspfusion); "
+                   "use it to spread segmentation runs over machines, then merge with --only report")
+    p.add_argument("--launcher", choices=["none", "torchrun"], default="none",
+                   help="torchrun: run the experiment under torchrun with --gpus processes (DDP training)")
+    p.add_argument("--gpus", type=int, default=1, help="processes per node for --launcher torchrun")
+    p.set_defaults(func=run)
+
+    c = sub.add_parser("compare", help="merge the mIoU tables of several runs (refuses differing protocols)")
+    c.add_argument("runs", nargs="+", type=Path, help="run folders (results/<name>)")
+    c.add_argument("--force", action="store_true", help="merge even when the protocols differ (marked)")
+    c.add_argument("--out", type=Path, help="write the merged table as Markdown/CSV/JSON into this folder")
+    c.set_defaults(func=compare)
+
+
+def load_experiment(config: str | None, overrides: list[str]):
+    from pipelines.config import load_config
+    from pipelines.experiment import ExperimentConfig, default_config_path
+
+    if config and "=" in config and not Path(config).exists():
+        overrides = [config, *overrides]
+        config = None
+    path = Path(config) if config else default_config_path()
+    if not config and not path.is_file():
+        raise ConfigError(f"no config given and {path} is missing; pass a config file.")
+    return load_config(ExperimentConfig, path, overrides)
+
+
+def run(args) -> int:
+    from pipelines.stages import STAGES, Plan, run_experiment
+
+    if args.launcher == "torchrun" and "LOCAL_RANK" not in os.environ:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.gpus}",
+               "-m", "pipelines.cli", *[a for a in sys.argv[1:] if not a.startswith("--launcher")
+                                        and a not in ("torchrun",)]]
+        console.print(f"launching: {shlex.join(cmd)}")
+        return subprocess.call(cmd)
+    cfg = load_experiment(args.config, args.overrides)
+    only = set(_split_list(args.only) or []) or None
+    forced: set[str] = set()
+    if args.from_stage:
+        if args.from_stage not in STAGES:
+            raise ConfigError(f"--from {args.from_stage!r}: unknown stage; stages: {', '.join(STAGES)}")
+        forced = set(STAGES[STAGES.index(args.from_stage):])
+        only = (only or set(STAGES)) & (forced | set(STAGES[:STAGES.index(args.from_stage)]))
+    plan = Plan(only=only, forced=forced, variants=_split_list(args.variants))
+    run_experiment(cfg, plan)
+    return 0
+
+
+def compare(args) -> int:
+    from pipelines import report as rep
+
+    rows, proto, warnings = rep.compare_runs(args.runs, force=args.force)
+    for w in warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+    classes = list(next(iter(rows))["per_class"]) if rows else []
+    for r in rows:  # json round trip turned tuples into lists
+        r["miou"] = tuple(r["miou"])
+        r["pixel_accuracy"] = tuple(r["pixel_accuracy"])
+        r["per_class"] = {k: tuple(v) for k, v in r["per_class"].items()}
+    text = "merged runs: " + ", ".join(str(r) for r in args.runs)
+    if warnings:
+        text += " (PROTOCOLS DIFFER: not comparable)"
+    console.print(rep.rich_miou_table(rows, classes, text))
+    if args.out:
+        rep.write_miou_tables(args.out, rows, classes, text, proto, [])
+        console.print(f"written: {args.out}/miou.md, miou.csv, miou.json")
+    return 0

@@ -1,0 +1,130 @@
+"""The experiment's configuration: one typed dataclass tree, loaded from YAML.
+
+``configs/default.yaml`` runs on a 2-core CPU in minutes on the synthetic data set;
+``configs/msrs.yaml`` carries the paper's settings for a user's MSRS copy on a GPU. Every key
+is documented here; an unknown key is an error naming the valid ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fusion.data.pairs import Layout
+from fusion.errors import ConfigError
+from fusion.train import FusionTrainConfig
+from segmentation.config import SegConfig
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class SyntheticConfig:
+    """Size of the synthetic MSRS-like data set generated when ``data.root`` is null."""
+
+    train: int = 160
+    test: int = 48
+    size: tuple[int, int] = (192, 256)     # H, W
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    root: Path | None = None               # MSRS-layout data set; null = generate the synthetic set in the run folder
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    layout: Layout = field(default_factory=Layout)
+    ir16: Literal["minmax", "scale"] = "minmax"   # 16-bit infrared -> 8-bit mapping
+    num_classes: int = 9
+    validate: bool = True                  # read and check every file once before training
+
+
+@dataclass
+class FusionMethodConfig:
+    """One fusion variant of the experiment.
+
+    ``type: registered``: a method of the registry (built-in or from a ``plugins:`` module); a
+    trainable one is trained by the pipeline unless ``checkpoint`` is given. ``type: folder``:
+    already fused images in ``folder`` (``folder/train/NAME.png`` and ``folder/test/NAME.png``,
+    or only ``test/`` when used for metrics only), checked against the data set's names and
+    sizes."""
+
+    name: str
+    type: Literal["registered", "folder"] = "registered"
+    method: str | None = None              # registry name; defaults to ``name``
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    folder: Path | None = None
+    train: dict[str, Any] = field(default_factory=dict)   # overrides of fusion_train for this method
+
+    def __post_init__(self):
+        if self.type == "folder" and self.folder is None:
+            raise ConfigError(f"fusion method {self.name!r} has type: folder but no `folder:`; give the "
+                              "folder holding train/ and test/ fused images.")
+        if self.type == "registered" and self.folder is not None:
+            raise ConfigError(f"fusion method {self.name!r} gives a `folder:` but its type is registered; "
+                              "set `type: folder` to use already fused images.")
+        if self.method is None and self.type == "registered":
+            self.method = self.name
+
+
+@dataclass
+class MetricsStageConfig:
+    enabled: bool = True
+    mi_unit: Literal["nats", "bits"] = "nats"   # reference: nats; the SSPFusion paper's tables: bits
+    workers: int | None = None                  # None: all cores
+
+
+@dataclass
+class ReportConfig:
+    bootstrap: int = 2000                       # paired bootstrap resamples for the mIoU-gain CI
+    figure_scenes: int = 4                      # test scenes in the figure grid
+
+
+def _default_methods() -> list[FusionMethodConfig]:
+    return [FusionMethodConfig(name="sspfusion"), FusionMethodConfig(name="laplacian"),
+            FusionMethodConfig(name="gff")]
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "default"                       # run folder: <results_dir>/<name>
+    results_dir: Path = Path("results")
+    seed: int = 0
+    device: str = "auto"                        # auto | cpu | cuda | cuda:1 ...
+    plugins: list[str] = field(default_factory=list)   # modules that register fusion methods
+    data: DataConfig = field(default_factory=DataConfig)
+    fusion: list[FusionMethodConfig] = field(default_factory=_default_methods)
+    fusion_train: FusionTrainConfig = field(default_factory=FusionTrainConfig)
+    fuse_batch_size: int = 4
+    metrics: MetricsStageConfig = field(default_factory=MetricsStageConfig)
+    segmentation: SegConfig = field(default_factory=SegConfig)
+    seg_seeds: list[int] = field(default_factory=lambda: [0])
+    variants: list[str] | None = None           # None: ir, vi and every fusion method
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+    def __post_init__(self):
+        names = [m.name for m in self.fusion]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"fusion: the variant name(s) {dup} appear twice; give each method a unique name.")
+        clash = {"ir", "vi"} & set(names)
+        if clash:
+            raise ConfigError(f"fusion: {sorted(clash)} is reserved for the single-modality variants; rename it.")
+        if self.variants is not None:
+            unknown = [v for v in self.variants if v not in ["ir", "vi", *names]]
+            if unknown:
+                raise ConfigError(f"variants: unknown variant(s) {unknown}; valid: ir, vi, {', '.join(names)}.")
+        if not self.seg_seeds:
+            raise ConfigError("seg_seeds: give at least one segmentation seed, e.g. [0].")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.results_dir) / self.name
+
+    def all_variants(self) -> list[str]:
+        return ["ir", "vi", *(m.name for m in self.fusion)]
+
+
+def default_config_path() -> Path:
+    """``configs/default.yaml`` of the source tree."""
+    return REPO_CONFIGS / "default.yaml"

@@ -1,0 +1,435 @@
+"""The experiment's stages, as plain functions, and ``run_experiment`` which chains them.
+
+    data -> train_fusion[m] -> fuse[m] -> metrics -> segment[variant, seed] -> report
+
+Each stage records a fingerprint of its configuration and of the stages it reads
+(``pipelines.runstate``); a rerun skips a stage whose fingerprint is unchanged and redoes the
+ones that changed and everything downstream of them. Everything is written inside the run
+folder ``<results_dir>/<name>/``; every file appears under its final name only when complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fusion.data.pairs import MSRS_CLASSES, find_pairs, list_images, load_split, match_stems
+from fusion.errors import ConfigError, DataError, FusesegError
+from pipelines.config import dump_config, to_dict
+from pipelines.console import console
+from pipelines.experiment import ExperimentConfig, FusionMethodConfig
+from pipelines.runstate import (RunLock, environment_record, fingerprint, mark_stage_done,
+                                stage_is_current, stage_record)
+
+STAGES = ("data", "train_fusion", "fuse", "metrics", "segment", "report")
+
+
+@dataclasses.dataclass
+class Plan:
+    """What this invocation runs: stage selection, forced stages, variant selection."""
+
+    only: set[str] | None = None
+    forced: set[str] = dataclasses.field(default_factory=set)
+    variants: list[str] | None = None
+
+    def runs(self, stage: str) -> bool:
+        return self.only is None or stage in self.only
+
+
+def _peak_rss_mib() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, kids) / 1024.0  # Linux: KiB
+
+
+def _prepare_dir(path: Path, fp: str) -> bool:
+    """Make ``path`` the output folder of a stage with fingerprint ``fp``.
+
+    Returns True when the folder holds partial work of the *same* configuration (resume it);
+    a folder left by another configuration is cleared (its results are obsolete)."""
+    marker = path / ".fingerprint"
+    if path.exists():
+        if marker.is_file() and marker.read_text().strip() == fp:
+            return True
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    marker.write_text(fp)
+    return False
+
+
+class _Stage:
+    """Context helper that times a stage and records it done (a plain with-block, not a framework)."""
+
+    def __init__(self, run_dir: Path, key: str, fp: str, plan: Plan, stage: str):
+        self.run_dir, self.key, self.fp, self.stage = run_dir, key, fp, stage
+        self.skip = (not plan.runs(stage)) or (stage not in plan.forced and stage_is_current(run_dir, key, fp))
+        self.selected = plan.runs(stage)
+        self.info: dict = {}
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        if self.skip:
+            why = "up to date" if self.selected else "not selected"
+            console.print(f"[dim]- {self.key}: skipped ({why})[/]")
+        else:
+            console.print(f"[bold cyan]> {self.key}[/]")
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None and not self.skip:
+            secs = time.perf_counter() - self.t0
+            mark_stage_done(self.run_dir, self.key, self.fp, secs, peak_rss_mib=round(_peak_rss_mib(), 1),
+                            **self.info)
+            console.print(f"[green]  done[/] {self.key} in {secs:.1f} s")
+        return False
+
+
+# ---------------------------------------------------------------- stage 1: data
+def stage_data(cfg: ExperimentConfig, run_dir: Path, plan: Plan) -> tuple[Path, str]:
+    """Locate (or generate) the data set; validate it once. Returns (root, fingerprint)."""
+    d = cfg.data
+    if d.root is None:
+        root = run_dir / "data"
+        fp = fingerprint("synthetic", to_dict(d.synthetic), d.num_classes)
+    else:
+        root = Path(d.root)
+        fp = fingerprint("folder", str(root.resolve()), to_dict(d.layout), d.ir16, d.num_classes)
+    with _Stage(run_dir, "data", fp, plan, "data") as st:
+        if not st.skip:
+            if d.root is None:
+                from fusion.data.synthetic import make_synthetic
+
+                _prepare_dir(root, fp)
+                s = d.synthetic
+                make_synthetic(root, s.train, s.test, size=tuple(s.size), seed=s.seed)
+            if d.validate:
+                from fusion.data.validate import validate_pairset
+
+                for split in ("train", "test"):
+                    pairs = load_split(root, split, d.layout, require_labels=True)
+                    summ = validate_pairset(pairs, d.num_classes, d.ir16)
+                    st.info[split] = {"pairs": summ.pairs, "day": summ.day, "night": summ.night}
+    return root, fp
+
+
+def split_paths(cfg: ExperimentConfig, root: Path, split: str) -> dict[str, Path]:
+    lay = cfg.data.layout
+    base = root / getattr(lay, split)
+    return {"ir": base / lay.ir, "vi": base / lay.vi, "labels": base / lay.labels}
+
+
+# ---------------------------------------------------------------- stage 2: train fusion
+def _method_train_cfg(cfg: ExperimentConfig, m: FusionMethodConfig, data_root: Path, device: str):
+    from pipelines.config import from_dict
+
+    base = to_dict(cfg.fusion_train)
+    base.update(m.train)
+    base.update({"method": m.method, "method_kwargs": dict(m.kwargs), "device": device,
+                 "plugins": list(cfg.plugins)})
+    base["data_root"] = str(data_root)
+    from fusion.train import FusionTrainConfig
+
+    return from_dict(FusionTrainConfig, base, f"fusion[{m.name}].train")
+
+
+def stage_train_fusion(cfg: ExperimentConfig, run_dir: Path, plan: Plan, m: FusionMethodConfig,
+                       data_root: Path, data_fp: str) -> tuple[Path | None, str]:
+    """Train a trainable registered method (or take its given checkpoint). Returns (checkpoint, fp)."""
+    from fusion.registry import get_entry
+
+    if m.type == "folder":
+        return None, fingerprint("folder", m.name, str(m.folder))
+    entry = get_entry(m.method)
+    if m.checkpoint is not None:
+        ck = Path(m.checkpoint)
+        if not ck.is_file():
+            raise ConfigError(f"fusion[{m.name}].checkpoint: {ck} does not exist; give an existing "
+                              "checkpoint, or remove the key to train the method here.")
+        return ck, fingerprint("checkpoint", str(ck.resolve()), ck.stat().st_mtime_ns)
+    if not entry.trainable:
+        return None, fingerprint("static", m.method, m.kwargs)
+    tcfg = _method_train_cfg(cfg, m, data_root, cfg.device)
+    fp = fingerprint("train", data_fp, to_dict(tcfg))
+    out = run_dir / "fusion" / m.name
+    with _Stage(run_dir, f"train_fusion/{m.name}", fp, plan, "train_fusion") as st:
+        if not st.skip:
+            from fusion.train import train_fusion
+
+            resume = _prepare_dir(out, fp) and (out / "last.pt").is_file()
+            dump_config(tcfg, out / "config.yaml")
+            final = train_fusion(tcfg, out, resume=resume)
+            st.info["checkpoint"] = str(final)
+    ck = out / "final.pt"
+    if not ck.is_file() and plan.runs("fuse"):
+        raise FusesegError(f"fusion method {m.name!r} has no trained checkpoint ({ck}); run the "
+                           "train_fusion stage (drop --only/--from) first.")
+    return ck, fp
+
+
+# ---------------------------------------------------------------- stage 3: fuse
+def _check_folder_method(cfg: ExperimentConfig, m: FusionMethodConfig, data_root: Path, split: str) -> Path:
+    """Validate a folder of already fused images against the data set's names and sizes."""
+    from fusion.data.io import read_visible
+
+    folder = Path(m.folder) / split
+    paths = split_paths(cfg, data_root, split)
+    ref = list_images(paths["ir"], "infrared")
+    fused = list_images(folder, f"fused images of {m.name!r}")
+    match_stems({"data set": ref, m.name: fused}, {"data set": paths["ir"], m.name: folder})
+    import cv2
+
+    for stem, p in fused.items():
+        hdr = cv2.imread(str(ref[stem]), cv2.IMREAD_UNCHANGED)
+        img = read_visible(p)
+        if img.shape[:2] != hdr.shape[:2]:
+            raise DataError(f"fused image {p} is {img.shape[1]}x{img.shape[0]} but the data set's image "
+                            f"{ref[stem]} is {hdr.shape[1]}x{hdr.shape[0]} (WxH). Fused images must keep "
+                            f"the source size; re-export method {m.name!r} at full size.")
+    return folder
+
+
+def stage_fuse(cfg: ExperimentConfig, run_dir: Path, plan: Plan, m: FusionMethodConfig, data_root: Path,
+               ckpt: Path | None, train_fp: str, device) -> tuple[dict[str, Path], str]:
+    """Fuse the train and test splits with method ``m``. Returns ({split: folder}, fp)."""
+    fp = fingerprint("fuse", train_fp, m.type, m.method, m.kwargs, str(m.folder), cfg.data.ir16)
+    if m.type == "folder":
+        out = {}
+        with _Stage(run_dir, f"fuse/{m.name}", fp, plan, "fuse") as st:
+            for split in ("train", "test"):
+                if (Path(m.folder) / split).is_dir() or split == "test":
+                    out[split] = Path(m.folder) / split
+                    if not st.skip:
+                        _check_folder_method(cfg, m, data_root, split)
+        return out, fp
+    out_root = run_dir / "fused" / m.name
+    dirs = {s: out_root / s for s in ("train", "test")}
+    with _Stage(run_dir, f"fuse/{m.name}", fp, plan, "fuse") as st:
+        if not st.skip:
+            from fusion.fuse import fuse_folder, load_fusion_method
+
+            _prepare_dir(out_root, fp)
+            method = load_fusion_method(m.method if ckpt is None else None, checkpoint=ckpt,
+                                        kwargs=m.kwargs, device=device)
+            for split, out in dirs.items():
+                p = split_paths(cfg, data_root, split)
+                fuse_folder(method, p["ir"], p["vi"], out, device, batch_size=cfg.fuse_batch_size,
+                            skip_existing=True, ir16=cfg.data.ir16)
+    return dirs, fp
+
+
+# ---------------------------------------------------------------- stage 4: metrics
+def stage_metrics(cfg: ExperimentConfig, run_dir: Path, plan: Plan, data_root: Path,
+                  fused: dict[str, tuple[Path, str]]) -> str | None:
+    """Score the test split of every fused variant with the fusion quality metrics."""
+    if not cfg.metrics.enabled or not fused:
+        return None
+    fp = fingerprint("metrics", to_dict(cfg.metrics), {k: v[1] for k, v in fused.items()})
+    with _Stage(run_dir, "metrics", fp, plan, "metrics") as st:
+        if not st.skip:
+            from fusion.scoring import score_folders
+
+            p = split_paths(cfg, data_root, "test")
+            res = score_folders(p["ir"], p["vi"], {k: v[0] for k, v in fused.items()},
+                                out_dir=run_dir / "metrics", workers=cfg.metrics.workers,
+                                conventions="bits" if cfg.metrics.mi_unit == "bits" else None)
+            st.info["means"] = getattr(res, "means", None)
+    return fp
+
+
+# ---------------------------------------------------------------- stage 5: segment
+def variant_images(cfg: ExperimentConfig, data_root: Path, variant: str, fused: dict) -> dict[str, Path]:
+    if variant in ("ir", "vi"):
+        return {s: split_paths(cfg, data_root, s)[variant] for s in ("train", "test")}
+    dirs = fused[variant][0]
+    if "train" not in dirs:
+        raise DataError(f"variant {variant!r} has no fused training images ({cfg.fusion}); a folder "
+                        "method needs a train/ folder to be segmented. Remove it from `variants`.")
+    return dirs
+
+
+def stage_segment(cfg: ExperimentConfig, run_dir: Path, plan: Plan, data_root: Path, variant: str,
+                  seed: int, images: dict[str, Path], upstream_fp: str, device: str) -> tuple[Path, str]:
+    """Train one segmenter on ``variant``'s images and evaluate it on the test split."""
+    from pipelines.config import from_dict
+
+    seg_cfg = from_dict(type(cfg.segmentation), {**to_dict(cfg.segmentation), "seed": seed, "device": device},
+                        "segmentation")
+    fp = fingerprint("segment", upstream_fp, to_dict(seg_cfg))
+    out = run_dir / "segmentation" / variant / f"seed{seed}"
+    with _Stage(run_dir, f"segment/{variant}/seed{seed}", fp, plan, "segment") as st:
+        if not st.skip:
+            from segmentation.evaluate import evaluate_segmenter
+            from segmentation.train import train_segmenter
+
+            resume = _prepare_dir(out, fp) and (out / "last.pt").is_file()
+            tr, te = split_paths(cfg, data_root, "train"), split_paths(cfg, data_root, "test")
+            ck = train_segmenter(images["train"], tr["labels"], seg_cfg, out, resume=resume)
+            res = evaluate_segmenter(ck, images["test"], te["labels"], device=device,
+                                     save_predictions=out / "predictions",
+                                     convention=seg_cfg.miou_convention)
+            np.save(out / "per_image_confusion.npy", res.per_image_confusion)
+            ev = {"variant": variant, "seed": seed, "per_class_iou": res.per_class_iou_list(),
+                  "miou": res.miou, "pixel_accuracy": res.pixel_accuracy,
+                  "confusion": np.asarray(res.confusion).tolist(), "images": res.image_names}
+            from fusion.data.io import atomic_write_text
+
+            atomic_write_text(out / "eval.json", json.dumps(ev, indent=2))
+            st.info["miou"] = res.miou
+    return out, fp
+
+
+# ---------------------------------------------------------------- stage 6: report
+def protocol_of(cfg: ExperimentConfig) -> tuple[dict, str]:
+    """The segmentation protocol that makes two mIoU tables comparable, as a dict and a line."""
+    s = cfg.segmentation
+    keys = {f.name: to_dict(getattr(s, f.name)) for f in dataclasses.fields(s)
+            if f.name not in ("device", "workers", "seed", "amp")}
+    keys["data"] = str(cfg.data.root) if cfg.data.root else f"synthetic {to_dict(cfg.data.synthetic)}"
+    keys["seg_seeds"] = list(cfg.seg_seeds)
+    text = (f"DeepLabV3+ ({s.encoder}, weights={s.encoder_weights}), Dice+CE, SGD lr {s.lr} cosine, "
+            f"{s.frozen_epochs} frozen-encoder epochs at batch {s.frozen_batch_size} + "
+            f"{s.epochs - s.frozen_epochs} at batch {s.batch_size}, crop {s.crop_size}, "
+            f"mIoU convention '{s.miou_convention}' (one confusion matrix over the test set), "
+            f"seeds {list(cfg.seg_seeds)}, data {keys['data']}")
+    return keys, text
+
+
+def stage_report(cfg: ExperimentConfig, run_dir: Path, plan: Plan, data_root: Path, variants: list[str],
+                 seg_fps: dict[str, str], metrics_fp: str | None, fused: dict) -> str:
+    from pipelines import report as rep
+
+    fp = fingerprint("report", seg_fps, metrics_fp, to_dict(cfg.report))
+    with _Stage(run_dir, "report", fp, plan, "report") as st:
+        if st.skip:
+            return fp
+        class_names = list(MSRS_CLASSES[:cfg.data.num_classes])
+        seg, per_image = {}, {}
+        for v in variants:
+            evs = []
+            for seed in cfg.seg_seeds:
+                p = run_dir / "segmentation" / v / f"seed{seed}" / "eval.json"
+                if p.is_file():
+                    evs.append(json.loads(p.read_text()))
+                    cm = np.load(p.parent / "per_image_confusion.npy")
+                    per_image[v] = per_image.get(v, 0) + cm
+            if evs:
+                seg[v] = evs
+        missing = [v for v in variants if v not in seg]
+        rows = rep.miou_rows(seg, class_names)
+        proto, proto_text = protocol_of(cfg)
+        gains = []
+        if "ir" in per_image and "vi" in per_image:
+            for v in per_image:
+                if v not in ("ir", "vi"):
+                    gains.append(rep.bootstrap_gain(per_image, v, n_boot=cfg.report.bootstrap, seed=cfg.seed,
+                                                    convention=cfg.segmentation.miou_convention))
+        tables = run_dir / "tables"
+        paths = rep.write_miou_tables(tables, rows, class_names, proto_text, proto, gains)
+        console.print(rep.rich_miou_table(rows, class_names, proto_text))
+        if missing:
+            console.print(f"[yellow]no segmentation results yet for: {', '.join(missing)}[/] "
+                          "(run them, e.g. on another machine with --variants, and copy their "
+                          "segmentation/<variant>/ folders here)")
+        sections = [("Segmentation (mIoU)", paths["md"].read_text())]
+        mjson = run_dir / "metrics" / "metrics.json"
+        if mjson.is_file():
+            mdp = run_dir / "metrics" / "metrics.md"
+            if mdp.is_file():
+                sections.append(("Fusion quality metrics (test split)", mdp.read_text()))
+        times = []
+        for rec_path in sorted((run_dir / "stages").glob("*.json")):
+            rec = json.loads(rec_path.read_text())
+            times.append(f"| {rec['key']} | {rec['seconds']:.1f} | {rec.get('peak_rss_mib', '')} |")
+        sections.append(("Stage times (last run of each stage)",
+                         "| stage | seconds | peak RSS (MiB) |\n|---|---:|---:|\n" + "\n".join(times)))
+        chart = rep.svg_bar_chart([(r["variant"], r["miou"][0], r["miou"][1]) for r in rows])
+        figure_rows = _figure_rows(cfg, run_dir, data_root, list(seg), fused)
+        rep.write_report(run_dir, sections, chart, figure_rows)
+        console.print(f"report: {run_dir / 'report.md'} and {run_dir / 'report.html'}")
+    return fp
+
+
+def _figure_rows(cfg, run_dir, data_root, variants, fused):
+    from fusion.data.io import read_infrared, read_label, read_visible
+    from segmentation.palette import colorize
+
+    te = split_paths(cfg, data_root, "test")
+    pairs = find_pairs(te["ir"], te["vi"], te["labels"])
+    # prefer a mix of day and night scenes
+    stems = sorted(pairs.stems, key=lambda s: (s[-1:], s))
+    night = [s for s in stems if s.endswith("N")]
+    day = [s for s in stems if not s.endswith("N")]
+    chosen = [x for pair in zip(night, day) for x in pair][: cfg.report.figure_scenes] or stems[: cfg.report.figure_scenes]
+    rows = []
+    seed = cfg.seg_seeds[0]
+    for stem in chosen:
+        cols = [("infrared", read_infrared(pairs.ir[stem], cfg.data.ir16)), ("visible", read_visible(pairs.vi[stem]))]
+        for name, (dirs, _fp) in fused.items():
+            imgs = list_images(dirs["test"]) if dirs.get("test") and dirs["test"].is_dir() else {}
+            if stem in imgs:
+                cols.append((name, read_visible(imgs[stem])))
+        cols.append(("ground truth", colorize(read_label(pairs.labels[stem]))))
+        for v in variants:
+            pred = run_dir / "segmentation" / v / f"seed{seed}" / "predictions" / f"{stem}.png"
+            if pred.is_file():
+                cols.append((f"pred {v}", read_visible(pred)))
+        rows.append((stem, cols))
+    return rows
+
+
+# ---------------------------------------------------------------- the whole experiment
+def run_experiment(cfg: ExperimentConfig, plan: Plan | None = None) -> Path:
+    """Run (or resume) the experiment of ``cfg``; returns the run folder."""
+    from fusion.registry import get_entry, load_plugins
+    from fusion.runtime import resolve_device, seed_everything
+
+    plan = plan or Plan()
+    for s in (plan.only or set()) | plan.forced:
+        if s not in STAGES:
+            raise ConfigError(f"unknown stage {s!r}; stages: {', '.join(STAGES)}")
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir / ".lock"):
+        load_plugins(cfg.plugins)
+        for m in cfg.fusion:
+            if m.type == "registered":
+                get_entry(m.method)  # unknown names fail now, listing the valid ones
+        device = resolve_device(cfg.device)
+        seed_everything(cfg.seed)
+        dump_config(cfg, run_dir / "config.yaml")
+        from fusion.data.io import atomic_write_text
+
+        atomic_write_text(run_dir / "environment.json",
+                          json.dumps(environment_record(str(device), cfg.seed), indent=2))
+        variants = plan.variants or cfg.variants or cfg.all_variants()
+        unknown = [v for v in variants if v not in cfg.all_variants()]
+        if unknown:
+            raise ConfigError(f"--variants: unknown variant(s) {unknown}; valid: {', '.join(cfg.all_variants())}")
+        console.print(f"[bold]fuseseg run[/] {cfg.name}: run folder {run_dir}, device {device}, "
+                      f"variants {', '.join(variants)}")
+
+        data_root, data_fp = stage_data(cfg, run_dir, plan)
+        needed = [m for m in cfg.fusion if m.name in variants or plan.variants is None]
+        fused: dict[str, tuple[dict[str, Path], str]] = {}
+        for m in needed:
+            ckpt, tfp = stage_train_fusion(cfg, run_dir, plan, m, data_root, data_fp)
+            dirs, ffp = stage_fuse(cfg, run_dir, plan, m, data_root, ckpt, tfp, device)
+            fused[m.name] = (dirs, ffp)
+        metrics_fp = stage_metrics(cfg, run_dir, plan, data_root,
+                                   {k: (v[0]["test"], v[1]) for k, v in fused.items()})
+        seg_fps = {}
+        for v in variants:
+            images = variant_images(cfg, data_root, v, fused)
+            upstream = data_fp if v in ("ir", "vi") else fused[v][1]
+            for seed in cfg.seg_seeds:
+                _, sfp = stage_segment(cfg, run_dir, plan, data_root, v, seed, images,
+                                       fingerprint(upstream, data_fp, v), str(device))
+                seg_fps[f"{v}/{seed}"] = sfp
+        stage_report(cfg, run_dir, plan, data_root, cfg.variants or cfg.all_variants(), seg_fps,
+                     metrics_fp, fused)
+    return run_dir

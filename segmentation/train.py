@@ -1,0 +1,273 @@
+"""Training DeepLabV3+ under the paper's protocol (flat loop).
+
+Protocol (spec, "Downstream segmentation protocol"): Dice + CE (255 ignored), SGD (momentum 0.9,
+weight decay 1e-4), lr 7e-3 with cosine decay over the whole run (per optimiser step, down to
+``min_lr``), a first phase of ``frozen_epochs`` with the encoder frozen at ``frozen_batch_size``,
+then everything trainable at ``batch_size``.
+
+Frozen means: encoder parameters ``requires_grad=False`` **and** the encoder (BatchNorm) in eval
+mode, so neither its weights nor its running statistics change; the optimiser then holds only
+the decoder and head. At the switch the optimiser is rebuilt over all parameters, the decoder's
+momentum buffers carried over, and the lr continues on the same cosine curve.
+
+Outputs in ``out_dir``: ``config.yaml`` (resolved settings), ``log.csv`` (one row per epoch),
+``last.pt`` (after every epoch, atomic) and ``final.pt``. A checkpoint is self-describing:
+``{kind: "segmentation", arch, kwargs, config, epoch, phase, global_step, state_dict,
+optimizer, scheduler, scaler, rng, normalisation, class_names, data, val_confusion}``.
+``resume=True`` continues from ``last.pt``; on CPU the result equals an uninterrupted run
+(sampling and augmentation are pure functions of (seed, epoch, index); RNG states are restored).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from torch.utils.data import DataLoader, DistributedSampler
+
+from fusion.data.io import atomic_write_text
+from fusion.errors import CheckpointError, ConfigError, DataError, FusesegError
+from fusion.runtime import (autocast, get_rng_state, init_distributed, load_checkpoint,
+                            load_state_dict_checked, needs_grad_scaler, resolve_device,
+                            save_checkpoint, seed_everything, set_rng_state, unwrap)
+from segmentation.config import SegConfig
+from segmentation.data import LabelledFolder, build_train_transform, sample_seed
+from segmentation.evaluate import class_names, distributed_confusion
+from segmentation.losses import DiceCELoss
+from segmentation.metrics import miou
+from segmentation.model import ARCH, build_model, set_phase, train_mode, trainable_parameters
+
+LOG_FIELDS = ["epoch", "phase", "steps", "lr", "loss", "ce", "dice", "val_miou", "images_per_s",
+              "seconds"]
+# Settings that may differ between a run and its resumption (they do not change the result).
+RUNTIME_KEYS = {"device", "workers", "val_every"}
+
+
+def cosine_lr(step: int, total_steps: int, lr: float, min_lr: float = 0.0) -> float:
+    """``min_lr + (lr - min_lr) * (1 + cos(pi * step / total_steps)) / 2`` (step 0 -> lr,
+    step total_steps -> min_lr)."""
+    t = min(max(step, 0), total_steps) / max(total_steps, 1)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * t))
+
+
+def phase_of(epoch: int, cfg: SegConfig) -> str:
+    """``'frozen'`` for the first ``cfg.frozen_epochs`` epochs (0-based ``epoch``), else ``'full'``."""
+    return "frozen" if epoch < cfg.frozen_epochs else "full"
+
+
+def batch_size_of(phase: str, cfg: SegConfig) -> int:
+    return cfg.frozen_batch_size if phase == "frozen" else cfg.batch_size
+
+
+def steps_per_epoch(n_images: int, batch_size: int, world: int, cap: int | None) -> int:
+    """Optimiser steps per epoch: ``floor(floor(n / world) / batch)`` (incomplete batches are
+    dropped: BatchNorm in the ASPP pooling branch needs >= 2 samples), capped at ``cap``."""
+    steps = (n_images // world) // batch_size
+    if steps == 0:
+        raise DataError(f"{n_images} training image(s) are too few for a batch of {batch_size} "
+                        f"on {world} process(es). Add images or lower batch_size / "
+                        "frozen_batch_size (minimum 2).")
+    return min(steps, cap) if cap else steps
+
+
+def build_optimizer(model: torch.nn.Module, cfg: SegConfig,
+                    previous: torch.optim.Optimizer | None = None) -> torch.optim.SGD:
+    """SGD (momentum, weight decay) over the parameters that currently require grad; the momentum
+    buffers of parameters also held by ``previous`` are carried over (phase switch)."""
+    params = trainable_parameters(model)
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if previous is not None:
+        for p in params:
+            if p in previous.state:
+                opt.state[p] = previous.state[p]
+    return opt
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=LOG_FIELDS)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _read_log(path: Path, upto_epoch: int) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return [r for r in csv.DictReader(f) if r.get("epoch") and int(r["epoch"]) <= upto_epoch]
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}"),
+                    disable=not enabled)
+
+
+def _check_resume_config(cfg: SegConfig, saved: dict, path: Path) -> None:
+    now = {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_KEYS}
+    old = {k: v for k, v in SegConfig.from_saved(saved).to_dict().items() if k not in RUNTIME_KEYS}
+    diff = [f"{k}: {old[k]!r} -> {now[k]!r}" for k in now if now[k] != old.get(k)]
+    if diff:
+        raise CheckpointError(f"cannot resume {path}: the settings differ from the run's "
+                              f"({'; '.join(diff)}). Resume with the original settings (see "
+                              f"{path.parent / 'config.yaml'}) or start a new run in another folder.")
+
+
+def train_segmenter(images_dir: Path | str, labels_dir: Path | str, cfg: SegConfig,
+                    out_dir: Path | str, resume: bool = False, progress: bool = True,
+                    val_images_dir: Path | str | None = None,
+                    val_labels_dir: Path | str | None = None) -> Path:
+    """Train DeepLabV3+ on a labelled folder; returns the path of ``out_dir/final.pt``.
+
+    ``images_dir``/``labels_dir``: images (grey or RGB) and class-id labels paired by stem.
+    ``val_*_dir``: an optional labelled folder validated every ``cfg.val_every`` epochs (and
+    after the last), mIoU under ``cfg.miou_convention`` logged. Under torchrun, data are
+    sharded with DistributedSampler, validation confusion matrices summed over ranks, and only
+    rank 0 writes files."""
+    out_dir = Path(out_dir)
+    device = resolve_device(cfg.device)
+    rank, world = init_distributed(device)
+    main = rank == 0
+    last_path, final_path, log_path = out_dir / "last.pt", out_dir / "final.pt", out_dir / "log.csv"
+    if not resume and last_path.exists():
+        raise ConfigError(f"{out_dir} already holds a segmentation run ({last_path.name}). Pass "
+                          "--resume to continue it, or choose another output folder.")
+    if resume and not last_path.exists():
+        raise CheckpointError(f"nothing to resume: {last_path} does not exist. Run without "
+                              "--resume to start training.")
+
+    seed_everything(cfg.seed)
+    train_ds = LabelledFolder(images_dir, labels_dir, cfg.num_classes,
+                              build_train_transform(cfg.crop_size, cfg.scale_range, cfg.hflip),
+                              cfg.normalisation, cfg.in_channels, cfg.seed)
+    train_ds.check_all()
+    val_ds = None
+    if (val_images_dir is None) != (val_labels_dir is None):
+        raise ConfigError("validation needs both val_images_dir and val_labels_dir (or neither).")
+    if val_images_dir is not None:
+        val_ds = LabelledFolder(val_images_dir, val_labels_dir, cfg.num_classes, None,
+                                cfg.normalisation, cfg.in_channels)
+    n_steps = {ph: steps_per_epoch(len(train_ds), batch_size_of(ph, cfg), world,
+                                   cfg.max_steps_per_epoch) for ph in ("frozen", "full")}
+    total_steps = sum(n_steps[phase_of(e, cfg)] for e in range(cfg.epochs))
+
+    model = build_model(cfg.model_kwargs(), cfg.encoder_weights).to(device)
+    criterion = DiceCELoss(cfg.ce_weight, cfg.dice_weight)
+    scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(device, cfg.amp))
+    optimizer, cur_phase, start_epoch, global_step, rows = None, None, 0, 0, []
+    payload: dict | None = None
+    if resume:
+        ckpt = load_checkpoint(last_path, expect={"kind": "segmentation", "arch": ARCH})
+        _check_resume_config(cfg, ckpt["config"], last_path)
+        load_state_dict_checked(model, ckpt["state_dict"], last_path)
+        cur_phase = ckpt["phase"]
+        set_phase(model, cur_phase)
+        optimizer = build_optimizer(model, cfg)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, global_step = int(ckpt["epoch"]), int(ckpt["global_step"])
+        set_rng_state(ckpt["rng"])
+        rows = _read_log(log_path, start_epoch)
+        payload = ckpt
+    elif main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    net = model
+    with _progress(progress and main) as bar:
+        task = bar.add_task("segmentation", total=total_steps, completed=global_step,
+                            loss=float("nan"), lr=cosine_lr(global_step, total_steps, cfg.lr, cfg.min_lr))
+        for epoch in range(start_epoch, cfg.epochs):
+            phase = phase_of(epoch, cfg)
+            if phase != cur_phase:
+                set_phase(model, phase)
+                optimizer = build_optimizer(model, cfg, optimizer)
+                cur_phase = phase
+                if world > 1:
+                    net = torch.nn.parallel.DistributedDataParallel(
+                        model, device_ids=[device.index] if device.type == "cuda" else None)
+            bs = batch_size_of(phase, cfg)
+            train_ds.set_epoch(epoch)
+            sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
+                                         seed=cfg.seed, drop_last=True)
+            sampler.set_epoch(epoch)
+            gen = torch.Generator().manual_seed(sample_seed(cfg.seed, epoch, 1))
+            loader = DataLoader(train_ds, batch_size=bs, sampler=sampler, num_workers=cfg.workers,
+                                drop_last=True, pin_memory=device.type == "cuda", generator=gen)
+            bar.update(task, description=f"seg {phase} {epoch + 1}/{cfg.epochs}")
+            train_mode(model)
+            sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, ce, dice, steps
+            t0 = time.perf_counter()
+            for step, (x, y) in enumerate(loader):
+                if step >= n_steps[phase]:
+                    break
+                lr = cosine_lr(global_step, total_steps, cfg.lr, cfg.min_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                x = x.to(device, non_blocking=True)
+                y = y.to(device, non_blocking=True)
+                with autocast(device, cfg.amp):
+                    logits = net(x)
+                loss, ce, dice = criterion(logits, y)
+                if not torch.isfinite(loss):
+                    raise FusesegError(
+                        f"segmentation loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} "
+                        f"(global step {global_step + 1}, lr {lr:.3g}, phase {phase}). Lower lr, "
+                        "set amp=off, or check this data's images and labels; "
+                        f"`--resume` restarts from the last good epoch in {last_path}.")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                global_step += 1
+                sums += torch.stack([loss.detach().double(), ce.double(), dice.double(),
+                                     torch.ones((), dtype=torch.float64, device=device)])
+                bar.update(task, advance=1, loss=float(loss.detach()), lr=lr)
+            seconds = time.perf_counter() - t0
+            if world > 1:
+                torch.distributed.all_reduce(sums)
+            mean = (sums[:3] / sums[3].clamp_min(1)).tolist()
+            images_per_s = float(sums[3].item()) * bs / max(seconds, 1e-9)  # all ranks' images
+
+            val_cm, val_miou = None, None
+            last_epoch = epoch + 1 == cfg.epochs
+            if val_ds is not None and cfg.val_every and ((epoch + 1) % cfg.val_every == 0 or last_epoch):
+                val_cm = distributed_confusion(model, val_ds, device, cfg.amp, progress=progress)
+                val_miou = miou(val_cm, cfg.miou_convention)
+
+            if main:
+                rows.append({"epoch": epoch + 1, "phase": phase, "steps": int(sums[3].item()),
+                             "lr": f"{lr:.6g}", "loss": f"{mean[0]:.6f}", "ce": f"{mean[1]:.6f}",
+                             "dice": f"{mean[2]:.6f}",
+                             "val_miou": "" if val_miou is None else f"{val_miou:.6f}",
+                             "images_per_s": f"{images_per_s:.3f}", "seconds": f"{seconds:.3f}"})
+                _write_log(log_path, rows)
+                payload = {
+                    "kind": "segmentation", "arch": ARCH, "kwargs": cfg.model_kwargs(),
+                    "config": cfg.to_dict(), "epoch": epoch + 1, "phase": phase,
+                    "global_step": global_step, "state_dict": unwrap(model).state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": {"type": "cosine", "lr": cfg.lr, "min_lr": cfg.min_lr,
+                                  "total_steps": total_steps, "step": global_step},
+                    "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                    "rng": get_rng_state(), "normalisation": cfg.normalisation,
+                    "class_names": class_names(cfg.num_classes),
+                    "data": {"images": str(images_dir), "labels": str(labels_dir)},
+                    "val_confusion": None if val_cm is None else val_cm.cpu().numpy().astype(np.int64),
+                }
+                save_checkpoint(last_path, payload)
+    if main and payload is not None and (not final_path.exists() or start_epoch < cfg.epochs):
+        save_checkpoint(final_path, payload)
+    if world > 1:
+        torch.distributed.barrier()
+    return final_path
