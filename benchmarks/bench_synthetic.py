@@ -6,6 +6,8 @@ Measures, in one run:
   core: pairs/s and the seconds for the whole set (target: 1000 pairs in under 60 s on the
   project's 2-core CI machine); 200 pairs with ``--quick``, 1000 otherwise;
 * the same with one worker, so the parallel speed-up is visible;
+* the CPU milliseconds per pair (this process and its workers), which other processes on the
+  machine disturb less than wall-clock time;
 * ``render_scene`` alone (no files): median milliseconds per scene in this process;
 * the median object/ring contrast (``fusion.data.synthetic.object_contrast``) per class in
   infrared and visible, at night and by day, and the ratios the tests assert (night people
@@ -21,6 +23,7 @@ import datetime as dt
 import json
 import os
 import platform
+import resource
 import statistics
 import tempfile
 import time
@@ -30,6 +33,12 @@ from fusion.data.synthetic import make_synthetic, measure_contrast, render_scene
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (240, 320)
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children (the workers)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def run(quick: bool = False) -> dict:
@@ -43,9 +52,11 @@ def run(quick: bool = False) -> dict:
         runs = {}
         for workers in sorted({cores, 1}, reverse=True):
             count = n if workers == cores else max(50, n // 5)
+            cpu0 = _cpu_seconds()
             s = make_synthetic(Path(tmp) / f"w{workers}", count - count // 5, count // 5, size=SIZE,
                                seed=0, workers=workers, progress=False)
             runs[workers] = {"pairs": count, "seconds": s["seconds"], "pairs_per_s": s["pairs_per_s"],
+                             "cpu_ms_per_pair": 1000 * (_cpu_seconds() - cpu0) / count,
                              "night_fraction": s["night_fraction"]}
         result["make_synthetic"] = runs
         result["seconds_for_1000"] = 1000 / runs[cores]["pairs_per_s"]
@@ -57,6 +68,7 @@ def run(quick: bool = False) -> dict:
         render_scene(scene_rng(1, i), SIZE)
         times.append(time.perf_counter() - t0)
     result["render_ms_median"] = 1000 * statistics.median(times)
+    result["load_average_1min"] = os.getloadavg()[0]
     k = 12 if quick else 32
     night = measure_contrast(k, SIZE, seed=1, night=True)
     day = measure_contrast(k, SIZE, seed=2, night=False)
@@ -84,14 +96,16 @@ def _print(result: dict) -> None:
     con = Console()
     t = Table(title=f"synthetic generator, {result['size'][0]}x{result['size'][1]}, "
               f"{result['machine']['cpu_count']} CPU cores")
-    for col in ("workers", "pairs", "seconds", "pairs/s"):
+    for col in ("workers", "pairs", "seconds", "pairs/s", "CPU ms/pair"):
         t.add_column(col, justify="right")
     for w, r in result["make_synthetic"].items():
-        t.add_row(str(w), str(r["pairs"]), f"{r['seconds']:.1f}", f"{r['pairs_per_s']:.1f}")
+        t.add_row(str(w), str(r["pairs"]), f"{r['seconds']:.1f}", f"{r['pairs_per_s']:.1f}",
+                  f"{r['cpu_ms_per_pair']:.1f}")
     con.print(t)
     con.print(f"1000 pairs with all cores: {result['seconds_for_1000']:.1f} s (target < 60 s); "
               f"render_scene alone: {result['render_ms_median']:.1f} ms/scene; "
-              f"night fraction {result['night_fraction']:.2f}")
+              f"night fraction {result['night_fraction']:.2f}; load average (1 min) "
+              f"{result['load_average_1min']:.1f} (other processes slow the wall-clock numbers)")
     c = Table(title="median object/ring contrast (object_contrast)")
     for col in ("class", "night IR", "night VI", "day IR", "day VI", "n night/day"):
         c.add_column(col, justify="right")

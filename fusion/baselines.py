@@ -91,13 +91,13 @@ def guided_filter(guide: torch.Tensor, src: torch.Tensor, r: int, eps: float) ->
     Computed in float64 where the device has it (the eps = 1e-6 detail filter of GFF needs the
     precision), returned in ``src``'s dtype."""
     out_dtype = src.dtype
-    I, p = guide.to(_acc_dtype(guide)), src.to(_acc_dtype(guide))
-    mean_i, mean_p = box_mean(I, r), box_mean(p, r)
-    var_i = box_mean(I * I, r) - mean_i * mean_i
-    cov_ip = box_mean(I * p, r) - mean_i * mean_p
+    g, p = guide.to(_acc_dtype(guide)), src.to(_acc_dtype(guide))
+    mean_i, mean_p = box_mean(g, r), box_mean(p, r)
+    var_i = box_mean(g * g, r) - mean_i * mean_i
+    cov_ip = box_mean(g * p, r) - mean_i * mean_p
     a = cov_ip / (var_i + eps)
     b = mean_p - a * mean_i
-    return (box_mean(a, r) * I + box_mean(b, r)).to(out_dtype)
+    return (box_mean(a, r) * g + box_mean(b, r)).to(out_dtype)
 
 
 # ----------------------------------------------------------------------------- mean / max
@@ -201,7 +201,7 @@ class LaplacianPyramidFusion(LuminanceFusion):
 
     def fuse_y(self, ir: torch.Tensor, vi_y: torch.Tensor) -> torch.Tensor:
         pa, pb = laplacian_pyramid(ir, self.levels), laplacian_pyramid(vi_y, self.levels)
-        fused = [torch.where(a.abs() >= b.abs(), a, b) for a, b in zip(pa[:-1], pb[:-1])]
+        fused = [torch.where(a.abs() >= b.abs(), a, b) for a, b in zip(pa[:-1], pb[:-1], strict=True)]
         fused.append(0.5 * (pa[-1] + pb[-1]))
         return _collapse(fused).clamp(0, 1)
 

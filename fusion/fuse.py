@@ -214,8 +214,14 @@ def fuse_folder(method, ir_dir: Path | str, vi_dir: Path | str, out_dir: Path | 
                                          num_workers=workers, collate_fn=_identity)
     bar = task = None
     if progress and todo:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
         bar = Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TimeElapsedColumn(), TimeRemainingColumn())
         bar.start()
@@ -224,7 +230,7 @@ def fuse_folder(method, ir_dir: Path | str, vi_dir: Path | str, out_dir: Path | 
     try:
         for batch in size_batches(loader, batch_size):
             fused = _run(method, [b[1] for b in batch], [b[2] for b in batch], device, amp, name)
-            for (stem, _, _), img in zip(batch, fused):
+            for (stem, _, _), img in zip(batch, fused, strict=True):
                 write_image(out_dir / f"{stem}.png", img)
             written += len(batch)
             if bar is not None:

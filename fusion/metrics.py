@@ -103,7 +103,8 @@ class Convention:
     """Which variant of each metric to compute. Defaults = the reference (CDDFuse Evaluator).
 
     mi_unit:        "nats" (reference, sklearn) | "bits" (Tang MATLAB; = nats / ln 2)
-    mi_tang_uint8_quirk: merge grey values 254 and 255 as Tang's ``Hab.m`` does (uint8 + 1 saturates)
+    mi_tang_uint8_quirk: Tang's MI_evaluation exactly: the joint histogram merges grey values 254 and
+                    255 (Hab.m's uint8 "+1" saturates), the marginal entropies do not (up to +0.38 %)
     ag:             "reference" (sum / MN) | "matlab" (sum / ((M-1)(N-1)); Tang, VIFB, MEFB)
     sf:             "reference" (means over the M(N-1) and (M-1)N differences) | "mn" (both sums / MN; VIFB, MEFB)
     mse:            "reference" (0..255 scale) | "tang" (0..1 scale, = reference / 65025)
@@ -352,8 +353,7 @@ def en_t(t: Triplet) -> float:
 def _pair_labels(x: np.ndarray, u: np.ndarray | None, quirk: bool) -> tuple[np.ndarray, int]:
     """Integer labels of the exact pixel values and their count (for the joint histogram)."""
     if u is not None:
-        lab = np.minimum(u, 254) if quirk else u
-        return lab.ravel().astype(np.intp), 256
+        return u.ravel().astype(np.intp), 256
     if quirk:
         raise DataError("mi_tang_uint8_quirk needs integer images in 0..255 (Tang's Hab.m works on "
                         "uint8); round the images or switch the quirk off.")
@@ -392,16 +392,25 @@ def mi_terms_t(t: Triplet, *, unit: str = "nats", tang_uint8_quirk: bool = False
         ux = t.u8[key]
         if uf is not None and ux is not None:  # fast path: 256x256 joint histogram
             if tang_uint8_quirk:
-                uf2, ux2 = np.minimum(uf, 254), np.minimum(ux, 254)
+                # Tang's MI_evaluation: H(F) + H(X) from the images, H(F,X) from Hab.m, whose
+                # uint8 "+1" saturates so that 254 and 255 share a joint bin.
+                v = (_entropy_nats(_hist256(uf)) + _entropy_nats(_hist256(ux))
+                     - _entropy_nats(_joint256(np.minimum(uf, 254), np.minimum(ux, 254))))
+                v = max(v, 0.0)
             else:
-                uf2, ux2 = uf, ux
-            v = _mi_from_joint(_joint256(uf2, ux2))
+                v = _mi_from_joint(_joint256(uf, ux))
         else:
             lf, nf = _pair_labels(t.F, uf, tang_uint8_quirk)
             lx, nx = _pair_labels(x, ux, tang_uint8_quirk)
             v = _mi_nats(lf, nf, lx, nx)
         out.append(v / _LN2 if unit == "bits" else v)
     return out[0], out[1]
+
+
+def _entropy_nats(counts: np.ndarray) -> float:
+    c = counts[counts > 0].astype(np.float64)
+    p = c / c.sum()
+    return float(-(p * np.log(p)).sum())
 
 
 def _mi_from_joint(joint: np.ndarray) -> float:
@@ -614,7 +623,7 @@ def qabf_t(t: Triplet) -> float:
                 num += 0.9994 * 0.9879 * float(np.divide(gX, G, out=G).sum())
                 den += float(gX.sum())
     if den == 0.0:
-        return 0.0  # constant sources: no edges to transfer (documented)
+        return 0.0  # gradient-free (all-zero) sources: nothing to transfer (documented)
     return num / den
 
 
@@ -686,7 +695,6 @@ def ssim_terms_t(t: Triplet, data_range: float = 2.0) -> tuple[float, float]:
     c1 = (0.01 * data_range) ** 2
     c2 = (0.03 * data_range) ** 2
     cov = 49.0 / 48.0
-    inv = 1.0 / 49.0
     F = t.F
     tmp = t.buf("stmp")
 
@@ -700,36 +708,41 @@ def ssim_terms_t(t: Triplet, data_range: float = 2.0) -> tuple[float, float]:
     for i, X in enumerate((t.A, t.B)):
         mom.append((box(X, f"s{i}"), box(np.multiply(X, X, out=tmp), f"sXX{i}"),
                     box(np.multiply(F, X, out=tmp), f"sFX{i}")))
+    # In box sums S (= 49 x the window means) the map is
+    #   (2 SF SX + K1)(2 cov (49 SFX - SF SX) + K2) / ((SF^2 + SX^2 + K1)(cov (49 SFF - SF^2 + 49 SXX - SX^2) + K2))
+    # with K = 49^2 C: the 49^4 factors cancel. For integer images every box sum and the
+    # 49 S2 - S^2 differences are exact integers in float64.
+    k1 = 2401.0 * c1
+    k2 = 2401.0 * c2
     total = [0.0, 0.0]
     cols = slice(3, w - 3)  # full-width (contiguous) row blocks; border columns excluded from the sums
     for rows in _row_blocks(3, h - 3):
-        uF = bF[rows] * inv
-        uF2 = uF * uF
-        vF = bFF[rows] * inv
-        vF -= uF2
-        vF *= cov
-        vF += c2
+        sF = bF[rows]
+        sF2 = sF * sF
+        vF = bFF[rows] * 49.0
+        vF -= sF2                               # 49 SFF - SF^2
         for i in range(2):
             bX, bXX, bFX = mom[i]
-            uX = bX[rows] * inv
-            uX2 = uX * uX
-            vX = bXX[rows] * inv
-            vX -= uX2
-            vX *= cov
-            vX += vF                            # vX + vF + C2
-            vFX = bFX[rows] * inv
-            uX *= uF                            # uF uX
-            vFX -= uX
-            vFX *= 2.0 * cov
-            vFX += c2                           # 2 vFX + C2
-            uX *= 2.0
-            uX += c1                            # 2 uF uX + C1
-            uX *= vFX                           # numerator
-            uX2 += uF2
-            uX2 += c1                           # uF^2 + uX^2 + C1
-            uX2 *= vX                           # denominator
-            uX /= uX2
-            total[i] += float(uX[:, cols].sum())
+            sX = bX[rows]
+            p = sF * sX
+            a2 = bFX[rows] * 49.0
+            a2 -= p
+            a2 *= 2.0 * cov
+            a2 += k2                            # 2 cov (49 SFX - SF SX) + K2
+            p *= 2.0
+            p += k1                             # 2 SF SX + K1
+            p *= a2
+            sX2 = sX * sX
+            b2 = bXX[rows] * 49.0
+            b2 -= sX2
+            b2 += vF
+            b2 *= cov
+            b2 += k2                            # cov (vF + vX) + K2
+            sX2 += sF2
+            sX2 += k1                           # SF^2 + SX^2 + K1
+            sX2 *= b2
+            p /= sX2
+            total[i] += float(p[:, cols].sum())
     n = (h - 6) * (w - 6)
     return total[0] / n, total[1] / n
 
@@ -772,8 +785,9 @@ def mi(fused, ir, vi, *, unit: str = "nats", tang_uint8_quirk: bool = False) -> 
 
     MI(F, X) = sum_{f,x} p(f,x) ln(p(f,x) / (p(f) p(x))) over the joint histogram of the exact pixel
     values (sklearn ``mutual_info_score``; 256x256 for integer images). ``unit="bits"`` divides by
-    ln 2 (Tang MATLAB; SSPFusion's tables). ``tang_uint8_quirk=True`` merges values 254 and 255 like
-    Tang's Hab.m. Shapes: (H, W) each. Range 0..2*ln(256) nats. Constant F: 0."""
+    ln 2 (Tang MATLAB; SSPFusion's tables). ``tang_uint8_quirk=True`` reproduces Tang's
+    MI_evaluation exactly: H(F) + H(X) - H(F, X) where only the joint histogram merges the values
+    254 and 255 (Hab.m's saturating uint8 "+1"; needs integer images). Shapes: (H, W) each. Range 0..2*ln(256) nats. Constant F: 0."""
     a, b = mi_terms_t(Triplet(fused, ir, vi), unit=unit, tang_uint8_quirk=tang_uint8_quirk)
     return a + b
 
@@ -826,7 +840,10 @@ def qabf(fused, ir, vi) -> float:
     Sobel by conv2 with zero padding; g = sqrt(Sx^2 + Sy^2), alpha = atan(Sy/Sx) (pi/2 where Sx = 0);
     G = min/max of gX, gF but G = gF where gX == gF (MATLAB original); A = 1 - |aX - aF|/(pi/2);
     Q^XF = 0.9994/(1+exp(-15(G-0.5))) * 0.9879/(1+exp(-22(A-0.8))); Qabf = sum(Q^AF gA + Q^BF gB) /
-    sum(gA + gB). Range 0..1, higher is better. Constant IR and VI (no edges): 0."""
+    sum(gA + gB). Range 0..1, higher is better. The zero padding makes the border of a constant
+    non-zero image an edge (reference behaviour); sources without any gradient (all zero) give
+    0/0, returned as 0. For non-integer inputs the angles of nearly flat areas are ill-conditioned
+    (a Sobel response of 1e-14 instead of 0 moves atan by up to pi/2), as in every implementation."""
     return qabf_t(Triplet(fused, ir, vi))
 
 
@@ -906,7 +923,7 @@ def compute_all(fused, ir, vi, metrics: Iterable[str] | None = None,
     fused, ir, vi: (H, W) on the 0..255 scale. metrics: names from METRICS (default all 13).
     conventions: a Convention or a preset name (default: reference). Returns {name: value} in
     METRICS order. Qabf and Nabf share their Sobel responses (Nabf's are computed first)."""
-    c = _resolve_convention(conventions)
+    c = resolve_convention(conventions)
     names = resolve_metrics(metrics)
     t = Triplet(fused, ir, vi)
     if "VIF" in names:
@@ -921,7 +938,7 @@ def compute_all(fused, ir, vi, metrics: Iterable[str] | None = None,
 _COMPUTE_ORDER = ("Nabf",) + tuple(m for m in METRICS if m != "Nabf")
 
 
-def _resolve_convention(conventions: Convention | str | None) -> Convention:
+def resolve_convention(conventions: Convention | str | None) -> Convention:
     if conventions is None:
         return PRESETS["reference"]
     if isinstance(conventions, str):
@@ -933,7 +950,7 @@ def _resolve_convention(conventions: Convention | str | None) -> Convention:
 
 def describe_conventions(conventions: Convention | str | None = None) -> str:
     """The human-readable convention line for a Convention or preset name."""
-    return _resolve_convention(conventions).describe()
+    return resolve_convention(conventions).describe()
 
 
 METRIC_FUNCTIONS: dict[str, Callable] = {

@@ -103,7 +103,7 @@ class SegConfig:
         return d
 
     @classmethod
-    def from_saved(cls, data: dict) -> "SegConfig":
+    def from_saved(cls, data: dict) -> SegConfig:
         """Rebuild from :meth:`to_dict` output (a checkpoint's ``config``), ignoring unknown keys."""
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in data.items() if k in names}

@@ -22,8 +22,7 @@ from fusion.data.pairs import IGNORE_INDEX, MSRS_CLASSES
 from fusion.errors import ConfigError
 from fusion.runtime import autocast, dist_info, resolve_device
 from segmentation.data import LabelledFolder, normalise
-from segmentation.metrics import (CONVENTIONS, confusion_matrix, iou_from_confusion, miou,
-                                  pixel_accuracy)
+from segmentation.metrics import CONVENTIONS, confusion_matrix, iou_from_confusion, miou, pixel_accuracy
 from segmentation.model import model_from_checkpoint, output_stride
 from segmentation.palette import colorize
 

@@ -28,15 +28,31 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from torch.utils.data import DataLoader, DistributedSampler
 
 from fusion.data.io import atomic_write_text
 from fusion.errors import CheckpointError, ConfigError, DataError, FusesegError
-from fusion.runtime import (autocast, get_rng_state, init_distributed, load_checkpoint,
-                            load_state_dict_checked, needs_grad_scaler, resolve_device,
-                            save_checkpoint, seed_everything, set_rng_state, unwrap)
+from fusion.runtime import (
+    autocast,
+    get_rng_state,
+    init_distributed,
+    load_checkpoint,
+    load_state_dict_checked,
+    needs_grad_scaler,
+    resolve_device,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+    unwrap,
+)
 from segmentation.config import SegConfig
 from segmentation.data import LabelledFolder, build_train_transform, sample_seed
 from segmentation.evaluate import class_names, distributed_confusion
@@ -193,9 +209,10 @@ def train_segmenter(images_dir: Path | str, labels_dir: Path | str, cfg: SegConf
                 set_phase(model, phase)
                 optimizer = build_optimizer(model, cfg, optimizer)
                 cur_phase = phase
-                if world > 1:
-                    net = torch.nn.parallel.DistributedDataParallel(
-                        model, device_ids=[device.index] if device.type == "cuda" else None)
+                net = model
+            if world > 1 and net is model:  # (re)wrap: DDP registers the trainable parameters
+                net = torch.nn.parallel.DistributedDataParallel(
+                    model, device_ids=[device.index] if device.type == "cuda" else None)
             bs = batch_size_of(phase, cfg)
             train_ds.set_epoch(epoch)
             sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
@@ -246,7 +263,7 @@ def train_segmenter(images_dir: Path | str, labels_dir: Path | str, cfg: SegConf
                 val_miou = miou(val_cm, cfg.miou_convention)
 
             if main:
-                rows.append({"epoch": epoch + 1, "phase": phase, "steps": int(sums[3].item()),
+                rows.append({"epoch": epoch + 1, "phase": phase, "steps": int(sums[3].item()) // world,
                              "lr": f"{lr:.6g}", "loss": f"{mean[0]:.6f}", "ce": f"{mean[1]:.6f}",
                              "dice": f"{mean[2]:.6f}",
                              "val_miou": "" if val_miou is None else f"{val_miou:.6f}",

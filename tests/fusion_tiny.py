@@ -61,7 +61,7 @@ class TinyFusion(LuminanceFusion):
         if INTERRUPT_AT is not None and CALLS == INTERRUPT_AT:
             os.kill(os.getpid(), signal.SIGINT)
         edge = (F.avg_pool2d(ir, 3, 1, 1) - ir).abs()
-        target = (edge > edge.mean()).float()
+        target = (edge > edge.mean(dim=(1, 2, 3), keepdim=True)).float()  # per image
         rec = (torch.sigmoid(self.struct(ir)) - target).pow(2).mean()
         if phase == "structure":
             loss, comps = rec, {"rec": rec.item()}

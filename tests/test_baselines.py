@@ -6,10 +6,9 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import REAL, require_shared
+from conftest import require_shared
 
-from fusion.baselines import (GradientTransferFusion, box_mean, gtf_objective, guided_filter,
-                              laplacian_levels)
+from fusion.baselines import GradientTransferFusion, box_mean, gtf_objective, guided_filter, laplacian_levels
 from fusion.data.colour import luminance
 from fusion.registry import create_method
 
@@ -109,32 +108,35 @@ def test_laplacian_levels_are_capped_by_the_image_size():
 
 
 # ----------------------------------------------------------------------------- GFF
-def np_guided_filter(I: np.ndarray, p: np.ndarray, r: int, eps: float) -> np.ndarray:
+def np_guided_filter(guide: np.ndarray, p: np.ndarray, r: int, eps: float) -> np.ndarray:
     """He et al.'s formulas with explicit windows w_k = [y-r, y+r] x [x-r, x+r] cut at the border:
     a_k = cov_k(I, p) / (var_k(I) + eps), b_k = mean_k(p) - a_k mean_k(I) (population moments);
     q_i = mean over windows k containing i of (a_k I_i + b_k)."""
-    h, w = I.shape
+    h, w = guide.shape
     a, b = np.zeros((h, w)), np.zeros((h, w))
-    win = lambda y, x: (slice(max(0, y - r), min(h, y + r + 1)), slice(max(0, x - r), min(w, x + r + 1)))
+
+    def win(y, x):
+        return slice(max(0, y - r), min(h, y + r + 1)), slice(max(0, x - r), min(w, x + r + 1))
+
     for y in range(h):
         for x in range(w):
-            wi, wp = I[win(y, x)], p[win(y, x)]
+            wi, wp = guide[win(y, x)], p[win(y, x)]
             a[y, x] = (np.mean(wi * wp) - wi.mean() * wp.mean()) / (wi.var() + eps)
             b[y, x] = wp.mean() - a[y, x] * wi.mean()
     q = np.zeros((h, w))
     for y in range(h):
         for x in range(w):
-            q[y, x] = a[win(y, x)].mean() * I[y, x] + b[win(y, x)].mean()
+            q[y, x] = a[win(y, x)].mean() * guide[y, x] + b[win(y, x)].mean()
     return q
 
 
 @pytest.mark.parametrize("r,eps", [(2, 0.01), (3, 1e-6), (20, 0.3)])
 def test_guided_filter_matches_float64_reference(r, eps):
     rng = np.random.default_rng(r)
-    I = rng.random((9, 13))
+    guide = rng.random((9, 13))
     p = (rng.random((9, 13)) > 0.5).astype(np.float64)
-    ref = np_guided_filter(I, p, r, eps)
-    out = guided_filter(t(I), t(p), r, eps)[0, 0].double().numpy()
+    ref = np_guided_filter(guide, p, r, eps)
+    out = guided_filter(t(guide), t(p), r, eps)[0, 0].double().numpy()
     assert np.abs(out - ref).max() < 1e-5, np.abs(out - ref).max()
 
 

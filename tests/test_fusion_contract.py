@@ -21,7 +21,7 @@ METHODS = list_methods()
 SIZES = [(37, 53), (64, 80)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def built(name: str):
     m = create_method(name)
     if isinstance(m, nn.Module):

@@ -66,7 +66,7 @@ def test_random_maps_against_float64_loops():
     pred = rng.integers(0, 5, gt.shape)
     cm = confusion_matrix(gt, pred, 5)
     ref = np.zeros((5, 5))
-    for g, p in zip(gt.ravel(), pred.ravel()):
+    for g, p in zip(gt.ravel(), pred.ravel(), strict=True):
         if g != 255:
             ref[g, p] += 1
     np.testing.assert_array_equal(cm, ref)

@@ -242,6 +242,16 @@ def test_parameters_for_phase():
     assert {id(p) for p in sep.parameters_for_phase("structure")} == {id(p) for p in sep.structure_only_parameters()}
 
 
+def test_hard_structure_maps_carry_no_gradient():
+    """With alpha = 0 the fusion losses reach the heads only through S = G(P): no gradient."""
+    torch.manual_seed(0)
+    m = SSPFusion(**TINY, alpha=0.0)
+    m.training_losses(torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32), "fusion")[0].backward()
+    heads = m.structure_only_parameters()
+    assert heads and all(p.grad is None or p.grad.abs().sum() == 0 for p in heads)
+    assert m.head.weight.grad.abs().sum() > 0  # while the decoder does get gradients
+
+
 def test_structure_map_switch():
     m_g = SSPFusion(**TINY)
     m_t = SSPFusion(**TINY, structure_map="threshold")

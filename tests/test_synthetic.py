@@ -11,8 +11,16 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from fusion.data.synthetic import (CLASS_IDS, CLASS_NAMES, KINDS, make_synthetic, measure_contrast,
-                                   object_contrast, render_scene, scene_rng)
+from fusion.data.synthetic import (
+    CLASS_IDS,
+    CLASS_NAMES,
+    KINDS,
+    make_synthetic,
+    measure_contrast,
+    object_contrast,
+    render_scene,
+    scene_rng,
+)
 
 SIZE = (240, 320)
 
@@ -40,6 +48,12 @@ def test_object_contrast_hand_computed():
     assert object_contrast(grey.astype(np.uint8), mask) == pytest.approx(ref, rel=1e-9)
     assert 2.0 < ref < 6.0                                   # std ~ 10 -> about 50 / 11
     assert math.isnan(object_contrast(grey, np.zeros_like(mask)))
+    # a neighbour (255) inside the ring changes the ring's statistics unless it is excluded
+    img[4:16, 14:15] = 255
+    neighbour = np.zeros_like(mask)
+    neighbour[4:16, 14:15] = True
+    assert object_contrast(img, mask) < 20
+    assert object_contrast(img, mask, background=~mask & ~neighbour) == pytest.approx(50.0, rel=1e-12)
 
 
 # ----------------------------------------------------------------------------- one object
@@ -159,7 +173,7 @@ def test_modalities_are_complementary():
             assert table[cls]["n"] >= 3, msg
     assert all(r >= 3.0 for r in ratios.values()), msg
     # both modalities together see everything: each class stands out in at least one of them
-    for k, v in night.items():
+    for v in night.values():
         assert max(v["ir"], v["vi"]) > 0.3, msg
 
 
@@ -172,7 +186,7 @@ def _hashes(root: Path) -> dict[str, str]:
 def test_same_seed_gives_identical_files_for_any_worker_count(tmp_path):
     a = make_synthetic(tmp_path / "a", 5, 3, size=(64, 96), seed=5, workers=1, progress=False)
     b = make_synthetic(tmp_path / "b", 5, 3, size=(64, 96), seed=5, workers=2, progress=False)
-    c = make_synthetic(tmp_path / "c", 5, 3, size=(64, 96), seed=6, workers=1, progress=False)
+    make_synthetic(tmp_path / "c", 5, 3, size=(64, 96), seed=6, workers=1, progress=False)
     ha, hb, hc = _hashes(tmp_path / "a"), _hashes(tmp_path / "b"), _hashes(tmp_path / "c")
     assert len(ha) == 8 * 3 + 1 and ha == hb
     assert a["names"] == b["names"] and b["workers"] == 2
@@ -207,6 +221,20 @@ def test_msrs_layout_and_day_night_naming(tmp_path):
     assert brightness["D"] and brightness["N"]
     assert max(brightness["N"]) < min(brightness["D"])
     assert s["night_fraction"] == pytest.approx(len(brightness["N"]) / (n_train + n_test))
+
+
+def test_regenerating_replaces_the_old_set_but_never_foreign_images(tmp_path):
+    make_synthetic(tmp_path / "d", 6, 2, size=(32, 48), seed=0, workers=1, progress=False)
+    s = make_synthetic(tmp_path / "d", 3, 1, size=(32, 48), seed=9, workers=1, progress=False)
+    for split in ("train", "test"):
+        assert sorted(p.name for p in (tmp_path / "d" / split / "ir").iterdir()) == s["names"][split]
+    foreign = tmp_path / "mine" / "train" / "vi" / "photo.png"
+    foreign.parent.mkdir(parents=True)
+    foreign.write_bytes(b"not ours")
+    from fusion.errors import DataError
+    with pytest.raises(DataError, match=r"did not write.*Choose an empty or new output folder"):
+        make_synthetic(tmp_path / "mine", 2, 1, size=(32, 48), progress=False)
+    assert foreign.read_bytes() == b"not ours"
 
 
 def test_make_synthetic_rejects_bad_counts(tmp_path):

@@ -1,0 +1,231 @@
+"""The fuse stage: folders of mixed sizes and colour modes, closed-form reference outputs,
+skip-existing, bounded batching, checkpoint rebuilding and its errors, real data, the CLI."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import cv2
+import fusion_tiny
+import numpy as np
+import pytest
+import torch
+
+from fusion import runtime
+from fusion.data.io import read_infrared, read_visible, write_image
+from fusion.errors import CheckpointError, ConfigError
+from fusion.fuse import fuse_arrays, fuse_folder, load_fusion_method, size_batches
+from fusion.registry import list_methods
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REAL = SHARED / "data" / "real"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def mixed(tmp_path) -> Path:
+    """Pairs of two sizes; RGB, grey and 'grey stored as 3 equal channels' visibles; a JPEG
+    visible and a 16-bit infrared."""
+    rng = np.random.default_rng(0)
+    spec = {"a": ((30, 40), "rgb"), "b": ((30, 40), "rgb"), "c": ((30, 40), "grey"),
+            "d": ((25, 33), "rgb"), "e": ((25, 33), "grey3"), "f": ((30, 40), "rgb"),
+            "g": ((25, 33), "rgb16")}
+    for stem, ((h, w), kind) in spec.items():
+        ir = rng.integers(0, 256, (h, w), dtype=np.uint8)
+        if kind == "rgb16":
+            ir16 = (1000 + 40 * ir.astype(np.uint16))
+            (tmp_path / "ir").mkdir(exist_ok=True)
+            cv2.imwrite(str(tmp_path / "ir" / f"{stem}.png"), ir16)
+        else:
+            write_image(tmp_path / "ir" / f"{stem}.png", ir)
+        vi = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        if kind == "grey":
+            vi = vi[..., 0]
+        elif kind == "grey3":
+            vi = np.repeat(vi[..., :1], 3, axis=2)
+        ext = ".jpg" if stem == "b" else ".png"
+        write_image(tmp_path / "vi" / f"{stem}{ext}", vi)
+    return tmp_path
+
+
+def expected_max_fusion(ir_u8: np.ndarray, vi_u8: np.ndarray) -> np.ndarray:
+    """Closed form of fused Y = max(IR, Y_vi) recoloured with the visible chroma: with
+    BT.601 YCbCr, keeping Cb/Cr and replacing Y by Y' gives RGB' = RGB + (Y' - Y) per channel."""
+    ir = ir_u8.astype(np.float64) / 255
+    if vi_u8.ndim == 2:
+        return np.clip(np.rint(255 * np.maximum(ir, vi_u8 / 255.0)), 0, 255)
+    vi = vi_u8.astype(np.float64) / 255
+    y = 0.299 * vi[..., 0] + 0.587 * vi[..., 1] + 0.114 * vi[..., 2]
+    return np.clip(np.rint(255 * np.clip(vi + (np.maximum(ir, y) - y)[..., None], 0, 1)), 0, 255)
+
+
+def test_fuse_folder_mixed_sizes_matches_closed_form(mixed, tmp_path):
+    out = tmp_path / "out"
+    method = load_fusion_method("test-max", device="cpu")
+    s = fuse_folder(method, mixed / "ir", mixed / "vi", out, device="cpu", batch_size=2, progress=False)
+    assert (s.pairs, s.written, s.skipped) == (7, 7, 0)
+    assert sorted(p.name for p in out.iterdir()) == [f"{c}.png" for c in "abcdefg"]
+    for stem in "abcdefg":
+        vi = read_visible(next((mixed / "vi").glob(f"{stem}.*")))
+        ir = read_infrared(mixed / "ir" / f"{stem}.png")
+        got = cv2.imread(str(out / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+        colour = stem not in "ce"  # c: grey file, e: three equal channels
+        assert got.shape == (vi.shape[:2] + ((3,) if colour else ())), stem
+        if colour:
+            got = cv2.cvtColor(got, cv2.COLOR_BGR2RGB)
+        ref = expected_max_fusion(ir, vi if colour else (vi if vi.ndim == 2 else vi[..., 0]))
+        assert np.abs(got.astype(np.int16) - ref).max() <= 1, stem
+
+
+def test_batching_does_not_change_results_and_skip_existing(mixed, tmp_path):
+    torch.manual_seed(0)
+    model = fusion_tiny.TinyFusion(width=4)
+    s1 = fuse_folder(model, mixed / "ir", mixed / "vi", tmp_path / "b1", device="cpu", batch_size=1,
+                     progress=False)
+    s4 = fuse_folder(model, mixed / "ir", mixed / "vi", tmp_path / "b4", device="cpu", batch_size=4,
+                     progress=False)
+    assert s1.written == s4.written == 7
+    for stem in "abcdefg":
+        a = cv2.imread(str(tmp_path / "b1" / f"{stem}.png"), cv2.IMREAD_UNCHANGED).astype(int)
+        b = cv2.imread(str(tmp_path / "b4" / f"{stem}.png"), cv2.IMREAD_UNCHANGED).astype(int)
+        assert np.abs(a - b).max() <= 1
+    # a second run skips everything; after deleting one output only that one is redone
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "b4").iterdir()}
+    again = fuse_folder(model, mixed / "ir", mixed / "vi", tmp_path / "b4", device="cpu", progress=False)
+    assert (again.written, again.skipped) == (0, 7)
+    (tmp_path / "b4" / "d.png").unlink()
+    redo = fuse_folder(model, mixed / "ir", mixed / "vi", tmp_path / "b4", device="cpu", progress=False)
+    assert (redo.written, redo.skipped) == (1, 6)
+    for p in (tmp_path / "b4").iterdir():
+        assert p.name == "d.png" or p.stat().st_mtime_ns == mtimes[p.name]
+    assert not [p for p in (tmp_path / "b4").iterdir() if p.name.startswith(".")]
+    full = fuse_folder(model, mixed / "ir", mixed / "vi", tmp_path / "b4", device="cpu",
+                       skip_existing=False, progress=False)
+    assert full.written == 7
+
+
+def test_size_batches_groups_by_shape_with_bounded_memory():
+    shapes = [(10 + k, 12) for k in range(10)]
+    stream_len = 53
+    state = {"taken": 0, "max_pending": 0}
+
+    def stream():
+        for i in range(stream_len):
+            state["taken"] += 1
+            yield (f"s{i}", None, np.zeros(shapes[i % 10], np.uint8))
+
+    seen = []
+    for batch in size_batches(stream(), batch_size=4):
+        state["max_pending"] = max(state["max_pending"], state["taken"] - len(seen))
+        assert 1 <= len(batch) <= 4 and len({b[2].shape for b in batch}) == 1
+        seen.extend(b[0] for b in batch)
+    assert sorted(seen) == sorted(f"s{i}" for i in range(stream_len))
+    assert state["max_pending"] <= 4 * 4 + 1  # bounded by max_pending, not by the stream length
+
+
+def test_fuse_arrays_shapes_and_grey3():
+    method = load_fusion_method("test-max", device="cpu")
+    ir = np.full((5, 7), 200, np.uint8)
+    vi = np.zeros((5, 7, 3), np.uint8)
+    vi[..., 0] = 50
+    out = fuse_arrays(method, ir, vi)
+    assert out.shape == (5, 7, 3) and out.dtype == np.uint8
+    np.testing.assert_array_less(np.abs(out.astype(int) - expected_max_fusion(ir, vi)), 2)
+    assert fuse_arrays(method, ir, vi[..., 0]).shape == (5, 7)
+    assert fuse_arrays(method, ir, np.repeat(vi[..., :1], 3, 2)).shape == (5, 7)
+
+
+# ---------------------------------------------------------------------- checkpoints
+def _save(path, method="tiny-trainable", kwargs=None, sd=None, kind="fusion"):
+    torch.manual_seed(1)
+    model = fusion_tiny.TinyFusion(width=4)
+    runtime.save_checkpoint(path, {"kind": kind, "method": method, "kwargs": kwargs or {"width": 4},
+                                   "state_dict": sd if sd is not None else model.state_dict()})
+    return model
+
+
+def test_rebuild_from_checkpoint_alone(tmp_path):
+    model = _save(tmp_path / "m.pt").eval()
+    rebuilt = load_fusion_method(checkpoint=tmp_path / "m.pt", device="cpu")
+    assert isinstance(rebuilt, fusion_tiny.TinyFusion) and not rebuilt.training
+    ir, vi = torch.rand(2, 1, 9, 11), torch.rand(2, 3, 9, 11)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(ir, vi), model(ir, vi))
+    assert isinstance(load_fusion_method("tiny-trainable", tmp_path / "m.pt", device="cpu"),
+                      fusion_tiny.TinyFusion)
+
+
+def test_checkpoint_errors_name_file_and_fix(tmp_path):
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"corrupt\.pt is corrupt.*retrain"):
+        load_fusion_method(checkpoint=bad, device="cpu")
+    _save(tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match=r"holds fusion method 'tiny-trainable', not 'test-max'.*--method tiny-trainable"):
+        load_fusion_method("test-max", tmp_path / "m.pt", device="cpu")
+    _save(tmp_path / "wide.pt", kwargs={"width": 8})  # weights of width 4 stored with width=8
+    with pytest.raises(CheckpointError, match=r"wide\.pt does not fit this model.*size mismatch"):
+        load_fusion_method(checkpoint=tmp_path / "wide.pt", device="cpu")
+    _save(tmp_path / "seg.pt", kind="segmentation")
+    with pytest.raises(CheckpointError, match="not a fusion checkpoint"):
+        load_fusion_method(checkpoint=tmp_path / "seg.pt", device="cpu")
+    _save(tmp_path / "gone.pt", method="no-such-method")
+    with pytest.raises(CheckpointError, match="'no-such-method', which is not registered"):
+        load_fusion_method(checkpoint=tmp_path / "gone.pt", device="cpu")
+    with pytest.raises(ConfigError, match="learned model.*--checkpoint"):
+        load_fusion_method("tiny-trainable", device="cpu")
+    with pytest.raises(ConfigError, match="unknown fusion method 'nope'"):
+        load_fusion_method("nope", device="cpu")
+
+
+# ---------------------------------------------------------------------- real data, CLI
+@pytest.mark.skipif(not REAL.is_dir(), reason=f"shared real data not found at {REAL}")
+@pytest.mark.parametrize("name", ["msrs", "roadscene", "tno"])
+def test_fuse_real_folders_subset(name, tmp_path):
+    src = REAL / name
+    if not src.is_dir():
+        pytest.skip(f"{src} is absent")
+    stems = sorted(p.stem for p in (src / "ir").iterdir())[:2]
+    for role in ("ir", "vi"):
+        (tmp_path / role).mkdir()
+        for p in (src / role).iterdir():
+            if p.stem in stems:
+                os.symlink(p, tmp_path / role / p.name)
+    method_name = "mean" if "mean" in list_methods() else "test-max"
+    method = load_fusion_method(method_name, device="cpu")
+    s = fuse_folder(method, tmp_path / "ir", tmp_path / "vi", tmp_path / "out", device="cpu",
+                    progress=False)
+    assert s.written == 2
+    for stem in stems:
+        vi = read_visible(next((tmp_path / "vi").glob(f"{stem}.*")))
+        grey = vi.ndim == 2 or (np.array_equal(vi[..., 0], vi[..., 1]) and np.array_equal(vi[..., 1], vi[..., 2]))
+        got = cv2.imread(str(tmp_path / "out" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+        assert got.shape == vi.shape[:2] + (() if grey else (3,))
+        assert got.std() > 1  # not a blank image
+    assert (name == "tno") == grey  # TNO stores grey visibles as 3 equal channels
+
+
+def test_fuse_cli_with_checkpoint(mixed, tmp_path, capsys):
+    from pipelines.commands import fusion as cmd
+
+    parser = argparse.ArgumentParser()
+    cmd.register(parser.add_subparsers())
+    _save(tmp_path / "m.pt")
+    args = parser.parse_args(["fuse", "--checkpoint", str(tmp_path / "m.pt"), "--ir", str(mixed / "ir"),
+                              "--vi", str(mixed / "vi"), "--out", str(tmp_path / "o"), "--device", "cpu",
+                              "--batch-size", "3", "--no-progress"])
+    assert args.func(args) == 0
+    assert len(list((tmp_path / "o").glob("*.png"))) == 7
+    assert "fused 7 pair(s)" in capsys.readouterr().out
+    args = parser.parse_args(["fuse", "--method", "tiny-trainable", "--ir", str(mixed / "ir"), "--vi",
+                              str(mixed / "vi"), "--out", str(tmp_path / "o2"), "--no-progress"])
+    with pytest.raises(ConfigError, match="--checkpoint"):
+        args.func(args)
