@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import math
+import multiprocessing
 import os
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -43,6 +44,10 @@ class ScoreResult:
     means: dict[str, dict[str, float]]
     files: dict[str, Path] = field(default_factory=dict)
 
+    @property
+    def n_images(self) -> int:
+        return len(self.stems)
+
     def best(self) -> dict[str, list[str]]:
         """metric -> the method(s) with the best mean (lowest for MSE and Nabf, else highest)."""
         out = {}
@@ -56,7 +61,8 @@ class ScoreResult:
         return out
 
     def to_dict(self) -> dict:
-        """JSON-ready dict: convention, means, per-image values (inf written as "inf")."""
+        """JSON-ready dict: convention, means, per-image values. Non-finite values (PSNR is
+        +inf when fused = ir = vi) are written as null (strict JSON); metrics.csv keeps 'inf'."""
         return {
             "convention": self.convention.to_dict(),
             "convention_text": self.convention.describe(),
@@ -72,7 +78,7 @@ class ScoreResult:
 
 
 def _jsonable(d: Mapping[str, float]) -> dict:
-    return {k: (v if math.isfinite(v) else str(v)) for k, v in d.items()}
+    return {k: (v if math.isfinite(v) else None) for k, v in d.items()}
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -160,7 +166,10 @@ def score_folders(ir_dir: str | Path, vi_dir: str | Path, fused: Mapping[str, st
         for task in tasks:
             collect(*_score_stem(task))
     else:
-        with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init) as pool:
+        # Not 'fork': forking after OpenCV's thread pool has run can deadlock the children.
+        methods_ok = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods_ok else "spawn")
+        with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, mp_context=ctx) as pool:
             pending: set[Future] = set()
             it = iter(tasks)
             try:

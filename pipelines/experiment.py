@@ -70,7 +70,9 @@ class FusionMethodConfig:
 @dataclass
 class MetricsStageConfig:
     enabled: bool = True
-    mi_unit: Literal["nats", "bits"] = "nats"   # reference: nats; the SSPFusion paper's tables: bits
+    # reference: the CDDFuse evaluator (MI in nats); sspfusion: the same with MI in bits (the paper's
+    # tables); tang: Tang's MATLAB toolbox (bits, AG / (M-1)(N-1), MSE on [0,1], PSNR with peak 1)
+    convention: Literal["reference", "sspfusion", "tang"] = "reference"
     workers: int | None = None                  # None: all cores
 
 

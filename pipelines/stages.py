@@ -236,8 +236,14 @@ def stage_metrics(cfg: ExperimentConfig, run_dir: Path, plan: Plan, data_root: P
             p = split_paths(cfg, data_root, "test")
             res = score_folders(p["ir"], p["vi"], {k: v[0] for k, v in fused.items()},
                                 out_dir=run_dir / "metrics", workers=cfg.metrics.workers,
-                                conventions="bits" if cfg.metrics.mi_unit == "bits" else None)
-            st.info["means"] = getattr(res, "means", None)
+                                conventions=cfg.metrics.convention)
+            from pipelines.report import metrics_markdown
+
+            from fusion.data.io import atomic_write_text
+
+            atomic_write_text(run_dir / "metrics" / "metrics.md",
+                              metrics_markdown(json.loads((run_dir / "metrics" / "metrics.json").read_text())))
+            st.info["images"] = getattr(res, "n_images", None)
     return fp
 
 

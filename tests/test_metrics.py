@@ -379,3 +379,13 @@ def test_read_gray_reference(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(DataError, match="bad.png: not a readable image"):
         M.read_gray_reference(tmp_path / "bad.png")
+
+
+def test_interleaved_triplets_do_not_share_cached_buffers(float_triplet):
+    F, A, B = (np.round(x) for x in float_triplet)
+    t1, t2 = M.Triplet(F, A, B), M.Triplet(A, B, F)
+    want1 = (M.cc(F, A, B), M.scd(F, A, B), M.qabf(F, A, B), M.nabf(F, A, B))
+    want2 = (M.cc(A, B, F), M.qabf(A, B, F))
+    assert M.cc_t(t1) == want1[0] and M.nabf_t(t1) == want1[3]
+    assert M.cc_t(t2) == want2[0] and M.qabf_t(t2) == want2[1]  # reuses the workspace buffers
+    assert M.scd_t(t1) == want1[1] and M.qabf_t(t1) == want1[2]  # t1 recomputes, not t2's data

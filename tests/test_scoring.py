@@ -143,3 +143,15 @@ def test_cli_metrics_command(dataset, tmp_path, capsys):
                "--fused", f"m={dataset / 'mean'}", "--metrics", "MI,XYZ"])
     assert rc == 2
     assert "unknown metric 'XYZ'" in capsys.readouterr().out
+
+
+def test_identical_images_psnr_inf_is_null_in_json(tmp_path):
+    img = (np.arange(H * W).reshape(H, W) % 251).astype(np.uint8)
+    for d in ("ir", "vi", "same"):
+        _write(tmp_path / d, "x.png", img)
+    res = score_folders(tmp_path / "ir", tmp_path / "vi", {"same": tmp_path / "same"},
+                        out_dir=tmp_path / "o", workers=1, metrics=["PSNR", "MSE"])
+    assert res.means["same"]["PSNR"] == math.inf and res.n_images == 1
+    data = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert data["methods"]["same"]["mean"] == {"PSNR": None, "MSE": 0.0}
+    assert (tmp_path / "o" / "metrics.csv").read_text().splitlines()[1] == "same,x,inf,0.0"
