@@ -118,7 +118,8 @@ def run(quick: bool = False) -> dict:
             metrics = None if name == "all" else [name]
             walls, cpus = [], []
             for _, f, a, b in timed:
-                w, c = _time(lambda: M.compute_all(f, a, b, metrics), repeats)
+                w, c = _time(lambda f=f, a=a, b=b, metrics=metrics: M.compute_all(f, a, b, metrics),
+                             repeats)
                 walls.append(w)
                 cpus.append(c)
             per_metric[name] = {"wall_ms_median": statistics.median(walls), "wall_ms_worst": max(walls),

@@ -28,10 +28,10 @@ from __future__ import annotations
 import math
 import threading
 import weakref
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Iterable
 
 import cv2
 import numpy as np
@@ -77,8 +77,8 @@ def _as_image(x, name: str) -> np.ndarray:
 
 
 def _check_same(shapes: dict[str, tuple]) -> None:
-    ref_name, ref_shape = next(iter(shapes.items()))
-    for name, shape in shapes.items():
+    ref_shape = next(iter(shapes.values()))
+    for shape in shapes.values():
         if shape != ref_shape:
             listing = ", ".join(f"{k} {v[0]}x{v[1]}" for k, v in shapes.items())
             raise DataError(f"image sizes differ ({listing}): metrics compare pixel by pixel, so "
@@ -136,7 +136,7 @@ class Convention:
             raise ValueError(f"Convention.ssim_data_range must be > 0, got {self.ssim_data_range}")
 
     @classmethod
-    def preset(cls, name: str) -> "Convention":
+    def preset(cls, name: str) -> Convention:
         """A named preset: ``reference``, ``sspfusion`` (reference with MI in bits: matches the
         SSPFusion paper's MSRS table) or ``tang`` (Tang's MATLAB scales for MI/AG/MSE/PSNR)."""
         try:
@@ -144,7 +144,7 @@ class Convention:
         except KeyError:
             raise ValueError(f"unknown convention preset {name!r}; valid: {', '.join(PRESETS)}") from None
 
-    def with_options(self, **changes) -> "Convention":
+    def with_options(self, **changes) -> Convention:
         """A copy with some fields changed (validated)."""
         unknown = set(changes) - {f.name for f in fields(self)}
         if unknown:
@@ -249,7 +249,7 @@ class Triplet:
         self.shape = self.F.shape
 
     @classmethod
-    def single(cls, fused) -> "Triplet":
+    def single(cls, fused) -> Triplet:
         """A cache for the fused-only metrics (EN, SD, SF, AG): ir = vi = fused."""
         t = cls.__new__(cls)
         t.F = t.A = t.B = _as_image(fused, "fused")
@@ -592,7 +592,7 @@ def vif_terms_t(t: Triplet) -> tuple[float, float]:
                 np.log10(s1, out=s1)
                 den[i] += float(s1[:, cols].sum())
     out = []
-    for n_, d_ in zip(num, den):
+    for n_, d_ in zip(num, den, strict=True):
         with np.errstate(invalid="ignore", divide="ignore"):
             v = np.float64(n_) / np.float64(d_)
         out.append(1.0 if np.isnan(v) else float(v))
@@ -943,7 +943,7 @@ def compute_all(fused, ir, vi, metrics: Iterable[str] | None = None,
     names = resolve_metrics(metrics)
     t = Triplet(fused, ir, vi)
     if "VIF" in names:
-        t.vif_pyramid  # raise the size error before spending time on the others
+        _ = t.vif_pyramid  # raise the size error before spending time on the others
     out = {}
     for name in _COMPUTE_ORDER:
         if name in names:

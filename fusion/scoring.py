@@ -16,16 +16,22 @@ import json
 import math
 import multiprocessing
 import os
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 
 from fusion.data.io import atomic_write_text
 from fusion.data.pairs import list_images, match_stems
 from fusion.errors import DataError
-from fusion.metrics import (LOWER_IS_BETTER, Convention, resolve_convention, compute_all,
-                            read_gray_reference, resolve_metrics)
+from fusion.metrics import (
+    LOWER_IS_BETTER,
+    Convention,
+    compute_all,
+    read_gray_reference,
+    resolve_convention,
+    resolve_metrics,
+)
 
 ProgressFn = Callable[[int, int], None]
 

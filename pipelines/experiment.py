@@ -94,6 +94,8 @@ class ExperimentConfig:
     seed: int = 0
     device: str = "auto"                        # auto | cpu | cuda | cuda:1 ...
     plugins: list[str] = field(default_factory=list)   # modules that register fusion methods
+    launcher: Literal["none", "torchrun"] = "none"     # torchrun: each training stage runs under DDP
+    gpus: int = 1                                       # processes per training stage with torchrun
     data: DataConfig = field(default_factory=DataConfig)
     fusion: list[FusionMethodConfig] = field(default_factory=_default_methods)
     fusion_train: FusionTrainConfig = field(default_factory=FusionTrainConfig)

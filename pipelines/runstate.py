@@ -91,11 +91,11 @@ class RunLock:
                     raise FusesegError(
                         f"run folder {self.path.parent} is in use by another fuseseg process (pid {pid}, "
                         f"started {other.get('since', '?')}). Wait for it to finish, or use another "
-                        "experiment name (name=...).")
+                        "experiment name (name=...).") from None
                 if not same_host and other:
                     raise FusesegError(
                         f"run folder {self.path.parent} is locked by host {other.get('host')} (pid {pid}). "
-                        f"If that run is dead, delete {self.path} and run again.")
+                        f"If that run is dead, delete {self.path} and run again.") from None
                 self.path.unlink(missing_ok=True)  # stale lock of a dead process: take it over
                 continue
             with os.fdopen(fd, "w") as f:

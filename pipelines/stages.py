@@ -23,8 +23,13 @@ from fusion.errors import ConfigError, DataError, FusesegError
 from pipelines.config import dump_config, to_dict
 from pipelines.console import console
 from pipelines.experiment import ExperimentConfig, FusionMethodConfig
-from pipelines.runstate import (RunLock, environment_record, fingerprint, mark_stage_done,
-                                stage_is_current, stage_record)
+from pipelines.runstate import (
+    RunLock,
+    environment_record,
+    fingerprint,
+    mark_stage_done,
+    stage_is_current,
+)
 
 STAGES = ("data", "train_fusion", "fuse", "metrics", "segment", "report")
 
@@ -87,6 +92,24 @@ class _Stage:
                             **self.info)
             console.print(f"[green]  done[/] {self.key} in {secs:.1f} s")
         return False
+
+
+def _distributed(cfg: ExperimentConfig) -> bool:
+    return cfg.launcher == "torchrun" and cfg.gpus > 1
+
+
+def _torchrun(cfg: ExperimentConfig, args: list[str]) -> None:
+    """Run one training command under ``torchrun --nproc_per_node=gpus`` (DDP; rank 0 writes)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.gpus}",
+           "-m", "pipelines.cli", *args]
+    console.print(f"[dim]  $ {' '.join(cmd)}[/]")
+    rc = subprocess.call(cmd)
+    if rc != 0:
+        raise FusesegError(f"the distributed training command failed (exit code {rc}): {' '.join(cmd)}. "
+                           "Its output is above; rerun `fuseseg run` with the same config to resume.")
 
 
 # ---------------------------------------------------------------- stage 1: data
@@ -161,8 +184,13 @@ def stage_train_fusion(cfg: ExperimentConfig, run_dir: Path, plan: Plan, m: Fusi
             from fusion.train import train_fusion
 
             resume = _prepare_dir(out, fp) and (out / "last.pt").is_file()
-            dump_config(tcfg, out / "config.yaml")
-            final = train_fusion(tcfg, out, resume=resume)
+            if _distributed(cfg):
+                dump_config(tcfg, out / "requested.yaml")
+                _torchrun(cfg, ["train-fusion", str(out / "requested.yaml"), "--out", str(out)]
+                          + (["--resume"] if resume else []))
+                final = out / "final.pt"
+            else:
+                final = train_fusion(tcfg, out, resume=resume)
             st.info["checkpoint"] = str(final)
     ck = out / "final.pt"
     if not ck.is_file() and plan.runs("fuse"):
@@ -237,9 +265,8 @@ def stage_metrics(cfg: ExperimentConfig, run_dir: Path, plan: Plan, data_root: P
             res = score_folders(p["ir"], p["vi"], {k: v[0] for k, v in fused.items()},
                                 out_dir=run_dir / "metrics", workers=cfg.metrics.workers,
                                 conventions=cfg.metrics.convention)
-            from pipelines.report import metrics_markdown
-
             from fusion.data.io import atomic_write_text
+            from pipelines.report import metrics_markdown
 
             atomic_write_text(run_dir / "metrics" / "metrics.md",
                               metrics_markdown(json.loads((run_dir / "metrics" / "metrics.json").read_text())))
@@ -274,7 +301,14 @@ def stage_segment(cfg: ExperimentConfig, run_dir: Path, plan: Plan, data_root: P
 
             resume = _prepare_dir(out, fp) and (out / "last.pt").is_file()
             tr, te = split_paths(cfg, data_root, "train"), split_paths(cfg, data_root, "test")
-            ck = train_segmenter(images["train"], tr["labels"], seg_cfg, out, resume=resume)
+            if _distributed(cfg):
+                dump_config(seg_cfg, out / "requested.yaml")
+                _torchrun(cfg, ["segment", "train", "--images", str(images["train"]), "--labels",
+                                str(tr["labels"]), "--out", str(out), "--config", str(out / "requested.yaml")]
+                          + (["--resume"] if resume else []))
+                ck = out / "final.pt"
+            else:
+                ck = train_segmenter(images["train"], tr["labels"], seg_cfg, out, resume=resume)
             res = evaluate_segmenter(ck, images["test"], te["labels"], device=device,
                                      save_predictions=out / "predictions",
                                      convention=seg_cfg.miou_convention)

@@ -154,4 +154,4 @@ def test_identical_images_psnr_inf_is_null_in_json(tmp_path):
     assert res.means["same"]["PSNR"] == math.inf and res.n_images == 1
     data = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert data["methods"]["same"]["mean"] == {"PSNR": None, "MSE": 0.0}
-    assert (tmp_path / "o" / "metrics.csv").read_text().splitlines()[1] == "same,x,inf,0.0"
+    assert (tmp_path / "o" / "metrics.csv").read_text().splitlines()[1] == "same,x,0.0,inf"  # canonical metric order: MSE, PSNR

@@ -30,7 +30,7 @@ def check_data(root: Path, num_classes: int = 9, ir16: str = "minmax", layout: L
         with make_progress(transient=True) as prog:
             task = prog.add_task(f"checking {split or root.name}", total=len(pairs))
             out[split or "pairs"] = validate_pairset(pairs, num_classes, ir16,
-                                                     progress=lambda: prog.advance(task))
+                                                     progress=lambda t=task: prog.advance(t))
     return out
 
 

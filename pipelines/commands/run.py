@@ -1,10 +1,6 @@
 """``fuseseg run [CONFIG] [key=value ...]`` and ``fuseseg compare RUN_DIR ...``."""
 from __future__ import annotations
 
-import os
-import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 from fusion.errors import ConfigError
@@ -25,9 +21,10 @@ def register(sub) -> None:
     p.add_argument("--from", dest="from_stage", help="redo this stage and every later one, even if up to date")
     p.add_argument("--variants", help="comma-separated input variants to segment (e.g. ir,vi,sspfusion); "
                    "use it to spread segmentation runs over machines, then merge with --only report")
-    p.add_argument("--launcher", choices=["none", "torchrun"], default="none",
-                   help="torchrun: run the experiment under torchrun with --gpus processes (DDP training)")
-    p.add_argument("--gpus", type=int, default=1, help="processes per node for --launcher torchrun")
+    p.add_argument("--launcher", choices=["none", "torchrun"], default=None,
+                   help="torchrun: run every training stage under torchrun with --gpus processes (DDP); "
+                   "same as the config keys launcher/gpus")
+    p.add_argument("--gpus", type=int, default=None, help="processes (GPUs) per training stage with --launcher torchrun")
     p.set_defaults(func=run)
 
     c = sub.add_parser("compare", help="merge the mIoU tables of several runs (refuses differing protocols)")
@@ -53,13 +50,12 @@ def load_experiment(config: str | None, overrides: list[str]):
 def run(args) -> int:
     from pipelines.stages import STAGES, Plan, run_experiment
 
-    if args.launcher == "torchrun" and "LOCAL_RANK" not in os.environ:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.gpus}",
-               "-m", "pipelines.cli", *[a for a in sys.argv[1:] if not a.startswith("--launcher")
-                                        and a not in ("torchrun",)]]
-        console.print(f"launching: {shlex.join(cmd)}")
-        return subprocess.call(cmd)
-    cfg = load_experiment(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.launcher:
+        overrides.append(f"launcher={args.launcher}")
+    if args.gpus is not None:
+        overrides.append(f"gpus={args.gpus}")
+    cfg = load_experiment(args.config, overrides)
     only = set(_split_list(args.only) or []) or None
     forced: set[str] = set()
     if args.from_stage:
