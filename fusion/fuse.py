@@ -229,7 +229,12 @@ def fuse_folder(method, ir_dir: Path | str, vi_dir: Path | str, out_dir: Path | 
     written = 0
     try:
         for batch in size_batches(loader, batch_size):
-            fused = _run(method, [b[1] for b in batch], [b[2] for b in batch], device, amp, name)
+            h, w = batch[0][1].shape[:2]
+            with runtime.OOMGuard(f"fusing {len(batch)} pair(s) of {w}x{h} with {name} on {device}",
+                                  "the fuse batch size", batch_size,
+                                  advice=f"lower the fuse batch size (now {batch_size}): fuse_batch_size "
+                                  "in an experiment config, --batch-size for `fuseseg fuse`"):
+                fused = _run(method, [b[1] for b in batch], [b[2] for b in batch], device, amp, name)
             for (stem, _, _), img in zip(batch, fused, strict=True):
                 write_image(out_dir / f"{stem}.png", img)
             written += len(batch)

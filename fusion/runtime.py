@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fusion.data.io import atomic_write_bytes
-from fusion.errors import CheckpointError, ConfigError
+from fusion.errors import CheckpointError, ConfigError, FusesegError
 
 
 # ---------------------------------------------------------------- device, precision
@@ -129,6 +129,37 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The bare model inside DistributedDataParallel / torch.compile wrappers."""
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
+
+
+# ---------------------------------------------------------------- out of memory
+def oom_error(exc: BaseException, where: str, key: str, value: Any, advice: str | None = None) -> FusesegError:
+    """The FusesegError for a ``torch.cuda.OutOfMemoryError`` raised ``where``: it names the
+    config ``key`` to lower and its current ``value`` (``advice`` replaces that sentence)."""
+    if advice is None:
+        advice = f"lower {key} (now {value}" + (
+            f", e.g. to {value // 2}" if isinstance(value, int) and value > 1 else "") + ")"
+    text = str(exc).strip()
+    first = text.splitlines()[0][:200] if text else "CUDA out of memory"
+    return FusesegError(f"out of GPU memory {where}: {advice}, or set amp=bf16/fp16 if it is off, "
+                        f"then run it again. ({first})")
+
+
+class OOMGuard:
+    """Context manager that turns ``torch.cuda.OutOfMemoryError`` into :func:`oom_error`.
+
+    ``where``/``key``/``value`` may be updated inside the block (e.g. at a phase switch, when
+    another batch-size key applies)."""
+
+    def __init__(self, where: str, key: str, value: Any, advice: str | None = None):
+        self.where, self.key, self.value, self.advice = where, key, value, advice
+
+    def __enter__(self) -> OOMGuard:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None and issubclass(exc_type, torch.cuda.OutOfMemoryError):
+            raise oom_error(exc, self.where, self.key, self.value, self.advice) from exc
+        return False
 
 
 # ---------------------------------------------------------------- distributed

@@ -476,6 +476,11 @@ def _train(cfg: FusionTrainConfig, out_dir: Path, resume: bool, progress: bool,
             console.print(f"[yellow]interrupted:[/] {what}. Resume with: fuseseg train-fusion "
                           f"{out_dir / 'config.yaml'} --out {out_dir} --resume")
         raise
+    except torch.cuda.OutOfMemoryError as exc:
+        raise runtime.oom_error(
+            exc, f"training {cfg.method} in {position} on {device} (crop {cfg.crop_size}, {world} "
+            f"process(es); {last_path} keeps the last completed epoch)", "fusion_train.batch_size",
+            cfg.batch_size) from exc
     finally:
         if bar is not None:
             bar.stop()

@@ -53,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         return 2
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]")
+        console.print("[yellow]interrupted.[/] Every file written so far is complete (checkpoints "
+                      "included). To resume, run the same command again: finished stages are "
+                      "skipped and training continues from its last checkpoint (for `train-fusion` "
+                      "and `segment train` add --resume).", highlight=False)
         return 130
 
 

@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from fusion.data.pairs import MSRS_CLASSES, find_pairs, list_images, load_split, match_stems
-from fusion.errors import ConfigError, DataError, FusesegError
+from fusion.errors import CheckpointError, ConfigError, DataError, FusesegError
 from pipelines.config import dump_config, to_dict
 from pipelines.console import console
 from pipelines.experiment import ExperimentConfig, FusionMethodConfig
 from pipelines.runstate import (
     RunLock,
+    clear_stage,
     environment_record,
     fingerprint,
     mark_stage_done,
@@ -52,15 +53,19 @@ def _peak_rss_mib() -> float:
     return max(own, kids) / 1024.0  # Linux: KiB
 
 
-def _prepare_dir(path: Path, fp: str) -> bool:
+def _prepare_dir(path: Path, fp: str, run_dir: Path | None = None, key: str | None = None) -> bool:
     """Make ``path`` the output folder of a stage with fingerprint ``fp``.
 
     Returns True when the folder holds partial work of the *same* configuration (resume it);
-    a folder left by another configuration is cleared (its results are obsolete)."""
+    a folder left by another configuration is cleared (its results are obsolete), and so is the
+    record of stage ``key`` in ``run_dir``, which described the cleared files: a later run of the
+    old configuration then redoes the stage instead of trusting files that are gone."""
     marker = path / ".fingerprint"
     if path.exists():
         if marker.is_file() and marker.read_text().strip() == fp:
             return True
+        if run_dir is not None and key is not None:
+            clear_stage(run_dir, key)
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     marker.write_text(fp)
@@ -127,7 +132,7 @@ def stage_data(cfg: ExperimentConfig, run_dir: Path, plan: Plan) -> tuple[Path, 
             if d.root is None:
                 from fusion.data.synthetic import make_synthetic
 
-                _prepare_dir(root, fp)
+                _prepare_dir(root, fp, run_dir, "data")
                 s = d.synthetic
                 make_synthetic(root, s.train, s.test, size=tuple(s.size), seed=s.seed)
             if d.validate:
@@ -183,7 +188,7 @@ def stage_train_fusion(cfg: ExperimentConfig, run_dir: Path, plan: Plan, m: Fusi
         if not st.skip:
             from fusion.train import train_fusion
 
-            resume = _prepare_dir(out, fp) and (out / "last.pt").is_file()
+            resume = _prepare_dir(out, fp, run_dir, st.key) and (out / "last.pt").is_file()
             if _distributed(cfg):
                 dump_config(tcfg, out / "requested.yaml")
                 _torchrun(cfg, ["train-fusion", str(out / "requested.yaml"), "--out", str(out)]
@@ -240,9 +245,10 @@ def stage_fuse(cfg: ExperimentConfig, run_dir: Path, plan: Plan, m: FusionMethod
         if not st.skip:
             from fusion.fuse import fuse_folder, load_fusion_method
 
-            _prepare_dir(out_root, fp)
-            method = load_fusion_method(m.method if ckpt is None else None, checkpoint=ckpt,
-                                        kwargs=m.kwargs, device=device)
+            # build the method first: a bad checkpoint must not clear the earlier fused images;
+            # the method name is checked against the checkpoint's (another method's file is an error)
+            method = load_fusion_method(m.method, checkpoint=ckpt, kwargs=m.kwargs, device=device)
+            _prepare_dir(out_root, fp, run_dir, st.key)
             for split, out in dirs.items():
                 p = split_paths(cfg, data_root, split)
                 fuse_folder(method, p["ir"], p["vi"], out, device, batch_size=cfg.fuse_batch_size,
@@ -299,7 +305,7 @@ def stage_segment(cfg: ExperimentConfig, run_dir: Path, plan: Plan, data_root: P
             from segmentation.evaluate import evaluate_segmenter
             from segmentation.train import train_segmenter
 
-            resume = _prepare_dir(out, fp) and (out / "last.pt").is_file()
+            resume = _prepare_dir(out, fp, run_dir, st.key) and (out / "last.pt").is_file()
             tr, te = split_paths(cfg, data_root, "train"), split_paths(cfg, data_root, "test")
             if _distributed(cfg):
                 dump_config(seg_cfg, out / "requested.yaml")
@@ -423,6 +429,31 @@ def _figure_rows(cfg, run_dir, data_root, variants, fused):
 
 
 # ---------------------------------------------------------------- the whole experiment
+def _remove_stray_temporaries(run_dir: Path) -> None:
+    """Delete the temporary files (``.NAME.*.tmp``) that a killed run left behind: every file is
+    written to one and renamed, so under the run lock any such file is an unfinished write."""
+    for tmp in run_dir.rglob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+
+
+def _check_given_checkpoints(methods: list[FusionMethodConfig]) -> None:
+    """Load every ``checkpoint:`` given in the config (on the CPU) so that a corrupt file, another
+    method's file or another shape fails before any stage rewrites the run folder."""
+    from fusion.fuse import load_fusion_method
+
+    for m in methods:
+        if m.type == "registered" and m.checkpoint is not None:
+            ck = Path(m.checkpoint)
+            if not ck.is_file():
+                raise ConfigError(f"fusion[{m.name}].checkpoint: {ck} does not exist; give an existing "
+                                  "checkpoint, or remove the key to train the method here.")
+            try:
+                load_fusion_method(m.method, checkpoint=ck, kwargs=m.kwargs, device="cpu")
+            except CheckpointError as exc:
+                raise CheckpointError(f"fusion[{m.name}].checkpoint: {exc}") from exc
+
+
 def run_experiment(cfg: ExperimentConfig, plan: Plan | None = None) -> Path:
     """Run (or resume) the experiment of ``cfg``; returns the run folder."""
     from fusion.registry import get_entry, load_plugins
@@ -441,20 +472,23 @@ def run_experiment(cfg: ExperimentConfig, plan: Plan | None = None) -> Path:
                 get_entry(m.method)  # unknown names fail now, listing the valid ones
         device = resolve_device(cfg.device)
         seed_everything(cfg.seed)
-        dump_config(cfg, run_dir / "config.yaml")
-        from fusion.data.io import atomic_write_text
-
-        atomic_write_text(run_dir / "environment.json",
-                          json.dumps(environment_record(str(device), cfg.seed), indent=2))
         variants = plan.variants or cfg.variants or cfg.all_variants()
         unknown = [v for v in variants if v not in cfg.all_variants()]
         if unknown:
             raise ConfigError(f"--variants: unknown variant(s) {unknown}; valid: {', '.join(cfg.all_variants())}")
         console.print(f"[bold]fuseseg run[/] {cfg.name}: run folder {run_dir}, device {device}, "
                       f"variants {', '.join(variants)}")
+        _remove_stray_temporaries(run_dir)
 
+        # bad inputs fail here, before anything in the run folder is rewritten
         data_root, data_fp = stage_data(cfg, run_dir, plan)
         needed = [m for m in cfg.fusion if m.name in variants or plan.variants is None]
+        _check_given_checkpoints(needed)
+        dump_config(cfg, run_dir / "config.yaml")
+        from fusion.data.io import atomic_write_text
+
+        atomic_write_text(run_dir / "environment.json",
+                          json.dumps(environment_record(str(device), cfg.seed), indent=2))
         fused: dict[str, tuple[dict[str, Path], str]] = {}
         for m in needed:
             ckpt, tfp = stage_train_fusion(cfg, run_dir, plan, m, data_root, data_fp)

@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fusion.data.io import write_image
 from fusion.data.pairs import IGNORE_INDEX, MSRS_CLASSES
 from fusion.errors import ConfigError
-from fusion.runtime import autocast, dist_info, resolve_device
+from fusion.runtime import OOMGuard, autocast, dist_info, resolve_device
 from segmentation.data import LabelledFolder, normalise
 from segmentation.metrics import CONVENTIONS, confusion_matrix, iou_from_confusion, miou, pixel_accuracy
 from segmentation.model import model_from_checkpoint, output_stride
@@ -132,7 +132,11 @@ def confusion_over(model: torch.nn.Module, dataset: LabelledFolder, device: torc
         for i in idx:
             img, label, stem = dataset.load(i)
             x = normalise(img, dataset.normalisation)[None].to(device)
-            pred = predict(model, x, amp)[0]
+            with OOMGuard(f"evaluating {stem} at its full size {img.shape[1]}x{img.shape[0]} (batch 1) on "
+                          f"{device}", "segmentation.amp", amp,
+                          advice=f"inference already runs one image at a time: evaluate on the CPU "
+                          f"(device=cpu), or set segmentation.amp (now {amp!r}) to bf16/fp16"):
+                pred = predict(model, x, amp)[0]
             gt = torch.from_numpy(label).to(device)
             one = confusion_matrix(gt, pred, c, IGNORE_INDEX)
             cm += one

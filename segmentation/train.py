@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from fusion.data.io import atomic_write_text
 from fusion.errors import CheckpointError, ConfigError, DataError, FusesegError
 from fusion.runtime import (
+    OOMGuard,
     autocast,
     get_rng_state,
     init_distributed,
@@ -200,7 +201,8 @@ def train_segmenter(images_dir: Path | str, labels_dir: Path | str, cfg: SegConf
         atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     net = model
-    with _progress(progress and main) as bar:
+    oom = OOMGuard("training the segmenter", "segmentation.batch_size", cfg.batch_size)
+    with _progress(progress and main) as bar, oom:
         task = bar.add_task("segmentation", total=total_steps, completed=global_step,
                             loss=float("nan"), lr=cosine_lr(global_step, total_steps, cfg.lr, cfg.min_lr))
         for epoch in range(start_epoch, cfg.epochs):
@@ -214,6 +216,9 @@ def train_segmenter(images_dir: Path | str, labels_dir: Path | str, cfg: SegConf
                 net = torch.nn.parallel.DistributedDataParallel(
                     model, device_ids=[device.index] if device.type == "cuda" else None)
             bs = batch_size_of(phase, cfg)
+            oom.where = f"training the segmenter (epoch {epoch + 1}, phase {phase}, crop {cfg.crop_size}, on {device})"
+            oom.key, oom.value = ("segmentation.frozen_batch_size" if phase == "frozen" else
+                                  "segmentation.batch_size"), bs
             train_ds.set_epoch(epoch)
             sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
                                          seed=cfg.seed, drop_last=True)
@@ -239,7 +244,8 @@ def train_segmenter(images_dir: Path | str, labels_dir: Path | str, cfg: SegConf
                 if not torch.isfinite(loss):
                     raise FusesegError(
                         f"segmentation loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} "
-                        f"(global step {global_step + 1}, lr {lr:.3g}, phase {phase}). Lower lr, "
+                        f"(global step {global_step + 1}, lr {lr:.3g}, phase {phase}; loss components: "
+                        f"ce {float(ce):.4g}, dice {float(dice):.4g}). Lower lr, "
                         "set amp=off, or check this data's images and labels; "
                         f"`--resume` restarts from the last good epoch in {last_path}.")
                 optimizer.zero_grad(set_to_none=True)
