@@ -17,6 +17,7 @@ COMMANDS = [
     "pipelines.commands.fusion",
     "pipelines.commands.segment",
     "pipelines.commands.run",
+    "pipelines.commands.bench",
 ]
 
 
@@ -50,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except FusesegError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        from rich.markup import escape
+
+        # escaped: messages name keys like fusion[name].checkpoint, which rich would eat as markup
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted.[/] Every file written so far is complete (checkpoints "

@@ -47,6 +47,24 @@ class Plan:
         return self.only is None or stage in self.only
 
 
+def _gpu_peak_mib() -> float | None:
+    """``torch.cuda.max_memory_allocated`` (MiB) since the last reset, or None when this process
+    has not used CUDA (torch is not imported here just to ask)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def _reset_gpu_peak() -> None:
+    if _gpu_peak_mib() is not None:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+
+
 def _peak_rss_mib() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -83,6 +101,7 @@ class _Stage:
 
     def __enter__(self):
         self.t0 = time.perf_counter()
+        _reset_gpu_peak()
         if self.skip:
             why = "up to date" if self.selected else "not selected"
             console.print(f"[dim]- {self.key}: skipped ({why})[/]")
@@ -93,6 +112,9 @@ class _Stage:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None and not self.skip:
             secs = time.perf_counter() - self.t0
+            gpu = _gpu_peak_mib()
+            if gpu is not None:
+                self.info.setdefault("gpu_peak_mib", round(gpu, 1))
             mark_stage_done(self.run_dir, self.key, self.fp, secs, peak_rss_mib=round(_peak_rss_mib(), 1),
                             **self.info)
             console.print(f"[green]  done[/] {self.key} in {secs:.1f} s")
@@ -437,21 +459,30 @@ def _remove_stray_temporaries(run_dir: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _check_given_checkpoints(methods: list[FusionMethodConfig]) -> None:
-    """Load every ``checkpoint:`` given in the config (on the CPU) so that a corrupt file, another
-    method's file or another shape fails before any stage rewrites the run folder."""
+def _check_fusion_methods(methods: list[FusionMethodConfig]) -> None:
+    """Build every registered method with its ``kwargs`` (on the CPU), loading the ``checkpoint:``
+    where one is given, so that unknown settings, a corrupt file, another method's file or another
+    shape fail before any stage rewrites the run folder."""
     from fusion.fuse import load_fusion_method
+    from fusion.registry import create_method
 
     for m in methods:
-        if m.type == "registered" and m.checkpoint is not None:
-            ck = Path(m.checkpoint)
-            if not ck.is_file():
-                raise ConfigError(f"fusion[{m.name}].checkpoint: {ck} does not exist; give an existing "
-                                  "checkpoint, or remove the key to train the method here.")
+        if m.type != "registered":
+            continue
+        if m.checkpoint is None:
             try:
-                load_fusion_method(m.method, checkpoint=ck, kwargs=m.kwargs, device="cpu")
-            except CheckpointError as exc:
-                raise CheckpointError(f"fusion[{m.name}].checkpoint: {exc}") from exc
+                create_method(m.method, **m.kwargs)
+            except ConfigError as exc:
+                raise ConfigError(f"fusion[{m.name}].kwargs: {exc}") from exc
+            continue
+        ck = Path(m.checkpoint)
+        if not ck.is_file():
+            raise ConfigError(f"fusion[{m.name}].checkpoint: {ck} does not exist; give an existing "
+                              "checkpoint, or remove the key to train the method here.")
+        try:
+            load_fusion_method(m.method, checkpoint=ck, kwargs=m.kwargs, device="cpu")
+        except CheckpointError as exc:
+            raise CheckpointError(f"fusion[{m.name}].checkpoint: {exc}") from exc
 
 
 def run_experiment(cfg: ExperimentConfig, plan: Plan | None = None) -> Path:
@@ -483,7 +514,7 @@ def run_experiment(cfg: ExperimentConfig, plan: Plan | None = None) -> Path:
         # bad inputs fail here, before anything in the run folder is rewritten
         data_root, data_fp = stage_data(cfg, run_dir, plan)
         needed = [m for m in cfg.fusion if m.name in variants or plan.variants is None]
-        _check_given_checkpoints(needed)
+        _check_fusion_methods(needed)
         dump_config(cfg, run_dir / "config.yaml")
         from fusion.data.io import atomic_write_text
 

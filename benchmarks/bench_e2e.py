@@ -1,0 +1,162 @@
+"""End to end: wall time and peak memory of the default ``fuseseg run``, per stage.
+
+Runs ``python -m pipelines.cli run configs/default.yaml name=bench-e2e results_dir=<tmp>`` in a
+subprocess (``--quick``: with a tiny override set, :data:`QUICK_OVERRIDES`: 16 + 8 scenes, one
+epoch per phase) and reports
+
+* each stage's ``seconds`` and ``peak_rss_mib`` from the run's ``stages/*.json`` records (the
+  latter is the running maximum RSS of the pipeline process and of its finished children up to
+  the end of that stage, so it only grows from stage to stage); ``gpu_peak_mib``
+  (``torch.cuda.max_memory_allocated`` during the stage) where CUDA is used;
+* the stage seconds summed per stage kind (data, train_fusion, fuse, metrics, segment, report);
+* the command's wall time (imports and start-up included);
+* the peak RSS of the largest single process of the tree (``getrusage(RUSAGE_CHILDREN)
+  .ru_maxrss`` of a small wrapper process whose only child is the pipeline), and the peak of the
+  summed RSS of all processes of the tree (pipeline + DataLoader / pool workers), sampled from
+  ``/proc`` every 0.25 s (a short spike between samples can be missed).
+
+Usage: ``python -m benchmarks.bench_e2e [--quick] [--keep DIR]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import REPO, figure
+
+QUICK_OVERRIDES = ["data.synthetic.train=16", "data.synthetic.test=8", "fusion_train.structure_epochs=1",
+                   "fusion_train.epochs=1", "segmentation.epochs=1", "segmentation.frozen_epochs=0",
+                   "report.bootstrap=100", "report.figure_scenes=2"]
+# the wrapper: run the command given as argv[2:], then write its RUSAGE_CHILDREN to argv[1]
+_WRAPPER = ("import json, resource, subprocess, sys\n"
+            "rc = subprocess.call(sys.argv[2:])\n"
+            "r = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+            "open(sys.argv[1], 'w').write(json.dumps({'rc': rc, 'maxrss_kib': r.ru_maxrss, "
+            "'user_s': r.ru_utime, 'sys_s': r.ru_stime}))\n"
+            "sys.exit(rc)\n")
+
+
+def _children_map() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        kids.setdefault(ppid, []).append(int(d.name))
+    return kids
+
+
+def tree_rss_mib(pid: int) -> float:
+    """Summed resident memory (MiB) of ``pid`` and all its descendants, from ``/proc`` (0 when
+    ``/proc`` is unavailable or the process is gone)."""
+    if not Path("/proc/self/statm").is_file():
+        return 0.0
+    kids = _children_map()
+    todo, total, page = [pid], 0, os.sysconf("SC_PAGE_SIZE")
+    while todo:
+        p = todo.pop()
+        try:
+            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * page
+        except (OSError, IndexError, ValueError):
+            pass
+        todo.extend(kids.get(p, []))
+    return total / 2**20
+
+
+def stage_summary(run_dir: Path) -> tuple[list[dict], dict[str, float]]:
+    """The run's stage records (key, seconds, peak_rss_mib, gpu_peak_mib), in finishing order, and
+    the seconds summed per stage kind (the key's part before the first '/')."""
+    recs = []
+    for p in (run_dir / "stages").glob("*.json"):
+        r = json.loads(p.read_text())
+        recs.append({"key": r["key"], "seconds": r["seconds"], "peak_rss_mib": r.get("peak_rss_mib"),
+                     "gpu_peak_mib": r.get("gpu_peak_mib"), "finished": r.get("finished", "")})
+    recs.sort(key=lambda r: (r["finished"], r["peak_rss_mib"] or 0))
+    kinds: dict[str, float] = {}
+    for r in recs:
+        k = r["key"].split("/")[0]
+        kinds[k] = kinds.get(k, 0.0) + r["seconds"]
+    return recs, kinds
+
+
+def run_pipeline(overrides: list[str], results_dir: Path, timeout: float | None = None,
+                 poll_s: float = 0.25) -> dict:
+    """Run the default experiment in a subprocess; returns wall time, rusage and the RSS peaks."""
+    stats = results_dir / "rusage.json"
+    cmd = [sys.executable, "-m", "pipelines.cli", "run", str(REPO / "configs" / "default.yaml"),
+           "name=bench-e2e", f"results_dir={results_dir}", *overrides]
+    log = results_dir / "run.log"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", _WRAPPER, str(stats), *cmd], cwd=REPO,
+                                stdout=out, stderr=subprocess.STDOUT)
+        peak_tree = 0.0
+        while proc.poll() is None:
+            peak_tree = max(peak_tree, tree_rss_mib(proc.pid))
+            if timeout is not None and time.perf_counter() - t0 > timeout:
+                proc.kill()
+                proc.wait()
+                raise TimeoutError(f"fuseseg run exceeded {timeout:.0f} s; see {log}")
+            time.sleep(poll_s)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = log.read_text()[-3000:]
+        raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}); its output ends:\n{tail}")
+    r = json.loads(stats.read_text())
+    return {"command": cmd, "wall_s": wall, "max_process_rss_mib": r["maxrss_kib"] / 1024,
+            "peak_tree_rss_mib": peak_tree, "cpu_user_s": r["user_s"], "cpu_sys_s": r["sys_s"]}
+
+
+def run(quick: bool = False, keep: Path | None = None) -> dict:
+    overrides = list(QUICK_OVERRIDES) if quick else []
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
+        results_dir = keep or Path(tmp)
+        res = run_pipeline(overrides, results_dir, timeout=None)
+        stages, kinds = stage_summary(results_dir / "bench-e2e")
+    res.update({"quick": quick, "overrides": overrides, "stages": stages, "seconds_by_kind": kinds,
+                "stage_seconds_total": sum(kinds.values())})
+    return res
+
+
+def figures(result: dict) -> list[dict]:
+    sec = "e2e fuseseg run" + (" (quick overrides)" if result["quick"] else " (default)")
+    out = [figure(sec, "wall time (whole command)", result["wall_s"], "s", "start-up and imports included"),
+           figure(sec, "CPU time (user + sys, whole tree)", result["cpu_user_s"] + result["cpu_sys_s"], "s"),
+           figure(sec, "peak RSS, largest process", result["max_process_rss_mib"], "MiB",
+                  "getrusage(RUSAGE_CHILDREN).ru_maxrss"),
+           figure(sec, "peak RSS, process tree summed", result["peak_tree_rss_mib"], "MiB",
+                  "sampled from /proc every 0.25 s")]
+    for kind, s in result["seconds_by_kind"].items():
+        out.append(figure(sec, f"stage {kind} (all of its runs)", s, "s"))
+    for r in result["stages"]:
+        note = f"peak RSS so far {r['peak_rss_mib']} MiB"
+        if r.get("gpu_peak_mib") is not None:
+            note += f", GPU peak {r['gpu_peak_mib']} MiB"
+        out.append(figure(sec, f"  {r['key']}", r["seconds"], "s", note))
+    gpu = [r["gpu_peak_mib"] for r in result["stages"] if r.get("gpu_peak_mib") is not None]
+    if gpu:
+        out.append(figure(sec, "GPU peak memory allocated (max over stages)", max(gpu), "MiB"))
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny override set (16+8 scenes, 1 epoch)")
+    ap.add_argument("--keep", type=Path, help="keep the run folder here instead of a temporary one")
+    a = ap.parse_args()
+    from rich.console import Console
+
+    from benchmarks.common import figures_table
+
+    Console().print(figures_table(figures(run(quick=a.quick, keep=a.keep)), "end to end"))

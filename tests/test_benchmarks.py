@@ -1,0 +1,119 @@
+"""The benchmark aggregator's pure helpers (no timing assertions: speed is what benchmarks report)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import common
+from benchmarks.__main__ import NAMES, figures_of, parse_only, run_all
+from benchmarks.bench_dataloading import verdict
+from benchmarks.bench_e2e import stage_summary
+from benchmarks.bench_memory import extrapolate, saved_tensor_bytes
+
+
+class FakeClock:
+    """Each call returns the next value of ``ticks``."""
+
+    def __init__(self, ticks):
+        self.ticks = list(ticks)
+
+    def __call__(self):
+        return self.ticks.pop(0)
+
+
+def test_timed_median_of_repeats_after_warmup_with_fake_clock():
+    calls = []
+    # 3 timed calls: durations 5, 1, 3 (clock read before and after each) -> median 3
+    clock = FakeClock([0, 5, 10, 11, 20, 23])
+    t = common.timed(lambda: calls.append(1), repeats=3, warmup=2, clock=clock)
+    assert len(calls) == 5  # 2 warm-ups + 3 timed
+    assert t.times == [5, 1, 3] and t.repeats == 3 and t.warmup == 2
+    assert t.median == 3
+    assert t.per_s(6) == pytest.approx(2.0)
+    assert t.as_dict() == {"median_s": 3, "times_s": [5, 1, 3], "warmup": 2}
+    # even number of repeats: mean of the two middle values
+    t = common.timed(lambda: None, repeats=4, warmup=0, clock=FakeClock([0, 1, 0, 2, 0, 4, 0, 8]))
+    assert t.median == 3
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        common.timed(lambda: None, repeats=0)
+
+
+def test_timed_cpu_device_does_not_synchronise(monkeypatch):
+    seen = []
+    monkeypatch.setattr(common, "synchronize", lambda d: seen.append(d))
+    common.timed(lambda: None, repeats=2, warmup=0, device="cpu", clock=FakeClock([0, 1, 0, 1]))
+    assert seen == ["cpu"] * 4  # before and after each timed call; a no-op for CPU
+    assert not common._is_cuda("cpu") and common._is_cuda("cuda:0") and not common._is_cuda(None)
+
+
+def test_record_has_expected_keys_and_round_trips(tmp_path):
+    figs = [common.figure("s", "a", 1.23456789, "ms", "median"), common.figure("s", "b", 7, "img/s")]
+    assert figs[0] == {"section": "s", "figure": "a", "value": 1.23457, "unit": "ms", "note": "median"}
+    rec = common.make_record(figs, {"x": {"seconds": 1.0, "result": {"p": tmp_path}}}, quick=True,
+                             command=["python", "-m", "benchmarks"])
+    path = common.write_record(rec, tmp_path / "out" / "b.json")
+    data = json.loads(path.read_text())
+    assert set(data) == set(common.RECORD_KEYS)
+    assert {"cpu_model", "cores", "memory_gib", "load_average"} <= set(data["machine"])
+    assert data["device"]["type"] in ("cpu", "cuda") and "torch_threads" in data["device"]
+    assert {"torch", "numpy", "opencv", "smp", "timm", "albumentations"} <= set(data["versions"])
+    assert data["figures"] == figs and data["quick"] is True
+    assert data["benchmarks"]["x"]["result"]["p"] == str(tmp_path)  # non-JSON values as strings
+    with pytest.raises(ValueError, match="make_record"):
+        common.write_record({"figures": []}, tmp_path / "bad.json")
+    assert common.default_record_path(__import__("datetime").date(2026, 1, 2)).name == "2026-01-02.json"
+
+
+def test_only_parsing_and_failure_is_reported_not_raised(monkeypatch):
+    assert parse_only(None) == list(NAMES)
+    assert parse_only("e2e, memory") == ["e2e", "memory"]
+    with pytest.raises(SystemExit, match="unknown benchmark.*nope.*valid: metrics"):
+        parse_only("metrics,nope")
+    import benchmarks.bench_memory as bm
+
+    monkeypatch.setattr(bm, "run", lambda quick: (_ for _ in ()).throw(RuntimeError("boom")))
+    figs, raw = run_all(["memory"], quick=True)
+    assert figs[0]["figure"] == "FAILED" and "boom" in figs[0]["value"]
+    assert raw["memory"]["error"] == "RuntimeError: boom"
+
+
+def test_old_module_adapter_maps_results_to_figures():
+    r = {"inference_ms_per_pair": 10.0, "best_batch": 4, "best_pairs_per_s": 3.0, "train_crop": 256,
+         "train_batch": 4, "train_images_per_s": 2.0, "gflops_per_pair": 33.7, "achieved_over_matmul": 0.1}
+    figs = figures_of("sspfusion", object(), r)
+    by = {f["figure"]: f for f in figs}
+    assert by["training 256^2 crops, batch 4"]["value"] == 2.0
+    assert by["training 256^2 crops, batch 4"]["unit"] == "img/s"
+
+
+def test_loading_verdict_share():
+    # train 10/s, load 90/s: per sample 1/90 + 1/10 s, loading share (1/90)/(1/90+1/10) = 10/100
+    v = verdict(90.0, 10.0)
+    assert v["loading_share"] == pytest.approx(0.1) and not v["bottleneck"]
+    assert verdict(10.0, 10.0) == {"loading_share": 0.5, "bottleneck": True}
+
+
+def test_stage_summary_sums_kinds(tmp_path):
+    st = tmp_path / "stages"
+    st.mkdir()
+    for key, sec, t in (("data", 2.0, "01"), ("segment/ir/seed0", 3.0, "02"), ("segment/vi/seed0", 4.5, "03")):
+        (st / f"{key.replace('/', '__')}.json").write_text(json.dumps(
+            {"key": key, "seconds": sec, "peak_rss_mib": 100.0, "finished": f"2026-01-01T00:00:{t}"}))
+    recs, kinds = stage_summary(tmp_path)
+    assert [r["key"] for r in recs] == ["data", "segment/ir/seed0", "segment/vi/seed0"]
+    assert kinds == {"data": 2.0, "segment": 7.5}
+
+
+def test_saved_tensor_count_matches_hand_count():
+    import torch
+
+    assert extrapolate(10, 14, 8) == 38  # 10 + 7 * 4
+    w = torch.nn.Parameter(torch.ones(4, 3))
+    x = torch.ones(5, 4, requires_grad=True)
+
+    def step():
+        h = x @ w             # saves x (5x4 float32 = 80 B) and w (a parameter: excluded)
+        return (h * h).sum()  # mul saves h twice (one storage, 5x3x4 = 60 B)
+
+    assert saved_tensor_bytes(step, [w]) == 80 + 60
