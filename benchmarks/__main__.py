@@ -89,7 +89,9 @@ def figures_of(name: str, module, result: dict) -> list[dict]:
     return fn(result)
 
 
-def run_all(names: list[str], quick: bool, console=None) -> tuple[list[dict], dict]:
+def run_all(names: list[str], quick: bool, console=None,
+            quick_names: list[str] | None = None) -> tuple[list[dict], dict]:
+    """Run the named benchmarks (quick mode for all with ``quick``, else for ``quick_names``)."""
     figures, raw = [], {}
     for name in names:
         if console is not None:
@@ -97,9 +99,10 @@ def run_all(names: list[str], quick: bool, console=None) -> tuple[list[dict], di
         t0 = time.perf_counter()
         try:
             module = importlib.import_module(f"benchmarks.bench_{name}")
-            result = module.run(quick=quick)
+            q = quick or name in (quick_names or [])
+            result = module.run(quick=q)
             figs = figures_of(name, module, result)
-            raw[name] = {"seconds": time.perf_counter() - t0, "result": result}
+            raw[name] = {"seconds": time.perf_counter() - t0, "quick": q, "result": result}
         except Exception as exc:  # noqa: BLE001 - report and go on with the other benchmarks
             figs = [figure(name, "FAILED", f"{type(exc).__name__}: {exc}"[:200])]
             raw[name] = {"seconds": time.perf_counter() - t0, "error": f"{type(exc).__name__}: {exc}"}
@@ -122,6 +125,8 @@ def parse_only(text: str | None) -> list[str]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="fewer repeats and smaller inputs (for development)")
     p.add_argument("--only", metavar="NAMES", help=f"comma-separated subset of: {', '.join(NAMES)}")
+    p.add_argument("--quick-only", metavar="NAMES",
+                   help="benchmarks to run in quick mode in a full run (e.g. e2e: the default run takes long)")
     p.add_argument("--out", metavar="FILE", help="JSON path (default results/benchmarks/<date>.json)")
 
 
@@ -131,9 +136,10 @@ def main_args(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     from benchmarks.common import machine_info
 
     names = parse_only(args.only)
-    console = Console()
+    console = Console(width=max(Console().width, 118))
     machine = machine_info()
-    figures, raw = run_all(names, args.quick, console)
+    quick_names = parse_only(args.quick_only) if getattr(args, "quick_only", None) else []
+    figures, raw = run_all(names, args.quick, console, quick_names)
     machine["load_average_end"] = list(os.getloadavg())
     record = make_record(figures, raw, args.quick, argv if argv is not None else sys.argv, machine=machine)
     console.print(figures_table(figures, f"fuseseg benchmarks{' (quick)' if args.quick else ''} on "

@@ -80,8 +80,11 @@ def stage_summary(run_dir: Path) -> tuple[list[dict], dict[str, float]]:
     for p in (run_dir / "stages").glob("*.json"):
         r = json.loads(p.read_text())
         recs.append({"key": r["key"], "seconds": r["seconds"], "peak_rss_mib": r.get("peak_rss_mib"),
-                     "gpu_peak_mib": r.get("gpu_peak_mib"), "finished": r.get("finished", "")})
-    recs.sort(key=lambda r: (r["finished"], r["peak_rss_mib"] or 0))
+                     "gpu_peak_mib": r.get("gpu_peak_mib"), "finished": r.get("finished", ""),
+                     "_order": (r.get("finished", ""), p.stat().st_mtime_ns)})
+    recs.sort(key=lambda r: r["_order"])
+    for r in recs:
+        del r["_order"]
     kinds: dict[str, float] = {}
     for r in recs:
         k = r["key"].split("/")[0]
@@ -140,10 +143,12 @@ def figures(result: dict) -> list[dict]:
     for kind, s in result["seconds_by_kind"].items():
         out.append(figure(sec, f"stage {kind} (all of its runs)", s, "s"))
     for r in result["stages"]:
-        note = f"peak RSS so far {r['peak_rss_mib']} MiB"
+        out.append(figure(sec, f"  {r['key']}", r["seconds"], "s"))
+        out.append(figure(sec, f"  {r['key']} peak RSS", r["peak_rss_mib"], "MiB",
+                          "running max of the pipeline process and its finished children"))
         if r.get("gpu_peak_mib") is not None:
-            note += f", GPU peak {r['gpu_peak_mib']} MiB"
-        out.append(figure(sec, f"  {r['key']}", r["seconds"], "s", note))
+            out.append(figure(sec, f"  {r['key']} GPU peak", r["gpu_peak_mib"], "MiB",
+                              "torch.cuda.max_memory_allocated during the stage"))
     gpu = [r["gpu_peak_mib"] for r in result["stages"] if r.get("gpu_peak_mib") is not None]
     if gpu:
         out.append(figure(sec, "GPU peak memory allocated (max over stages)", max(gpu), "MiB"))

@@ -3,8 +3,9 @@
 Method: for one training step of each trainer, the tensors autograd saves for the backward pass
 are counted with ``torch.autograd.graph.saved_tensors_hooks`` during the forward pass (each
 storage once; parameters excluded, they are counted separately). Saved activations grow
-linearly with the batch, so they are measured at batch 1 and 2 (cheap on CPU) and extrapolated:
-``saved(B) = saved(1) + (B - 1) * (saved(2) - saved(1))``. Measured in float32 and under bf16
+linearly with the batch, so they are measured at two small batches b1 < b2 (2 and 4: the ASPP
+pooling BatchNorm of DeepLabV3+ needs 2 samples; cheap on CPU) and extrapolated:
+``saved(B) = saved(b1) + (B - b1) * (saved(b2) - saved(b1)) / (b2 - b1)``. Measured in float32 and under bf16
 autocast (what ``amp: auto`` picks on a GPU that supports bf16; on CPU the same ops are cast).
 
     GPU estimate = W + T * (1 gradient + k optimiser states)   (W = bytes of all parameters,
@@ -106,9 +107,12 @@ def deeplab_saved(encoder: str, batch: int, crop: int, amp: bool) -> tuple[int, 
     return saved_tensor_bytes(step, params), nbytes, nbytes
 
 
-def extrapolate(b1: int, b2: int, batch: int) -> float:
-    """Linear in the batch through the measurements at batch 1 and 2."""
-    return b1 + (batch - 1) * (b2 - b1)
+SMALL_BATCHES = (2, 4)
+
+
+def extrapolate(s1: float, s2: float, batch: int, b1: int = SMALL_BATCHES[0], b2: int = SMALL_BATCHES[1]) -> float:
+    """Linear in the batch through the measurements ``s1`` at batch ``b1`` and ``s2`` at ``b2``."""
+    return s1 + (batch - b1) * (s2 - s1) / (b2 - b1)
 
 
 def estimate_bytes(param_bytes: int, trained_bytes: int, saved: float, optimiser_states: int) -> float:
@@ -127,24 +131,26 @@ def run(quick: bool = False) -> dict:
         from fusion.sspfusion import SSPFusion
 
         for phase in SSPFusion().phases:
-            (s1, p, tr), (s2, _, _) = (sspfusion_saved(b, int(ft["crop_size"]), phase, amp) for b in (1, 2))
+            (s1, p, tr), (s2, _, _) = (sspfusion_saved(b, int(ft["crop_size"]), phase, amp)
+                                       for b in SMALL_BATCHES)
             saved = extrapolate(s1, s2, int(ft["batch_size"]))
             cases.append({"model": f"SSPFusion ({phase} phase)", "crop": int(ft["crop_size"]),
                           "batch": int(ft["batch_size"]), "amp": "bf16" if amp else "fp32",
-                          "saved_b1": s1, "saved_b2": s2, "saved": saved, "param_bytes": p,
+                          "small_batches": list(SMALL_BATCHES), "saved_small": [s1, s2], "saved": saved, "param_bytes": p,
                           "optimiser": "Adam", "estimate_bytes": estimate_bytes(p, tr, saved, 2)})
-        (s1, p, tr), (s2, _, _) = (deeplab_saved(sg["encoder"], b, int(sg["crop_size"]), amp) for b in (1, 2))
+        (s1, p, tr), (s2, _, _) = (deeplab_saved(sg["encoder"], b, int(sg["crop_size"]), amp)
+                                   for b in SMALL_BATCHES)
         saved = extrapolate(s1, s2, seg_batch)
         cases.append({"model": f"DeepLabV3+ {sg['encoder']} (all trainable)", "crop": int(sg["crop_size"]),
-                      "batch": seg_batch, "amp": "bf16" if amp else "fp32", "saved_b1": s1,
-                      "saved_b2": s2, "saved": saved, "param_bytes": p, "optimiser": "SGD momentum",
+                      "batch": seg_batch, "amp": "bf16" if amp else "fp32", "small_batches": list(SMALL_BATCHES),
+                      "saved_small": [s1, s2], "saved": saved, "param_bytes": p, "optimiser": "SGD momentum",
                       "estimate_bytes": estimate_bytes(p, tr, saved, 1)})
     worst = max(c["estimate_bytes"] for c in cases if c["amp"] == "fp32")
     worst_amp = max(c["estimate_bytes"] for c in cases if c["amp"] == "bf16")
     return {"cases": cases, "budget_gb": BUDGET_GB, "worst_fp32_gib": worst / GIB,
             "worst_bf16_gib": worst_amp / GIB, "fits_fp32": worst <= BUDGET_GB * 1e9,
             "fits_bf16": worst_amp <= BUDGET_GB * 1e9,
-            "method": "saved_tensors_hooks count of autograd-saved storages at batch 1 and 2, "
+            "method": "saved_tensors_hooks count of autograd-saved storages at batch 2 and 4, "
                       "extrapolated linearly; + params x (2 + optimiser states) + 25 % backward "
                       "transients + 1 GiB CUDA context"}
 

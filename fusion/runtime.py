@@ -1,5 +1,6 @@
 """Runtime helpers shared by both trainers: device choice, seeding and RNG state, atomic and
-self-describing checkpoints, mixed precision, and torch.distributed set-up.
+self-describing checkpoints, mixed precision, torch.distributed set-up, and Ctrl-C as a request to
+stop at the next step (:class:`StopRequest`).
 
 Nothing here calls ``.cuda()``: the device is chosen once (``resolve_device``) and passed in.
 """
@@ -8,6 +9,8 @@ from __future__ import annotations
 import io
 import os
 import random
+import signal
+import threading
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -184,3 +187,46 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 
 def is_main_process() -> bool:
     return dist_info()[0] == 0
+
+
+# ---------------------------------------------------------------- Ctrl-C
+class StopRequest:
+    """SIGINT (Ctrl-C) as a request to stop a training loop at the next step boundary.
+
+    The first SIGINT only sets ``requested``; the loop checks it (:meth:`agreed`) at a step
+    boundary, saves its exact position and raises KeyboardInterrupt. A second SIGINT raises
+    KeyboardInterrupt at once (the previous checkpoint is kept). Use it as the handler itself
+    (``signal.signal(SIGINT, stop)``) or as a context manager, which installs it (main thread
+    only: Python delivers signals there) and restores the previous handler on exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __call__(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self)
+            self._installed = True
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None
+                          else signal.default_int_handler)
+            self._installed = False
+        return False
+
+    def agreed(self, device: torch.device, world: int) -> bool:
+        """True when any process asked to stop (one all-reduce MAX under DDP, so that every rank
+        stops at the same step; a collective: all ranks must call it at the same point)."""
+        if world <= 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())

@@ -168,19 +168,6 @@ class _Losses(nn.Module):
         return self.model.training_losses(ir, vi_y, phase)
 
 
-class _StopRequest:
-    """SIGINT handler: the first Ctrl-C asks the loop to stop at the next step boundary, the
-    second raises KeyboardInterrupt at once."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __call__(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-
 def _log_columns(rows: list[dict]) -> list[str]:
     head, tail = ["phase", "epoch", "global_step"], ["loss", "lr", "images_per_s", "seconds"]
     comps: list[str] = []
@@ -325,7 +312,7 @@ def _train(cfg: FusionTrainConfig, out_dir: Path, resume: bool, progress: bool,
     use_scaler = runtime.needs_grad_scaler(device, cfg.amp)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    stop = _StopRequest()
+    stop = runtime.StopRequest()  # first Ctrl-C: stop at the next step; second: at once
     old_handler = None
     if threading.current_thread() is threading.main_thread():
         old_handler = signal.signal(signal.SIGINT, stop)

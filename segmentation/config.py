@@ -38,6 +38,14 @@ class SegConfig:
         rescale factors applied before padding/cropping.
     val_every: validate every N epochs when a validation folder is given (0 = never).
     max_steps_per_epoch: cap on optimiser steps per epoch (tiny runs); None = full epochs.
+    batch_size / frozen_batch_size: images **per process**. Under ``torchrun --nproc_per_node=K``
+        the global batch is ``K x batch_size`` and an epoch has ``floor(floor(N / K) / batch_size)``
+        steps, so changing K changes the optimisation (scale ``batch_size`` by 1/K, and possibly
+        ``lr``, to keep it). The paper's values are for one GPU.
+    BatchNorm under DDP: on CUDA all BatchNorm layers are converted to SyncBatchNorm, so the
+        batch statistics are those of the global batch, as in one process; on CPU (gloo) PyTorch
+        does not support SyncBatchNorm, so statistics stay per process there (see
+        ``segmentation.train``).
     """
 
     encoder: str = DEFAULT_ENCODER

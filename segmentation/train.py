@@ -12,22 +12,48 @@ momentum buffers carried over, and the lr continues on the same cosine curve.
 
 Outputs in ``out_dir``: ``config.yaml`` (resolved settings), ``log.csv`` (one row per epoch),
 ``last.pt`` (after every epoch, atomic) and ``final.pt``. A checkpoint is self-describing:
-``{kind: "segmentation", arch, kwargs, config, epoch, phase, global_step, state_dict,
-optimizer, scheduler, scaler, rng, normalisation, class_names, data, val_confusion}``.
+``{kind: "segmentation", arch, kwargs, config, epoch, step_in_epoch, phase, global_step,
+state_dict, optimizer, scheduler, scaler, rng, sampler, epoch_acc, normalisation, class_names,
+data, val_confusion}`` (``epoch``: completed epochs; ``step_in_epoch`` > 0 only after Ctrl-C).
 ``resume=True`` continues from ``last.pt``; on CPU the result equals an uninterrupted run
 (sampling and augmentation are pure functions of (seed, epoch, index); RNG states are restored).
+
+Ctrl-C (SIGINT) stops at the next training step: before that step's forward pass (so neither
+BatchNorm running statistics nor the dropout RNG have moved) ``last.pt`` is written for the exact
+position -- ``epoch`` (completed epochs), ``step_in_epoch``, optimiser, scheduler, RNG states,
+``sampler`` position and the epoch's partial loss sums -- the resume command is printed, and
+KeyboardInterrupt is re-raised. A second Ctrl-C stops at once (the previous ``last.pt`` is
+kept). Loader workers ignore SIGINT, so Ctrl-C in a terminal reaches only the training loop.
+
+Distributed (``torchrun --nproc_per_node=K``, WORLD_SIZE > 1): the model is wrapped in
+DistributedDataParallel (gradients averaged over processes), the data are sharded by
+DistributedSampler, ``batch_size`` / ``frozen_batch_size`` are **per process** (the global batch
+is K x batch_size; steps per epoch = floor(floor(N / K) / batch_size)), and only rank 0 writes
+files and prints. BatchNorm: on CUDA every BatchNorm layer (timm's BatchNormAct2d included) is
+converted to a synchronised one (:func:`to_sync_batchnorm`, NCCL), so the batch statistics are
+those of the global batch, as in one process. On CPU (gloo) PyTorch's SyncBatchNorm is
+unsupported, so there the statistics -- and the running statistics each rank keeps -- are per
+process; parameters stay identical on every rank, and checkpoints hold rank 0's buffers. Even with
+synchronised BatchNorm, K processes equal one process on the global batch only up to the loss:
+the Dice term is a ratio of sums over each process's batch, the CE term a mean over each
+process's non-ignored pixels, and the ASPP dropout masks are drawn per process. With BatchNorm and
+dropout in eval mode, CE only and crops without ignored pixels, they are equal up to float
+rounding (tests/test_segmentation_ddp.py).
 """
 from __future__ import annotations
 
 import csv
 import io
 import math
+import signal
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
+from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -42,6 +68,7 @@ from fusion.data.io import atomic_write_text
 from fusion.errors import CheckpointError, ConfigError, DataError, FusesegError
 from fusion.runtime import (
     OOMGuard,
+    StopRequest,
     autocast,
     get_rng_state,
     init_distributed,
@@ -139,6 +166,33 @@ def _check_resume_config(cfg: SegConfig, saved: dict, path: Path) -> None:
                               f"{path.parent / 'config.yaml'}) or start a new run in another folder.")
 
 
+def to_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every BatchNorm layer of ``model`` by its synchronised variant (in place where
+    possible; use the return value). timm's ``BatchNormAct2d`` (BatchNorm + activation in one
+    module, used by the ``tu-`` encoders) becomes ``SyncBatchNormAct`` with the same activation:
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` would turn it into a plain SyncBatchNorm and
+    silently drop the activation. Parameters and buffers are the same tensors, so state-dict keys
+    and values are unchanged. In eval mode, or without an initialised process group, the layers
+    compute exactly what the originals do; synchronisation (train mode, WORLD_SIZE > 1) needs
+    CUDA tensors."""
+    from timm.layers import convert_sync_batchnorm
+
+    return convert_sync_batchnorm(model)
+
+
+def _loader_worker_init(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT: Ctrl-C in a terminal signals the whole process group,
+    and only the training loop should react (it stops at the next step)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _resume_hint(images_dir, labels_dir, out_dir: Path, val_images_dir, val_labels_dir) -> str:
+    cmd = f"fuseseg segment train --images {images_dir} --labels {labels_dir} --out {out_dir}"
+    if val_images_dir is not None:
+        cmd += f" --val-images {val_images_dir} --val-labels {val_labels_dir}"
+    return cmd + " --resume"
+
+
 def train_segmenter(images_dir: Path | str, labels_dir: Path | str, cfg: SegConfig,
                     out_dir: Path | str, resume: bool = False, progress: bool = True,
                     val_images_dir: Path | str | None = None,
@@ -148,12 +202,14 @@ def train_segmenter(images_dir: Path | str, labels_dir: Path | str, cfg: SegConf
     ``images_dir``/``labels_dir``: images (grey or RGB) and class-id labels paired by stem.
     ``val_*_dir``: an optional labelled folder validated every ``cfg.val_every`` epochs (and
     after the last), mIoU under ``cfg.miou_convention`` logged. Under torchrun, data are
-    sharded with DistributedSampler, validation confusion matrices summed over ranks, and only
-    rank 0 writes files."""
+    sharded with DistributedSampler, ``batch_size`` is per process, BatchNorm is synchronised on
+    CUDA, validation confusion matrices are summed over ranks, and only rank 0 writes files (see
+    the module docstring). Ctrl-C saves the exact position and raises KeyboardInterrupt."""
     out_dir = Path(out_dir)
     device = resolve_device(cfg.device)
     rank, world = init_distributed(device)
     main = rank == 0
+    console = Console(stderr=True, quiet=not main)
     last_path, final_path, log_path = out_dir / "last.pt", out_dir / "final.pt", out_dir / "log.csv"
     if not resume and last_path.exists():
         raise ConfigError(f"{out_dir} already holds a segmentation run ({last_path.name}). Pass "
@@ -177,10 +233,14 @@ def train_segmenter(images_dir: Path | str, labels_dir: Path | str, cfg: SegConf
                                    cfg.max_steps_per_epoch) for ph in ("frozen", "full")}
     total_steps = sum(n_steps[phase_of(e, cfg)] for e in range(cfg.epochs))
 
-    model = build_model(cfg.model_kwargs(), cfg.encoder_weights).to(device)
+    model = build_model(cfg.model_kwargs(), cfg.encoder_weights)
+    if world > 1 and device.type == "cuda":
+        model = to_sync_batchnorm(model)  # statistics over the global batch (module docstring)
+    model = model.to(device)
     criterion = DiceCELoss(cfg.ce_weight, cfg.dice_weight)
     scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(device, cfg.amp))
-    optimizer, cur_phase, start_epoch, global_step, rows = None, None, 0, 0, []
+    optimizer, cur_phase, start_epoch, start_step, global_step, rows = None, None, 0, 0, 0, []
+    epoch_acc: dict | None = None
     payload: dict | None = None
     if resume:
         ckpt = load_checkpoint(last_path, expect={"kind": "segmentation", "arch": ARCH})
@@ -193,6 +253,13 @@ def train_segmenter(images_dir: Path | str, labels_dir: Path | str, cfg: SegConf
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, global_step = int(ckpt["epoch"]), int(ckpt["global_step"])
+        start_step, epoch_acc = int(ckpt.get("step_in_epoch", 0)), ckpt.get("epoch_acc")
+        saved_world = int(ckpt.get("sampler", {}).get("world", world))
+        if start_step and saved_world != world:
+            raise CheckpointError(f"cannot resume {last_path}: it was interrupted inside epoch "
+                                  f"{start_epoch + 1} of a run on {saved_world} process(es), and the "
+                                  f"data order within an epoch depends on that number (now {world}). "
+                                  f"Resume with {saved_world} process(es).")
         set_rng_state(ckpt["rng"])
         rows = _read_log(log_path, start_epoch)
         payload = ckpt
@@ -200,95 +267,142 @@ def train_segmenter(images_dir: Path | str, labels_dir: Path | str, cfg: SegConf
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
+    def make_payload(epoch_done: int, step_in_epoch: int, phase: str, bs: int, acc: dict | None,
+                     val_cm: torch.Tensor | None) -> dict:
+        """Checkpoint of the position "``epoch_done`` epochs and ``step_in_epoch`` steps of the
+        next one are done" (``step_in_epoch`` 0: an epoch boundary)."""
+        return {
+            "kind": "segmentation", "arch": ARCH, "kwargs": cfg.model_kwargs(),
+            "config": cfg.to_dict(), "epoch": epoch_done, "step_in_epoch": step_in_epoch,
+            "phase": phase, "global_step": global_step, "state_dict": unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": {"type": "cosine", "lr": cfg.lr, "min_lr": cfg.min_lr,
+                          "total_steps": total_steps, "step": global_step},
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "rng": get_rng_state(),
+            "sampler": {"type": "DistributedSampler", "seed": cfg.seed, "epoch": epoch_done,
+                        "start_batch": step_in_epoch, "batch_size": bs, "world": world},
+            "epoch_acc": acc, "normalisation": cfg.normalisation,
+            "class_names": class_names(cfg.num_classes),
+            "data": {"images": str(images_dir), "labels": str(labels_dir)},
+            "val_confusion": None if val_cm is None else val_cm.cpu().numpy().astype(np.int64),
+        }
+
     net = model
+    position = "before the first step"
     oom = OOMGuard("training the segmenter", "segmentation.batch_size", cfg.batch_size)
-    with _progress(progress and main) as bar, oom:
-        task = bar.add_task("segmentation", total=total_steps, completed=global_step,
-                            loss=float("nan"), lr=cosine_lr(global_step, total_steps, cfg.lr, cfg.min_lr))
-        for epoch in range(start_epoch, cfg.epochs):
-            phase = phase_of(epoch, cfg)
-            if phase != cur_phase:
-                set_phase(model, phase)
-                optimizer = build_optimizer(model, cfg, optimizer)
-                cur_phase = phase
-                net = model
-            if world > 1 and net is model:  # (re)wrap: DDP registers the trainable parameters
-                net = torch.nn.parallel.DistributedDataParallel(
-                    model, device_ids=[device.index] if device.type == "cuda" else None)
-            bs = batch_size_of(phase, cfg)
-            oom.where = f"training the segmenter (epoch {epoch + 1}, phase {phase}, crop {cfg.crop_size}, on {device})"
-            oom.key, oom.value = ("segmentation.frozen_batch_size" if phase == "frozen" else
-                                  "segmentation.batch_size"), bs
-            train_ds.set_epoch(epoch)
-            sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
-                                         seed=cfg.seed, drop_last=True)
-            sampler.set_epoch(epoch)
-            gen = torch.Generator().manual_seed(sample_seed(cfg.seed, epoch, 1))
-            loader = DataLoader(train_ds, batch_size=bs, sampler=sampler, num_workers=cfg.workers,
-                                drop_last=True, pin_memory=device.type == "cuda", generator=gen)
-            bar.update(task, description=f"seg {phase} {epoch + 1}/{cfg.epochs}")
-            train_mode(model)
-            sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, ce, dice, steps
-            t0 = time.perf_counter()
-            for step, (x, y) in enumerate(loader):
-                if step >= n_steps[phase]:
-                    break
-                lr = cosine_lr(global_step, total_steps, cfg.lr, cfg.min_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                x = x.to(device, non_blocking=True)
-                y = y.to(device, non_blocking=True)
-                with autocast(device, cfg.amp):
-                    logits = net(x)
-                loss, ce, dice = criterion(logits, y)
-                if not torch.isfinite(loss):
-                    raise FusesegError(
-                        f"segmentation loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} "
-                        f"(global step {global_step + 1}, lr {lr:.3g}, phase {phase}; loss components: "
-                        f"ce {float(ce):.4g}, dice {float(dice):.4g}). Lower lr, "
-                        "set amp=off, or check this data's images and labels; "
-                        f"`--resume` restarts from the last good epoch in {last_path}.")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                global_step += 1
-                sums += torch.stack([loss.detach().double(), ce.double(), dice.double(),
-                                     torch.ones((), dtype=torch.float64, device=device)])
-                bar.update(task, advance=1, loss=float(loss.detach()), lr=lr)
-            seconds = time.perf_counter() - t0
-            if world > 1:
-                torch.distributed.all_reduce(sums)
-            mean = (sums[:3] / sums[3].clamp_min(1)).tolist()
-            images_per_s = float(sums[3].item()) * bs / max(seconds, 1e-9)  # all ranks' images
+    stop = StopRequest()
+    try:
+        with _progress(progress and main) as bar, oom, stop:
+            task = bar.add_task("segmentation", total=total_steps, completed=global_step,
+                                loss=float("nan"),
+                                lr=cosine_lr(global_step, total_steps, cfg.lr, cfg.min_lr))
+            for epoch in range(start_epoch, cfg.epochs):
+                phase = phase_of(epoch, cfg)
+                if phase != cur_phase:
+                    set_phase(model, phase)
+                    optimizer = build_optimizer(model, cfg, optimizer)
+                    cur_phase = phase
+                    net = model
+                if world > 1 and net is model:  # (re)wrap: DDP registers the trainable parameters
+                    net = torch.nn.parallel.DistributedDataParallel(
+                        model, device_ids=[device.index] if device.type == "cuda" else None)
+                bs = batch_size_of(phase, cfg)
+                oom.where = (f"training the segmenter (epoch {epoch + 1}, phase {phase}, crop "
+                             f"{cfg.crop_size}, on {device})")
+                oom.key, oom.value = ("segmentation.frozen_batch_size" if phase == "frozen" else
+                                      "segmentation.batch_size"), bs
+                step0 = start_step if epoch == start_epoch else 0
+                train_ds.set_epoch(epoch)
+                sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
+                                             seed=cfg.seed, drop_last=True)
+                sampler.set_epoch(epoch)
+                # this rank's samples of the epoch's remaining steps (a resumed epoch skips the
+                # first step0 batches; the order itself depends only on (seed, epoch))
+                order = list(sampler)[step0 * bs:n_steps[phase] * bs]
+                gen = torch.Generator().manual_seed(sample_seed(cfg.seed, epoch, 1))
+                loader = DataLoader(train_ds, batch_size=bs, sampler=order, num_workers=cfg.workers,
+                                    drop_last=True, pin_memory=device.type == "cuda", generator=gen,
+                                    worker_init_fn=_loader_worker_init)
+                bar.update(task, description=f"seg {phase} {epoch + 1}/{cfg.epochs}")
+                train_mode(model)
+                sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, ce, dice, steps
+                done_before = 0.0
+                if step0 and epoch_acc is not None:
+                    done_before = float(epoch_acc["seconds"])
+                    if main:  # rank 0 carries the all-ranks sums of the interrupted part
+                        sums += torch.tensor(epoch_acc["sums"], dtype=torch.float64, device=device)
+                epoch_acc = None
+                t0 = time.perf_counter() - done_before
+                for step, (x, y) in enumerate(loader, start=step0):
+                    position = f"epoch {epoch + 1}/{cfg.epochs}, step {step}/{n_steps[phase]} done"
+                    if stop.agreed(device, world):  # before the forward: BN stats, RNG untouched
+                        if world > 1:
+                            torch.distributed.all_reduce(sums)
+                        acc = {"sums": sums.tolist(), "seconds": time.perf_counter() - t0}
+                        if main:
+                            save_checkpoint(last_path, make_payload(epoch, step, phase, bs, acc, None))
+                        raise KeyboardInterrupt("saved")
+                    lr = cosine_lr(global_step, total_steps, cfg.lr, cfg.min_lr)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    x = x.to(device, non_blocking=True)
+                    y = y.to(device, non_blocking=True)
+                    with autocast(device, cfg.amp):
+                        logits = net(x)
+                    loss, ce, dice = criterion(logits, y)
+                    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+                    if world > 1:  # every rank stops together (no rank left waiting in backward)
+                        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+                    if bad.item():
+                        shown = (loss.item() if not torch.isfinite(loss.detach())
+                                 else "non-finite on another process")
+                        raise FusesegError(
+                            f"segmentation loss is {shown} at epoch {epoch + 1}, step {step + 1} "
+                            f"(global step {global_step + 1}, lr {lr:.3g}, phase {phase}; loss "
+                            f"components: ce {float(ce):.4g}, dice {float(dice):.4g}). Lower lr, "
+                            "set amp=off, or check this data's images and labels; "
+                            f"`--resume` restarts from the last good checkpoint {last_path}.")
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    global_step += 1
+                    sums += torch.stack([loss.detach().double(), ce.double(), dice.double(),
+                                         torch.ones((), dtype=torch.float64, device=device)])
+                    bar.update(task, advance=1, loss=float(loss.detach()), lr=lr)
+                seconds = time.perf_counter() - t0
+                if world > 1:
+                    torch.distributed.all_reduce(sums)
+                mean = (sums[:3] / sums[3].clamp_min(1)).tolist()
+                images_per_s = float(sums[3].item()) * bs / max(seconds, 1e-9)  # all ranks' images
+                lr = cosine_lr(global_step - 1, total_steps, cfg.lr, cfg.min_lr)  # the epoch's last step
 
-            val_cm, val_miou = None, None
-            last_epoch = epoch + 1 == cfg.epochs
-            if val_ds is not None and cfg.val_every and ((epoch + 1) % cfg.val_every == 0 or last_epoch):
-                val_cm = distributed_confusion(model, val_ds, device, cfg.amp, progress=progress)
-                val_miou = miou(val_cm, cfg.miou_convention)
+                val_cm, val_miou = None, None
+                last_epoch = epoch + 1 == cfg.epochs
+                if val_ds is not None and cfg.val_every and ((epoch + 1) % cfg.val_every == 0 or last_epoch):
+                    val_cm = distributed_confusion(model, val_ds, device, cfg.amp, progress=progress)
+                    val_miou = miou(val_cm, cfg.miou_convention)
 
-            if main:
-                rows.append({"epoch": epoch + 1, "phase": phase, "steps": int(sums[3].item()) // world,
-                             "lr": f"{lr:.6g}", "loss": f"{mean[0]:.6f}", "ce": f"{mean[1]:.6f}",
-                             "dice": f"{mean[2]:.6f}",
-                             "val_miou": "" if val_miou is None else f"{val_miou:.6f}",
-                             "images_per_s": f"{images_per_s:.3f}", "seconds": f"{seconds:.3f}"})
-                _write_log(log_path, rows)
-                payload = {
-                    "kind": "segmentation", "arch": ARCH, "kwargs": cfg.model_kwargs(),
-                    "config": cfg.to_dict(), "epoch": epoch + 1, "phase": phase,
-                    "global_step": global_step, "state_dict": unwrap(model).state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": {"type": "cosine", "lr": cfg.lr, "min_lr": cfg.min_lr,
-                                  "total_steps": total_steps, "step": global_step},
-                    "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                    "rng": get_rng_state(), "normalisation": cfg.normalisation,
-                    "class_names": class_names(cfg.num_classes),
-                    "data": {"images": str(images_dir), "labels": str(labels_dir)},
-                    "val_confusion": None if val_cm is None else val_cm.cpu().numpy().astype(np.int64),
-                }
-                save_checkpoint(last_path, payload)
+                position = f"the end of epoch {epoch + 1}/{cfg.epochs}"
+                if main:
+                    rows.append({"epoch": epoch + 1, "phase": phase, "steps": int(sums[3].item()) // world,
+                                 "lr": f"{lr:.6g}", "loss": f"{mean[0]:.6f}", "ce": f"{mean[1]:.6f}",
+                                 "dice": f"{mean[2]:.6f}",
+                                 "val_miou": "" if val_miou is None else f"{val_miou:.6f}",
+                                 "images_per_s": f"{images_per_s:.3f}", "seconds": f"{seconds:.3f}"})
+                    _write_log(log_path, rows)
+                    payload = make_payload(epoch + 1, 0, phase, bs, None, val_cm)
+                    save_checkpoint(last_path, payload)
+    except KeyboardInterrupt as exc:
+        if main:
+            what = (f"saved {last_path} at {position}" if str(exc) == "saved" else
+                    f"{last_path} holds the last completed epoch" if last_path.exists()
+                    else "no checkpoint was written yet")
+            hint = _resume_hint(images_dir, labels_dir, out_dir, val_images_dir, val_labels_dir)
+            console.print(f"[yellow]interrupted:[/] {escape(what)}. Resume with: {escape(hint)}",
+                          highlight=False, soft_wrap=True)
+        raise
     if main and payload is not None and (not final_path.exists() or start_epoch < cfg.epochs):
         save_checkpoint(final_path, payload)
     if world > 1:

@@ -108,7 +108,8 @@ def test_stage_summary_sums_kinds(tmp_path):
 def test_saved_tensor_count_matches_hand_count():
     import torch
 
-    assert extrapolate(10, 14, 8) == 38  # 10 + 7 * 4
+    assert extrapolate(10, 14, 8, b1=1, b2=2) == 38  # 10 + 7 * 4
+    assert extrapolate(10, 18, 8) == 34  # batch 2 -> 10, batch 4 -> 18: 4 per sample
     w = torch.nn.Parameter(torch.ones(4, 3))
     x = torch.ones(5, 4, requires_grad=True)
 
