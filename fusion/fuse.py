@@ -214,16 +214,9 @@ def fuse_folder(method, ir_dir: Path | str, vi_dir: Path | str, out_dir: Path | 
                                          num_workers=workers, collate_fn=_identity)
     bar = task = None
     if progress and todo:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-        bar = Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TimeElapsedColumn(), TimeRemainingColumn())
+        from fusion.progress import make_progress
+
+        bar = make_progress()
         bar.start()
         task = bar.add_task(f"fusing ({name})", total=len(todo))
     written = 0

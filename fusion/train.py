@@ -331,17 +331,11 @@ def _train(cfg: FusionTrainConfig, out_dir: Path, resume: bool, progress: bool,
 
     bar = None
     if progress and main:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-        bar = Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                       console=console)
+        from rich.progress import TextColumn
+
+        from fusion.progress import make_progress
+
+        bar = make_progress(TextColumn("{task.fields[info]}"), console=console)
         bar.start()
     position = "before the first epoch"
     try:

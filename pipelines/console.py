@@ -2,27 +2,12 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+
+from fusion.progress import make_progress as _make_progress
 
 console = Console(stderr=False)
 
 
-def make_progress(*extra_columns, transient: bool = False) -> Progress:
-    """A rich progress bar with count, elapsed and remaining time, plus ``extra_columns``."""
-    return Progress(
-        TextColumn("[bold blue]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        *extra_columns,
-        console=console,
-        transient=transient,
-    )
+def make_progress(*extra_columns, transient: bool = False):
+    """fuseseg's standard progress bar on the shared console (see :mod:`fusion.progress`)."""
+    return _make_progress(*extra_columns, console=console, transient=transient)

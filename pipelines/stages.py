@@ -205,7 +205,7 @@ def stage_train_fusion(cfg: ExperimentConfig, run_dir: Path, plan: Plan, m: Fusi
         return None, fingerprint("static", m.method, m.kwargs)
     tcfg = _method_train_cfg(cfg, m, data_root, cfg.device)
     fp = fingerprint("train", data_fp, to_dict(tcfg))
-    out = run_dir / "fusion" / m.name
+    out = run_dir / "train_fusion" / m.name
     with _Stage(run_dir, f"train_fusion/{m.name}", fp, plan, "train_fusion") as st:
         if not st.skip:
             from fusion.train import train_fusion
@@ -321,7 +321,7 @@ def stage_segment(cfg: ExperimentConfig, run_dir: Path, plan: Plan, data_root: P
     seg_cfg = from_dict(type(cfg.segmentation), {**to_dict(cfg.segmentation), "seed": seed, "device": device},
                         "segmentation")
     fp = fingerprint("segment", upstream_fp, to_dict(seg_cfg))
-    out = run_dir / "segmentation" / variant / f"seed{seed}"
+    out = run_dir / "segment" / variant / f"seed{seed}"
     with _Stage(run_dir, f"segment/{variant}/seed{seed}", fp, plan, "segment") as st:
         if not st.skip:
             from segmentation.evaluate import evaluate_segmenter
@@ -380,7 +380,7 @@ def stage_report(cfg: ExperimentConfig, run_dir: Path, plan: Plan, data_root: Pa
         for v in variants:
             evs = []
             for seed in cfg.seg_seeds:
-                p = run_dir / "segmentation" / v / f"seed{seed}" / "eval.json"
+                p = run_dir / "segment" / v / f"seed{seed}" / "eval.json"
                 if p.is_file():
                     evs.append(json.loads(p.read_text()))
                     cm = np.load(p.parent / "per_image_confusion.npy")
@@ -402,7 +402,7 @@ def stage_report(cfg: ExperimentConfig, run_dir: Path, plan: Plan, data_root: Pa
         if missing:
             console.print(f"[yellow]no segmentation results yet for: {', '.join(missing)}[/] "
                           "(run them, e.g. on another machine with --variants, and copy their "
-                          "segmentation/<variant>/ folders here)")
+                          "segment/<variant>/ folders here)")
         sections = [("Segmentation (mIoU)", paths["md"].read_text())]
         mjson = run_dir / "metrics" / "metrics.json"
         if mjson.is_file():
@@ -443,7 +443,7 @@ def _figure_rows(cfg, run_dir, data_root, variants, fused):
                 cols.append((name, read_visible(imgs[stem])))
         cols.append(("ground truth", colorize(read_label(pairs.labels[stem]))))
         for v in variants:
-            pred = run_dir / "segmentation" / v / f"seed{seed}" / "predictions" / f"{stem}.png"
+            pred = run_dir / "segment" / v / f"seed{seed}" / "predictions" / f"{stem}.png"
             if pred.is_file():
                 cols.append((f"pred {v}", read_visible(pred)))
         rows.append((stem, cols))

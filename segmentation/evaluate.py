@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from fusion.data.io import write_image
 from fusion.data.pairs import IGNORE_INDEX, MSRS_CLASSES
 from fusion.errors import ConfigError
+from fusion.progress import make_progress
 from fusion.runtime import OOMGuard, autocast, dist_info, resolve_device
 from segmentation.data import LabelledFolder, normalise
 from segmentation.metrics import CONVENTIONS, confusion_matrix, iou_from_confusion, miou, pixel_accuracy
@@ -112,8 +113,7 @@ def predict(model: torch.nn.Module, x: torch.Tensor, amp: str = "auto") -> torch
 
 
 def _progress(enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), disable=not enabled, transient=True)
+    return make_progress(disable=not enabled, transient=True)
 
 
 def confusion_over(model: torch.nn.Module, dataset: LabelledFolder, device: torch.device,

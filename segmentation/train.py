@@ -54,18 +54,12 @@ import torch
 import yaml
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress, TextColumn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from fusion.data.io import atomic_write_text
 from fusion.errors import CheckpointError, ConfigError, DataError, FusesegError
+from fusion.progress import make_progress
 from fusion.runtime import (
     OOMGuard,
     StopRequest,
@@ -150,10 +144,8 @@ def _read_log(path: Path, upto_epoch: int) -> list[dict]:
 
 
 def _progress(enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}"),
-                    disable=not enabled)
+    return make_progress(TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}"),
+                         disable=not enabled)
 
 
 def _check_resume_config(cfg: SegConfig, saved: dict, path: Path) -> None:

@@ -141,7 +141,7 @@ def assert_same_results(a: Path, b: Path) -> None:
     fused_b = {str(p.relative_to(b)): p.read_bytes() for p in sorted((b / "fused").rglob("*.png"))}
     assert len(fused_a) == 10 and fused_a.keys() == fused_b.keys()
     assert [k for k in fused_a if fused_a[k] != fused_b[k]] == []
-    for rel in ("fusion/sspfusion/final.pt", "segmentation/ir/seed0/final.pt",
+    for rel in ("train_fusion/sspfusion/final.pt", "segment/ir/seed0/final.pt",
                 "segmentation/sspfusion/seed0/final.pt"):
         sa, sb = state_dict(a / rel), state_dict(b / rel)
         assert sa.keys() == sb.keys()
@@ -154,7 +154,7 @@ def assert_same_results(a: Path, b: Path) -> None:
 def test_interrupt_kill_concurrent_run_and_resume_equal_uninterrupted_run(ws, reference, capsys):
     cfg = write_config(ws, tiny_config(ws, "crash"))
     run_dir = ws / "results" / "crash"
-    last = run_dir / "fusion" / "sspfusion" / "last.pt"
+    last = run_dir / "train_fusion" / "sspfusion" / "last.pt"
 
     # 1. Ctrl-C during fusion training: checkpoint at the stop position, resume hint, exit 130
     log = ws / "sigint.log"
@@ -324,12 +324,12 @@ def test_16bit_infrared_is_accepted_and_ir16_is_checked(ws, reference, capsys):
 
 def _corrupt(ws, ref):
     p = ws / "corrupt.pt"
-    p.write_bytes((ref / "fusion" / "sspfusion" / "final.pt").read_bytes()[:5000])
+    p.write_bytes((ref / "train_fusion" / "sspfusion" / "final.pt").read_bytes()[:5000])
     return p, {}, ["corrupt or not a fuseseg checkpoint", "Delete it and retrain"]
 
 
 def _other_method(ws, ref):
-    ck = torch.load(ref / "fusion" / "sspfusion" / "final.pt", map_location="cpu", weights_only=False)
+    ck = torch.load(ref / "train_fusion" / "sspfusion" / "final.pt", map_location="cpu", weights_only=False)
     ck["method"] = "sspfusion_no_sfe"
     p = ws / "other_method.pt"
     torch.save(ck, p)
@@ -337,12 +337,12 @@ def _other_method(ws, ref):
 
 
 def _segmentation_ckpt(ws, ref):
-    return (ref / "segmentation" / "ir" / "seed0" / "final.pt", {},
+    return (ref / "segment" / "ir" / "seed0" / "final.pt", {},
             ["is not a fusion checkpoint (kind='segmentation')", "written by `fuseseg train-fusion`"])
 
 
 def _other_shape(ws, ref):
-    return (ref / "fusion" / "sspfusion" / "final.pt", {"levels": 2, "channels": [4, 8, 12]},
+    return (ref / "train_fusion" / "sspfusion" / "final.pt", {"levels": 2, "channels": [4, 8, 12]},
             ["does not fit this model", "Use the settings it was trained with"])
 
 
@@ -480,7 +480,7 @@ def test_out_of_memory_names_the_setting_to_lower(ws, reference, one_thread, tmp
     # evaluation (batch 1 at full size): says what to change instead
     monkeypatch.setattr(seg_eval, "predict", _oom)
     with pytest.raises(FusesegError) as e:
-        seg_eval.evaluate_segmenter(reference / "segmentation" / "ir" / "seed0" / "final.pt",
+        seg_eval.evaluate_segmenter(reference / "segment" / "ir" / "seed0" / "final.pt",
                                     ws / "data" / "test" / "ir", ws / "data" / "test" / "Segmentation_labels",
                                     device="cpu")
     msg = str(e.value)

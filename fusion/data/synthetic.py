@@ -1018,16 +1018,9 @@ def make_synthetic(out, n_train: int, n_test: int, size: tuple[int, int] = (240,
     chunks = [list(range(a, min(n, a + chunk))) for a in range(0, n, chunk)]
     bar = None
     if progress:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-        bar = Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TimeElapsedColumn(), TimeRemainingColumn())
+        from fusion.progress import make_progress
+
+        bar = make_progress()
         bar.start()
         task = bar.add_task("synthetic scenes", total=n)
     try:
