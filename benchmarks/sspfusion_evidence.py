@@ -32,6 +32,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--structure-epochs", type=int, default=3)
     ap.add_argument("--crop", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=2e-3, help="CPU schedule (see fusion/README.md); paper: 2e-4")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", type=Path, default=REPO / "results" / "evidence-sspfusion")
@@ -45,7 +46,7 @@ def main(argv=None) -> dict:
     for name in args.variants.split(","):
         cfg = from_dict(FusionTrainConfig, {
             "method": name, "data_root": str(REAL / "roadscene"), "structure_epochs": args.structure_epochs,
-            "epochs": args.epochs, "batch_size": args.batch_size, "crop_size": args.crop, "workers": 0,
+            "epochs": args.epochs, "batch_size": args.batch_size, "crop_size": args.crop, "lr": args.lr, "workers": 0,
             "cache_images": True, "device": "cpu"})
         run = out / "train" / name
         t0 = time.perf_counter()

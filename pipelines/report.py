@@ -143,50 +143,37 @@ def write_miou_tables(out_dir: Path, rows: list[dict], class_names: list[str], p
     return paths
 
 
-def rich_miou_table(rows: list[dict], class_names: list[str], protocol: str):
+def rich_miou_table(rows: list[dict], class_names: list[str], protocol: str, width: int | None = None):
+    """The mIoU table for the terminal, best per column in bold green. When ``width`` (the
+    console's) is too narrow for one column per class, it is shown transposed (one column per
+    variant); the files always have one row per variant."""
     from rich.table import Table
 
-    t = Table(title="Segmentation mIoU per input variant", caption=protocol, caption_justify="left")
-    t.add_column("variant", style="bold")
-    for c in class_names + ["mIoU"]:
-        t.add_column(c, justify="right")
     getters = [(lambda r, c=c: r["per_class"][c][0]) for c in class_names] + [lambda r: r["miou"][0]]
+    labels = class_names + ["mIoU"]
     best = [_best(rows, g) for g in getters]
+
+    def cell(r, i):
+        v = getters[i](r)
+        s = _fmt(v, r["miou"][1] if i == len(class_names) else None)
+        if v is not None and best[i] is not None and not np.isnan(v) and abs(v - best[i]) < 1e-12:
+            s = f"[bold green]{s}[/]"
+        return s
+
+    t = Table(title="Segmentation mIoU per input variant", caption=protocol, caption_justify="left")
+    if width is not None and width < 14 + 10 * len(labels):
+        t.add_column("class", style="bold")
+        for r in rows:
+            t.add_column(r["variant"], justify="right")
+        for i, name in enumerate(labels):
+            t.add_row(name, *(cell(r, i) for r in rows))
+        return t
+    t.add_column("variant", style="bold")
+    for c in labels:
+        t.add_column(c, justify="right")
     for r in rows:
-        cells = []
-        for i, (g, b) in enumerate(zip(getters, best)):
-            v = g(r)
-            std = r["miou"][1] if i == len(class_names) else None
-            s = _fmt(v, std)
-            if v is not None and b is not None and not np.isnan(v) and abs(v - b) < 1e-12:
-                s = f"[bold green]{s}[/]"
-            cells.append(s)
-        t.add_row(r["variant"], *cells)
+        t.add_row(r["variant"], *(cell(r, i) for i in range(len(labels))))
     return t
-
-
-def metrics_markdown(d: dict) -> str:
-    """Markdown table of the data-set means in a scorer's metrics.json (best per metric bold)."""
-    names, lower = d["metrics"], set(d.get("lower_is_better", []))
-    methods = d["methods"]
-    best = {}
-    for k in names:
-        vals = [m["mean"][k] for m in methods.values() if m["mean"].get(k) is not None]
-        if vals:
-            best[k] = min(vals) if k in lower else max(vals)
-    lines = [f"Convention: {d['convention_text']}. Means over {d['n_images']} test images; "
-             f"lower is better for {', '.join(sorted(lower))}, higher for the others.", "",
-             "| method | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    for name, m in methods.items():
-        cells = []
-        for k in names:
-            v = m["mean"].get(k)
-            s = "-" if v is None else f"{v:.4g}"
-            if v is not None and k in best and abs(v - best[k]) <= 1e-12 * max(1.0, abs(v)):
-                s = f"**{s}**"
-            cells.append(s)
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- report

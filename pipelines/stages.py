@@ -398,7 +398,7 @@ def stage_report(cfg: ExperimentConfig, run_dir: Path, plan: Plan, data_root: Pa
                                                     convention=cfg.segmentation.miou_convention))
         tables = run_dir / "tables"
         paths = rep.write_miou_tables(tables, rows, class_names, proto_text, proto, gains)
-        console.print(rep.rich_miou_table(rows, class_names, proto_text))
+        console.print(rep.rich_miou_table(rows, class_names, proto_text, width=console.width))
         if missing:
             console.print(f"[yellow]no segmentation results yet for: {', '.join(missing)}[/] "
                           "(run them, e.g. on another machine with --variants, and copy their "

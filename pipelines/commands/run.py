@@ -82,7 +82,7 @@ def compare(args) -> int:
     text = "merged runs: " + ", ".join(str(r) for r in args.runs)
     if warnings:
         text += " (PROTOCOLS DIFFER: not comparable)"
-    console.print(rep.rich_miou_table(rows, classes, text))
+    console.print(rep.rich_miou_table(rows, classes, text, width=console.width))
     if args.out:
         rep.write_miou_tables(args.out, rows, classes, text, proto, [])
         console.print(f"written: {args.out}/miou.md, miou.csv, miou.json")
