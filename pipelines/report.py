@@ -176,6 +176,30 @@ def rich_miou_table(rows: list[dict], class_names: list[str], protocol: str, wid
     return t
 
 
+def metrics_markdown(d: dict) -> str:
+    """Markdown table of the data-set means in a scorer's metrics.json (best per metric bold)."""
+    names, lower = d["metrics"], set(d.get("lower_is_better", []))
+    methods = d["methods"]
+    best = {}
+    for k in names:
+        vals = [m["mean"][k] for m in methods.values() if m["mean"].get(k) is not None]
+        if vals:
+            best[k] = min(vals) if k in lower else max(vals)
+    lines = [f"Convention: {d['convention_text']}. Means over {d['n_images']} test images; "
+             f"lower is better for {', '.join(sorted(lower))}, higher for the others.", "",
+             "| method | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for name, m in methods.items():
+        cells = []
+        for k in names:
+            v = m["mean"].get(k)
+            s = "-" if v is None else f"{v:.4g}"
+            if v is not None and k in best and abs(v - best[k]) <= 1e-12 * max(1.0, abs(v)):
+                s = f"**{s}**"
+            cells.append(s)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- report
 def svg_bar_chart(values: list[tuple[str, float, float]], title: str = "mIoU per input variant") -> str:
     """A small self-contained SVG bar chart of (name, mean, std) with error bars."""
