@@ -142,11 +142,11 @@ def assert_same_results(a: Path, b: Path) -> None:
     assert len(fused_a) == 10 and fused_a.keys() == fused_b.keys()
     assert [k for k in fused_a if fused_a[k] != fused_b[k]] == []
     for rel in ("train_fusion/sspfusion/final.pt", "segment/ir/seed0/final.pt",
-                "segmentation/sspfusion/seed0/final.pt"):
+                "segment/sspfusion/seed0/final.pt"):
         sa, sb = state_dict(a / rel), state_dict(b / rel)
         assert sa.keys() == sb.keys()
         assert [k for k in sa if not torch.equal(sa[k], sb[k])] == [], rel
-    for rel in ("tables/miou.json", "metrics/metrics.json", "segmentation/sspfusion/seed0/eval.json"):
+    for rel in ("tables/miou.json", "metrics/metrics.json", "segment/sspfusion/seed0/eval.json"):
         assert json.loads((a / rel).read_text()) == json.loads((b / rel).read_text()), rel
     assert (a / "tables" / "miou.csv").read_bytes() == (b / "tables" / "miou.csv").read_bytes()
 
