@@ -25,8 +25,6 @@ import datetime as dt
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -42,14 +40,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _median_time(fn, reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of ``fn()`` over ``reps`` calls after ``warmup`` (see benchmarks.common.timed)."""
+    from benchmarks.common import timed
+
+    return timed(fn, repeats=reps, warmup=warmup).median
 
 
 def matmul_gflops(n: int = 2048, reps: int = 5) -> float:

@@ -146,11 +146,12 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_dicts(base: dict, extra: dict) -> dict:
+    """``base`` updated recursively with ``extra`` (nested mappings merged, other values replaced)."""
     out = dict(base)
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = merge_dicts(out[k], v)
         else:
             out[k] = v
     return out
@@ -173,7 +174,7 @@ def read_yaml(path: Path | str) -> dict:
 def load_config(cls: type[T], path: Path | str | None = None, overrides: list[str] | None = None) -> T:
     """Load ``cls`` from the YAML file ``path`` (defaults when None) with ``key=value`` overrides."""
     data = read_yaml(path) if path else {}
-    data = _merge(data, parse_overrides(overrides or []))
+    data = merge_dicts(data, parse_overrides(overrides or []))
     where = str(path) if path else "config"
     return from_dict(cls, data, where)
 

@@ -18,17 +18,11 @@ from pathlib import Path
 
 from rich.table import Table
 
-from pipelines.config import from_dict, parse_overrides, read_yaml
+from pipelines.config import from_dict, merge_dicts, parse_overrides, read_yaml
 from pipelines.console import console
 
 SECTION = "segmentation"
 
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def load_seg_config(path: str | Path | None, overrides: list[str]):
@@ -45,8 +39,8 @@ def load_seg_config(path: str | Path | None, overrides: list[str]):
             data, where = raw, str(path)
     extra = parse_overrides(overrides)
     if isinstance(extra.get(SECTION), dict):
-        extra = _merge({k: v for k, v in extra.items() if k != SECTION}, extra[SECTION])
-    return from_dict(SegConfig, _merge(data, extra), where)
+        extra = merge_dicts({k: v for k, v in extra.items() if k != SECTION}, extra[SECTION])
+    return from_dict(SegConfig, merge_dicts(data, extra), where)
 
 
 def _train(args) -> int:
