@@ -179,6 +179,27 @@ def load_config(cls: type[T], path: Path | str | None = None, overrides: list[st
     return from_dict(cls, data, where)
 
 
+def load_section_config(cls: type[T], section: str, path: Path | str | None, overrides: list[str],
+                        inherit: tuple[str, ...] = ()) -> T:
+    """``cls`` from a YAML file holding its keys at the top level or under ``section:`` (an
+    experiment file), plus ``key=value`` or ``section.key=value`` overrides. Top-level keys named in
+    ``inherit`` (e.g. ``plugins``) are copied into the section when it lacks them."""
+    data, where = {}, section
+    if path is not None:
+        raw = read_yaml(path)
+        if section in raw:
+            data, where = dict(raw[section] or {}), f"{path}: {section}"
+            for key in inherit:
+                if raw.get(key) and key not in data:
+                    data[key] = raw[key]
+        else:
+            data, where = raw, str(path)
+    extra = parse_overrides(overrides)
+    if isinstance(extra.get(section), dict):
+        extra = merge_dicts({k: v for k, v in extra.items() if k != section}, extra[section])
+    return from_dict(cls, merge_dicts(data, extra), where)
+
+
 def dump_config(cfg, path: Path | str) -> None:
     """Write the resolved config ``cfg`` as YAML to ``path`` (atomically)."""
     from fusion.data.io import atomic_write_text

@@ -29,6 +29,17 @@ def write_png(path: Path, arr: np.ndarray) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's tests with one torch thread (small tensors: threads only add overhead)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def make_pairs(tmp_path):
     """Factory: a pair folder ``root/{ir,vi[,Segmentation_labels]}`` with ``n`` random pairs."""

@@ -30,12 +30,7 @@ TESTS = Path(__file__).resolve().parent
 TIMING_KEYS = ("images_per_s", "seconds")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -34,12 +34,7 @@ TINY = dict(encoder="tu-mobilenetv3_small_050", decoder_channels=16, crop_size=3
             device="cpu", lr=0.05, min_lr=0.0, epochs=2, frozen_epochs=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_scenes(root: Path, n: int, size: int = 40, seed: int = 0, ignore_row: bool = True):

@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from fusion.errors import ConfigError
-from pipelines.config import from_dict, merge_dicts, parse_overrides, read_yaml
+from pipelines.config import load_section_config, parse_overrides
 from pipelines.console import console
 
 SECTION = "fusion_train"
@@ -26,20 +26,7 @@ def load_train_config(path: str | Path | None, overrides: list[str]):
     ``key=value`` overrides."""
     from fusion.train import FusionTrainConfig
 
-    data, where = {}, "fusion_train"
-    if path is not None:
-        raw = read_yaml(path)
-        if SECTION in raw:
-            data = dict(raw[SECTION] or {})
-            if raw.get("plugins") and "plugins" not in data:
-                data["plugins"] = list(raw["plugins"])
-            where = f"{path}: {SECTION}"
-        else:
-            data, where = raw, str(path)
-    extra = parse_overrides(overrides)
-    if isinstance(extra.get(SECTION), dict):
-        extra = merge_dicts({k: v for k, v in extra.items() if k != SECTION}, extra[SECTION])
-    return from_dict(FusionTrainConfig, merge_dicts(data, extra), where)
+    return load_section_config(FusionTrainConfig, SECTION, path, overrides, inherit=("plugins",))
 
 
 def _train(args) -> int:

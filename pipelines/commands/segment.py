@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from pipelines.config import from_dict, merge_dicts, parse_overrides, read_yaml
+from pipelines.config import load_section_config
 from pipelines.console import console
 
 SECTION = "segmentation"
@@ -30,17 +30,7 @@ def load_seg_config(path: str | Path | None, overrides: list[str]):
     ``key=value`` overrides."""
     from segmentation.config import SegConfig
 
-    data, where = {}, SECTION
-    if path is not None:
-        raw = read_yaml(path)
-        if SECTION in raw:
-            data, where = dict(raw[SECTION] or {}), f"{path}: {SECTION}"
-        else:
-            data, where = raw, str(path)
-    extra = parse_overrides(overrides)
-    if isinstance(extra.get(SECTION), dict):
-        extra = merge_dicts({k: v for k, v in extra.items() if k != SECTION}, extra[SECTION])
-    return from_dict(SegConfig, merge_dicts(data, extra), where)
+    return load_section_config(SegConfig, SECTION, path, overrides)
 
 
 def _train(args) -> int:
