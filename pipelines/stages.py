@@ -343,7 +343,8 @@ def stage_segment(cfg: ExperimentConfig, run_dir: Path, plan: Plan, data_root: P
             np.save(out / "per_image_confusion.npy", res.per_image_confusion)
             ev = {"variant": variant, "seed": seed, "per_class_iou": res.per_class_iou_list(),
                   "miou": res.miou, "pixel_accuracy": res.pixel_accuracy,
-                  "confusion": np.asarray(res.confusion).tolist(), "images": res.image_names}
+                  "confusion": np.asarray(res.confusion).tolist(), "images": res.image_names,
+                  "protocol": fingerprint(protocol_of(cfg)[0])}
             from fusion.data.io import atomic_write_text
 
             atomic_write_text(out / "eval.json", json.dumps(ev, indent=2))
@@ -376,20 +377,28 @@ def stage_report(cfg: ExperimentConfig, run_dir: Path, plan: Plan, data_root: Pa
         if st.skip:
             return fp
         class_names = list(MSRS_CLASSES[:cfg.data.num_classes])
-        seg, per_image = {}, {}
+        seg, per_image, stale = {}, {}, []
+        proto, proto_text = protocol_of(cfg)
+        proto_fp = fingerprint(proto)
         for v in variants:
             evs = []
             for seed in cfg.seg_seeds:
                 p = run_dir / "segment" / v / f"seed{seed}" / "eval.json"
                 if p.is_file():
-                    evs.append(json.loads(p.read_text()))
+                    ev = json.loads(p.read_text())
+                    if ev.get("protocol") != proto_fp:  # measured under other settings: never mixed in
+                        stale.append(f"{v}/seed{seed}")
+                        continue
+                    evs.append(ev)
                     cm = np.load(p.parent / "per_image_confusion.npy")
                     per_image[v] = per_image.get(v, 0) + cm
             if evs:
                 seg[v] = evs
         missing = [v for v in variants if v not in seg]
+        if stale:
+            console.print(f"[yellow]left out of the table, measured under another protocol:[/] {', '.join(stale)} "
+                          "(rerun them with this config, e.g. `fuseseg run CONFIG --only segment,report`)")
         rows = rep.miou_rows(seg, class_names)
-        proto, proto_text = protocol_of(cfg)
         gains = []
         if "ir" in per_image and "vi" in per_image:
             for v in per_image:

@@ -122,6 +122,13 @@ def test_run_end_to_end_skip_and_selective_rerun(workspace, monkeypatch):
     assert changed == {"train_fusion__sspfusion", "fuse__sspfusion", "metrics",
                        "segment__sspfusion__seed0", "report"}
 
+    # a report never mixes protocols: results of other segmentation settings are left out
+    assert main(["run", str(cfg2), "segmentation.epochs=2", "--only", "report"]) == 0
+    rows = json.loads((run_dir / "tables" / "miou.json").read_text())["rows"]
+    assert rows == []
+    assert main(["run", str(cfg2)]) == 0       # back to the run's own protocol: all rows again
+    assert len(json.loads((run_dir / "tables" / "miou.json").read_text())["rows"]) == 6
+
     # compare: the run with itself merges; a run with another protocol is refused
     other = workspace / "results" / "other"
     shutil.copytree(run_dir, other)
