@@ -100,16 +100,7 @@ def ws(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """In-process runs use one torch thread, like the subprocesses (OMP_NUM_THREADS=1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def reference(ws, one_thread) -> Path:
+def reference(ws, one_torch_thread) -> Path:
     """An uninterrupted run of the tiny experiment (run folder ``results/ref``)."""
     assert main(["run", str(write_config(ws, tiny_config(ws, "ref")))]) == 0
     return ws / "results" / "ref"
@@ -399,7 +390,7 @@ def seg_data(ws):
     return ws / "data" / "train" / "ir", ws / "data" / "train" / "Segmentation_labels"
 
 
-def test_segmentation_nan_keeps_the_last_good_checkpoint(ws, one_thread, tmp_path, monkeypatch):
+def test_segmentation_nan_keeps_the_last_good_checkpoint(ws, one_torch_thread, tmp_path, monkeypatch):
     import segmentation.train as seg_train
 
     class NaNInSecondEpoch(seg_train.DiceCELoss):
@@ -426,7 +417,7 @@ def _oom(*args, **kwargs):
     raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
-def test_out_of_memory_names_the_setting_to_lower(ws, reference, one_thread, tmp_path, monkeypatch):
+def test_out_of_memory_names_the_setting_to_lower(ws, reference, one_torch_thread, tmp_path, monkeypatch):
     import fusion.train as fusion_train
     import segmentation.evaluate as seg_eval
     import segmentation.train as seg_train
