@@ -36,6 +36,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from fusion import _metric_kernels as _K
 from fusion.errors import DataError
 
 METRICS = ("EN", "SD", "SF", "AG", "MI", "MSE", "CC", "PSNR", "SCD", "VIF", "Qabf", "SSIM", "Nabf")
@@ -43,7 +44,6 @@ LOWER_IS_BETTER = frozenset({"MSE", "Nabf"})
 VIF_MIN_SIDE = 41  # smallest side for which every VIF scale has a non-empty 'valid' region
 
 _LN2 = math.log(2.0)
-_F64 = cv2.CV_64F
 
 
 # ----------------------------------------------------------------------------- input handling
@@ -180,11 +180,11 @@ PRESETS = {
 
 
 # ----------------------------------------------------------------------------- workspace
-_CHUNK_ROWS = 32  # element-wise chains run on row blocks that stay in the L2 cache
+_STRIP_ROWS = 32  # Qabf works on strips of rows whose intermediates stay in the L2 cache
 
 
 class _Workspace(threading.local):
-    """Per-thread reusable full-frame buffers (filter outputs), keyed by name and shape.
+    """Per-thread reusable scratch buffers, keyed by name and size.
 
     Re-using them across triplets of one size avoids fresh multi-MB allocations (page faults)
     for every image; a new image size replaces the set."""
@@ -194,7 +194,7 @@ class _Workspace(threading.local):
         self.bufs: dict[str, np.ndarray] = {}
         self.owner = None  # weak reference to the Triplet whose cached results live in the buffers
 
-    def get(self, name: str, shape: tuple[int, int], frame: tuple[int, int]) -> np.ndarray:
+    def get(self, name: str, shape: tuple[int, ...], frame: tuple[int, int]) -> np.ndarray:
         if frame != self.shape:
             self.shape, self.bufs = frame, {}
         key = f"{name}{shape}"
@@ -205,11 +205,6 @@ class _Workspace(threading.local):
 
 
 _WS = _Workspace()
-
-
-def _row_blocks(r0: int, r1: int, step: int = _CHUNK_ROWS):
-    for a in range(r0, r1, step):
-        yield slice(a, min(a + step, r1))
 
 
 # ----------------------------------------------------------------------------- shared cache
@@ -225,14 +220,6 @@ def _gauss_1d(n: int) -> np.ndarray:
 
 
 _VIF_WINDOWS = {s: _gauss_1d(2 ** (5 - s) + 1) for s in range(1, 5)}
-
-
-def _gfilt(x: np.ndarray, s: int, dst: np.ndarray | None = None) -> np.ndarray:
-    """'Same'-size separable Gaussian filtering of scale ``s``; the caller crops the valid part."""
-    k = _VIF_WINDOWS[s]
-    if dst is None:
-        return cv2.sepFilter2D(x, _F64, k, k, borderType=cv2.BORDER_REFLECT)
-    return cv2.sepFilter2D(x, _F64, k, k, dst=dst, borderType=cv2.BORDER_REFLECT)
 
 
 class Triplet:
@@ -256,9 +243,9 @@ class Triplet:
         t.shape = t.F.shape
         return t
 
-    _BUFFERED = ("centred", "sobel_reflect", "sobel_zero")  # cached results held in workspace buffers
+    _BUFFERED = ("centred",)  # cached results held in workspace buffers
 
-    def buf(self, name: str, shape: tuple[int, int] | None = None) -> np.ndarray:
+    def buf(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
         """A reusable buffer of this thread's workspace. When another Triplet used the workspace
         last, its cached results that live in workspace buffers are dropped (recomputed on use)."""
         prev = _WS.owner() if _WS.owner is not None else None
@@ -274,47 +261,37 @@ class Triplet:
     def u8(self) -> dict[str, np.ndarray | None]:
         return {"F": _uint8_labels(self.F), "A": _uint8_labels(self.A), "B": _uint8_labels(self.B)}
 
-    # --- centred images for CC / SCD
+    @cached_property
+    def integer_sums(self) -> dict[str, int] | None:
+        """Exact sums of the images and of their pairwise products, as Python ints, when all three
+        images hold integers 0..255 (else None).
+
+        Keys "F", "A", "B" (sums) and "FF", "AA", "BB", "AF", "BF", "AB" (sums of products). The
+        float64 dot products are exact: every product and every partial sum is an integer below
+        2^53 for images of fewer than 2^53 / 255^2 (1.4e11) pixels."""
+        if any(v is None for v in self.u8.values()):
+            return None
+        f, a, b = (x.ravel() for x in (self.F, self.A, self.B))
+        ones = self.buf("ones", (f.size,))
+        ones.fill(1.0)
+        out = {"F": f @ ones, "A": a @ ones, "B": b @ ones,
+               "FF": f @ f, "AA": a @ a, "BB": b @ b, "AF": a @ f, "BF": b @ f, "AB": a @ b}
+        return {k: int(v) for k, v in out.items()}
+
+    @cached_property
+    def gradient_sums(self) -> tuple[float, float, float]:
+        """(sum of squared horizontal neighbour differences, of vertical ones, sum over pixels of
+        sqrt((Gx^2 + Gy^2) / 2) with np.gradient's Gx, Gy) of the fused image, in one pass."""
+        return _K.gradient_sums(self.F)
+
+    # --- centred images for CC / SCD (non-integer images)
     @cached_property
     def centred(self) -> dict[str, np.ndarray]:
         """X - mean(X), flattened, for X in F, A, B."""
         return {k: np.subtract(x, x.mean(), out=self.buf(f"c{k}")).ravel()
                 for k, x in (("F", self.F), ("A", self.A), ("B", self.B))}
 
-    # --- Sobel responses: correlation with kx=[[-1,0,1],[-2,0,2],[-1,0,1]] and ky=kx.T
-    def _sobel(self, key: str, border: int) -> tuple[np.ndarray, np.ndarray]:
-        x = getattr(self, key)
-        return (cv2.Sobel(x, _F64, 1, 0, dst=self.buf(f"sx{key}"), ksize=3, borderType=border),
-                cv2.Sobel(x, _F64, 0, 1, dst=self.buf(f"sy{key}"), ksize=3, borderType=border))
-
-    @cached_property
-    def sobel_reflect(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Sobel (gx, gy) with mirror-without-edge-repeat padding (Nabf)."""
-        self.__dict__.pop("sobel_zero", None)  # same buffers
-        return {k: self._sobel(k, cv2.BORDER_REFLECT_101) for k in "FAB"}
-
-    @cached_property
-    def sobel_zero(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Sobel (gx, gy) with zero padding (Qabf). When :attr:`sobel_reflect` is cached its
-        buffers are converted in place (only the one-pixel border differs) and it is dropped."""
-        reflect = self.__dict__.pop("sobel_reflect", None)
-        if reflect is None:
-            return {k: self._sobel(k, cv2.BORDER_CONSTANT) for k in "FAB"}
-        c = cv2.BORDER_CONSTANT
-        for k in "FAB":
-            x = getattr(self, k)
-            gx, gy = reflect[k]
-            for src, row in ((x[:2], 0), (x[-2:], -1)):
-                strip = np.ascontiguousarray(src)
-                gx[row] = cv2.Sobel(strip, _F64, 1, 0, ksize=3, borderType=c)[row]
-                gy[row] = cv2.Sobel(strip, _F64, 0, 1, ksize=3, borderType=c)[row]
-            for src, col in ((x[:, :2], 0), (x[:, -2:], -1)):
-                strip = np.ascontiguousarray(src)
-                gx[:, col] = cv2.Sobel(strip, _F64, 1, 0, ksize=3, borderType=c)[:, col]
-                gy[:, col] = cv2.Sobel(strip, _F64, 0, 1, ksize=3, borderType=c)[:, col]
-        return reflect
-
-    # --- VIF: (A, B, F) at each of the 4 scales
+    # --- VIF: (F, A, B) at each of the 4 scales
     @cached_property
     def vif_pyramid(self) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         h, w = self.shape
@@ -324,15 +301,9 @@ class Triplet:
                             "returns meaningless numbers (scipy swaps the operands) and MATLAB returns "
                             "empty scales, so no value is given: leave VIF out (metrics=[...]) for "
                             "images this small.")
-        levels = {1: (self.A, self.B, self.F)}
-        cur = levels[1]
-        for s in range(2, 5):
-            r = (2 ** (5 - s)) // 2
-            nxt = []
-            for i, x in enumerate(cur):
-                y = _gfilt(x, s, self.buf(f"pyr{s}{i}", x.shape))
-                nxt.append(np.ascontiguousarray(y[r:y.shape[0] - r:2, r:y.shape[1] - r:2]))
-            cur = levels[s] = tuple(nxt)
+        levels = {1: (self.F, self.A, self.B)}
+        for s in range(2, 5):  # scale s: valid Gaussian filter of scale s, then rows/columns 0, 2, 4, ...
+            levels[s] = tuple(_K.decimate(x, _VIF_WINDOWS[s]) for x in levels[s - 1])
         return levels
 
 
@@ -440,60 +411,57 @@ def _mi_from_joint(joint: np.ndarray) -> float:
     return max(float((c * np.log(c * n / (pf[i] * px[j]))).sum() / n), 0.0)
 
 
+def _exact_centred(n: int, sx: int, sy: int, sxy: int) -> int:
+    """n * sum (X - mean X)(Y - mean Y) as an exact integer: n sum XY - sum X sum Y."""
+    return n * sxy - sx * sy
+
+
 def sd_t(t: Triplet) -> float:
+    s = t.integer_sums
+    if s is not None:
+        n = t.F.size
+        return math.sqrt(_exact_centred(n, s["F"], s["F"], s["FF"])) / n
     c = t.centred["F"]
     return math.sqrt(float(np.einsum("i,i->", c, c)) / c.size)
 
 
 def sf_t(t: Triplet, convention: str = "reference") -> float:
-    F = t.F
-    dx = np.subtract(F[:, 1:], F[:, :-1], out=t.buf("sfx")[:, 1:])
-    dy = np.subtract(F[1:], F[:-1], out=t.buf("sfy")[1:])
-    sx, sy = float(np.einsum("ij,ij->", dx, dx)), float(np.einsum("ij,ij->", dy, dy))
+    if convention not in ("reference", "mn"):
+        raise ValueError(f"SF convention {convention!r}; choose 'reference' or 'mn'")
+    sx, sy, _ = t.gradient_sums
+    m, n = t.shape
     if convention == "reference":
-        return math.sqrt(sx / dx.size + sy / dy.size)
-    if convention == "mn":
-        return math.sqrt((sx + sy) / F.size)
-    raise ValueError(f"SF convention {convention!r}; choose 'reference' or 'mn'")
+        return math.sqrt(sx / (m * (n - 1)) + sy / ((m - 1) * n))
+    return math.sqrt((sx + sy) / (m * n))
 
 
 def ag_t(t: Triplet, convention: str = "reference") -> float:
-    # Differences are kept unhalved (borders doubled) and the 1/4 folded into the final 1/8:
-    # scaling by powers of two is exact, so this equals sqrt(((d/2)^2 + (e/2)^2) / 2) bit for bit.
-    F = t.F
-    dx = t.buf("agx")
-    dy = t.buf("agy")
-    np.subtract(F[:, 2:], F[:, :-2], out=dx[:, 1:-1])
-    dx[:, 0] = F[:, 1] - F[:, 0]
-    dx[:, -1] = F[:, -1] - F[:, -2]
-    dx[:, 0] *= 2.0
-    dx[:, -1] *= 2.0
-    np.subtract(F[2:], F[:-2], out=dy[1:-1])
-    dy[0] = F[1] - F[0]
-    dy[-1] = F[-1] - F[-2]
-    dy[0] *= 2.0
-    dy[-1] *= 2.0
-    np.multiply(dx, dx, out=dx)
-    np.multiply(dy, dy, out=dy)
-    dx += dy
-    dx *= 0.125
-    total = float(np.sqrt(dx, out=dx).sum())
-    m, n = F.shape
+    if convention not in ("reference", "matlab"):
+        raise ValueError(f"AG convention {convention!r}; choose 'reference' or 'matlab'")
+    total = t.gradient_sums[2]
+    m, n = t.shape
     if convention == "reference":
         return total / (m * n)
-    if convention == "matlab":
-        return total / ((m - 1) * (n - 1))
-    raise ValueError(f"AG convention {convention!r}; choose 'reference' or 'matlab'")
+    return total / ((m - 1) * (n - 1))
+
+
+def _sse(t: Triplet) -> tuple[float, float]:
+    """(sum (IR - F)^2, sum (VI - F)^2)."""
+    s = t.integer_sums
+    if s is not None:  # exact integers
+        return (float(s["AA"] - 2 * s["AF"] + s["FF"]), float(s["BB"] - 2 * s["BF"] + s["FF"]))
+    d = t.buf("mse")
+    np.subtract(t.A, t.F, out=d)
+    sa = float(np.einsum("ij,ij->", d, d))
+    np.subtract(t.B, t.F, out=d)
+    return sa, float(np.einsum("ij,ij->", d, d))
 
 
 def mse_t(t: Triplet, convention: str = "reference") -> float:
     if convention not in ("reference", "tang"):
         raise ValueError(f"MSE convention {convention!r}; choose 'reference' or 'tang'")
-    d = t.buf("mse")
-    np.subtract(t.A, t.F, out=d)
-    sa = float(np.einsum("ij,ij->", d, d))
-    np.subtract(t.B, t.F, out=d)
-    v = (sa + float(np.einsum("ij,ij->", d, d))) / (2.0 * t.F.size)
+    sa, sb = _sse(t)
+    v = (sa + sb) / (2.0 * t.F.size)
     return v / 65025.0 if convention == "tang" else v
 
 
@@ -521,76 +489,73 @@ def _pearson(xc: np.ndarray, yc: np.ndarray) -> float:
     return float(np.einsum("i,i->", xc, yc)) / math.sqrt(sxx * syy)
 
 
+def _pearson_exact(cxy: int, cxx: int, cyy: int) -> float:
+    """Pearson r from exact integer centred sums (any common factor); 0.0 for a constant input."""
+    if cxx == 0 or cyy == 0:
+        return 0.0
+    return cxy / math.sqrt(cxx) / math.sqrt(cyy)
+
+
 def cc_t(t: Triplet) -> float:
+    s = t.integer_sums
+    if s is not None:
+        n = t.F.size
+        cff = _exact_centred(n, s["F"], s["F"], s["FF"])
+        r = [_pearson_exact(_exact_centred(n, s[k], s["F"], s[k + "F"]),
+                            _exact_centred(n, s[k], s[k], s[k + k]), cff) for k in "AB"]
+        return 0.5 * (r[0] + r[1])
     c = t.centred
     return 0.5 * (_pearson(c["A"], c["F"]) + _pearson(c["B"], c["F"]))
 
 
 def scd_t(t: Triplet) -> float:
+    s = t.integer_sums
+    if s is not None:
+        # r(X, F - Y) from sums: sum X(F - Y) = XF - XY, sum (F - Y)^2 = FF - 2 FY + YY (exact ints)
+        n = t.F.size
+        out = 0.0
+        for x, y in (("A", "B"), ("B", "A")):
+            sd_ = s["F"] - s[y]
+            cxd = _exact_centred(n, s[x], sd_, s[x + "F"] - s["AB"])
+            cdd = _exact_centred(n, sd_, sd_, s["FF"] - 2 * s[y + "F"] + s[y + y])
+            out += _pearson_exact(cxd, _exact_centred(n, s[x], s[x], s[x + x]), cdd)
+        return out
     c = t.centred
     d = t.buf("scd").ravel()
     r1 = _pearson(c["A"], np.subtract(c["F"], c["B"], out=d))
     return r1 + _pearson(c["B"], np.subtract(c["F"], c["A"], out=d))
 
 
+def _vif_flush_rows(levels) -> int:
+    """Rows of per-column products per log10 in the VIF kernel, so that no product overflows.
+
+    Every factor is 1 + g^2 s1 / (sv + 2) <= 1 + s2 / 2 (Cauchy-Schwarz: g^2 s1 <= s12^2 / s1 <= s2)
+    or 1 + s1 / 2, and a windowed variance is at most (max - min)^2 / 4 of its image."""
+    F, A, B = levels[1]
+    spread = max(float(x.max()) - float(x.min()) for x in (F, A, B))
+    if not math.isfinite(spread):
+        return 1
+    per_factor = math.log10(2.0 + 0.13 * spread * spread)  # 1 + 1.04 * spread^2 / 8, with margin
+    return max(1, min(64, int(250.0 / max(per_factor, 1e-3))))
+
+
 def vif_terms_t(t: Triplet) -> tuple[float, float]:
     """(vifp(IR, F), vifp(VI, F)): reference = source, distorted = fused.
 
-    Per scale the 8 filtered moments (F, F^2, A, A^2, AF, B, B^2, BF) go to reusable buffers; the
-    clamping chain then runs on row blocks. It is the reference's chain rewritten without masked
-    assignments: wherever g ends up 0 the numerator term log10(1 + 0) is 0 whatever sv is, so
-    num = sum log10(1 + g^2 s1 / (max(sv, eps) + 2)) with g zeroed outside
-    {s1 >= eps, s2 >= eps, g > 0}, and den uses s1 zeroed where s1 < eps."""
-    eps = 1e-10
+    Each scale is one pass of :func:`fusion._metric_kernels.vif_scale` (the eight windowed
+    moments and the per-pixel clamping chain for both sources, in cache); the scales' images
+    come from :func:`fusion._metric_kernels.decimate`."""
     levels = t.vif_pyramid
+    flush = _vif_flush_rows(levels)
     num = [0.0, 0.0]
     den = [0.0, 0.0]
     for s in range(1, 5):
-        A, B, F = levels[s]
-        h, w = F.shape
-        r = (2 ** (5 - s)) // 2
-        tmp = t.buf(f"vtmp{s}", F.shape)
-        muF = _gfilt(F, s, t.buf(f"vmuF{s}", F.shape))
-        sFF = _gfilt(np.multiply(F, F, out=tmp), s, t.buf(f"vsFF{s}", F.shape))
-        mom = []
-        for i, X in enumerate((A, B)):
-            mom.append((_gfilt(X, s, t.buf(f"vmu{i}{s}", F.shape)),
-                        _gfilt(np.multiply(X, X, out=tmp), s, t.buf(f"vsXX{i}{s}", F.shape)),
-                        _gfilt(np.multiply(X, F, out=tmp), s, t.buf(f"vsXF{i}{s}", F.shape))))
-        cols = slice(r, w - r)  # full-width (contiguous) row blocks; border columns excluded from the sums
-        for rows in _row_blocks(r, h - r):
-            m2 = muF[rows]
-            s2 = m2 * m2
-            np.subtract(sFF[rows], s2, out=s2)  # no clamp needed: only used where s2 >= eps
-            ok2 = s2 >= eps
-            for i in range(2):
-                muX, sXX, sXF = mom[i]
-                m1 = muX[rows]
-                s1 = m1 * m1
-                np.subtract(sXX[rows], s1, out=s1)
-                ok1 = s1 >= eps
-                s1 *= ok1                       # s1 < eps (incl. negative) -> 0, as the reference
-                s12 = m1 * m2
-                np.subtract(sXF[rows], s12, out=s12)
-                keep = ok1 & ok2
-                keep &= s12 > 0                 # g > 0  <=>  s12 > 0 (denominator > 0)
-                g = s1 + eps
-                np.divide(s12, g, out=g)
-                g *= keep
-                sv = g * s12
-                np.subtract(s2, sv, out=sv)
-                np.maximum(sv, eps, out=sv)
-                sv += 2.0
-                x = g * g
-                x *= s1
-                x /= sv
-                x += 1.0
-                np.log10(x, out=x)
-                num[i] += float(x[:, cols].sum())
-                s1 *= 0.5
-                s1 += 1.0
-                np.log10(s1, out=s1)
-                den[i] += float(s1[:, cols].sum())
+        F, A, B = levels[s]
+        n_a, d_a, n_b, d_b = _K.vif_scale(F, A, B, _VIF_WINDOWS[s], flush)
+        num[0] += n_a
+        den[0] += d_a
+        num[1] += n_b
+        den[1] += d_b
     out = []
     for n_, d_ in zip(num, den, strict=True):
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -599,168 +564,67 @@ def vif_terms_t(t: Triplet) -> tuple[float, float]:
     return out[0], out[1]
 
 
-_EXP_M4_4 = math.exp(-22.0 * 0.2)
-
-
 def qabf_t(t: Triplet) -> float:
-    """Qabf on row blocks. Angles are taken as atan(gy/gx) = -atan(Sy/Sx) (conv2 flips Sx's sign),
-    i.e. every angle negated, with -pi/2 where gx == 0: |aX - aF| is unchanged."""
-    sz = t.sobel_zero
+    """Qabf on strips of rows: a compiled pass for the Sobel magnitudes and slopes, numpy's
+    arctan, a compiled pass for the exponent arguments, numpy's exp, a compiled sum."""
+    H, W = t.shape
+    h = min(_STRIP_ROWS, H)
+    g_buf = t.buf("qg", (3 * h * W,))
+    a_buf = t.buf("qa", (3 * h * W,))
+    e_buf = t.buf("qe", (4 * h * W,))
+    scratch = t.buf("qs", (5, W))
     num = 0.0
     den = 0.0
-    half_pi = math.pi / 2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        for rows in _row_blocks(0, t.shape[0]):
-            ga = []
-            for k in "FAB":
-                gx, gy = sz[k][0][rows], sz[k][1][rows]
-                g = cv2.magnitude(gx, gy)
-                a = gy / gx
-                np.arctan(a, out=a)
-                np.copyto(a, -half_pi, where=gx == 0)
-                ga.append((g, a))
-            gF, aF = ga[0]
-            for gX, aX in ga[1:]:
-                G = np.minimum(gX, gF)
-                G /= np.maximum(gX, gF)
-                np.copyto(G, gF, where=gX == gF)  # analysis_Qabf.m: G = gF where gX == gF
-                G -= 0.5
-                G *= -15.0
-                np.exp(G, out=G)
-                G += 1.0                            # Q = 0.9994/G * 0.9879/Aa
-                # exp(-22 (1 - |d|/(pi/2) - 0.8)) = exp(-4.4) exp((22/(pi/2)) |d|)
-                aX -= aF
-                np.abs(aX, out=aX)
-                aX *= 22.0 / half_pi
-                np.exp(aX, out=aX)
-                aX *= _EXP_M4_4
-                aX += 1.0
-                G *= aX
-                num += 0.9994 * 0.9879 * float(np.divide(gX, G, out=G).sum())
-                den += float(gX.sum())
+    for r0 in range(0, H, h):
+        hh = min(h, H - r0)
+        g = g_buf[:3 * hh * W].reshape(3, hh, W)
+        a = a_buf[:3 * hh * W].reshape(3, hh, W)
+        e = e_buf[:4 * hh * W].reshape(4, hh, W)
+        _K.qabf_prepare(t.F, t.A, t.B, r0, g, a, scratch)
+        np.arctan(a, out=a)
+        _K.qabf_arguments(g, a, e)
+        np.exp(e, out=e)
+        n_, d_ = _K.qabf_sums(g, e)
+        num += n_
+        den += d_
     if den == 0.0:
         return 0.0  # gradient-free (all-zero) sources: nothing to transfer (documented)
     return num / den
 
 
-def _nabf_from_sobel(s: dict[str, tuple[np.ndarray, np.ndarray]], f: str, i1: str, i2: str,
-                     shape: tuple[int, int]) -> float:
-    """Nabf from unscaled reflect-padded Sobel responses of f, I1, I2 (analysis_nabf.m order).
-
-    The /8 scaling is exact (power of two), so ratios and angles use the unscaled responses and
-    only the weights and the threshold use g/8. The numerator needs Q only where na = 1
-    (gF > gA and gF > gB), so angles and Q are evaluated on those pixels alone."""
-    num = 0.0
-    den = 0.0
-    n_small = 0
-    for rows in _row_blocks(0, shape[0], 64):
-        g = {}
-        for k in (f, i1, i2):
-            m = cv2.magnitude(s[k][0][rows], s[k][1][rows])
-            m *= 0.125
-            g[k] = m
-        for k in (i1, i2):
-            big = g[k] >= 2.0
-            w = np.sqrt(g[k])
-            w *= g[k]
-            den += float(np.sum(w, where=big))
-            n_small += int(big.size - np.count_nonzero(big))
-        na = g[f] > g[i1]
-        na &= g[f] > g[i2]
-        idx = np.flatnonzero(na)
-        if idx.size == 0:
-            continue
-        gF = g[f].ravel()[idx]
-        gxF, gyF = s[f][0][rows].ravel()[idx], s[f][1][rows].ravel()[idx]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            aF = np.arctan(gxF / gyF)  # gF > 0 here, so never 0/0
-            for k in (i1, i2):
-                gX = g[k].ravel()[idx]
-                gx, gy = s[k][0][rows].ravel()[idx], s[k][1][rows].ravel()[idx]
-                aX = np.arctan(gx / gy)
-                aX[(gx == 0) & (gy == 0)] = 0.0
-                G = np.minimum(gX, gF) / np.maximum(gX, gF)
-                G[gX == 0] = 0.0  # gF > 0 on these pixels
-                Aa = np.abs(np.abs(aX - aF) - math.pi / 2) * (2.0 / math.pi)
-                Qg = 0.9999 / (1.0 + np.exp(-19.0 * (G - 0.5)))
-                Qa = 0.9995 / (1.0 + np.exp(-22.0 * (Aa - 0.5)))
-                w = np.where(gX >= 2.0, gX * np.sqrt(gX), 0.001)
-                num += float(((1.0 - np.sqrt(Qg * Qa)) * w).sum())
-    den += 0.001 * n_small
-    return num / den
-
-
 def nabf_t(t: Triplet, order: str = "correct") -> float:
+    """Nabf: a compiled dense pass (gradients, weights, the artefact mask), then the angles and
+    logistic factors of the masked pixels only."""
     if order not in ("correct", "tang_head"):
         raise ValueError(f"Nabf order {order!r}; choose 'correct' or 'tang_head'")
-    s = t.sobel_reflect
-    if order == "correct":
-        return _nabf_from_sobel(s, "F", "A", "B", t.shape)
     # analysis_Reference.m HEAD: analysis_nabf(img1=ir, img2=vi, img_f) vs signature (f, I1, I2)
-    return _nabf_from_sobel(s, "A", "B", "F", t.shape)
+    f, i1, i2 = (t.F, t.A, t.B) if order == "correct" else (t.A, t.B, t.F)
+    H, W = t.shape
+    comp = t.buf("nc", (6, H * W))
+    den, m = _K.nabf_dense(f, i1, i2, comp, t.buf("ns", (12, W)))
+    if m == 0:
+        return 0.0
+    angles = comp[3:6, :m]
+    np.arctan(angles, out=angles)
+    e = t.buf("ne", (4 * H * W,))[:4 * m].reshape(4, m)
+    _K.nabf_arguments(comp, m, e)
+    np.exp(e, out=e)
+    return _K.nabf_numerator(comp, m, e) / den
 
 
 def ssim_terms_t(t: Triplet, data_range: float = 2.0) -> tuple[float, float]:
     """(SSIM(F, IR), SSIM(F, VI)) with skimage's defaults (7x7 uniform, sample covariance).
 
-    7x7 box sums (OpenCV, reusable buffers); the map is evaluated only on the interior the
-    reference averages (3 px cropped), on row blocks."""
+    One compiled pass (:func:`fusion._metric_kernels.ssim_pair`): 7x7 window sums of the eight
+    moments and the SSIM map on the interior the reference averages (3 px cropped)."""
     h, w = t.shape
     if min(h, w) < 7:
         raise DataError(f"SSIM needs images of at least 7x7 px; got {h}x{w}.")
     c1 = (0.01 * data_range) ** 2
     c2 = (0.03 * data_range) ** 2
-    cov = 49.0 / 48.0
-    F = t.F
-    tmp = t.buf("stmp")
-
-    def box(x, name):
-        return cv2.boxFilter(x, _F64, (7, 7), dst=t.buf(name), normalize=False,
-                             borderType=cv2.BORDER_REFLECT)
-
-    bF = box(F, "sF")
-    bFF = box(np.multiply(F, F, out=tmp), "sFF")
-    mom = []
-    for i, X in enumerate((t.A, t.B)):
-        mom.append((box(X, f"s{i}"), box(np.multiply(X, X, out=tmp), f"sXX{i}"),
-                    box(np.multiply(F, X, out=tmp), f"sFX{i}")))
-    # In box sums S (= 49 x the window means) the map is
-    #   (2 SF SX + K1)(2 cov (49 SFX - SF SX) + K2) / ((SF^2 + SX^2 + K1)(cov (49 SFF - SF^2 + 49 SXX - SX^2) + K2))
-    # with K = 49^2 C: the 49^4 factors cancel. For integer images every box sum and the
-    # 49 S2 - S^2 differences are exact integers in float64.
-    k1 = 2401.0 * c1
-    k2 = 2401.0 * c2
-    total = [0.0, 0.0]
-    cols = slice(3, w - 3)  # full-width (contiguous) row blocks; border columns excluded from the sums
-    for rows in _row_blocks(3, h - 3):
-        sF = bF[rows]
-        sF2 = sF * sF
-        vF = bFF[rows] * 49.0
-        vF -= sF2                               # 49 SFF - SF^2
-        for i in range(2):
-            bX, bXX, bFX = mom[i]
-            sX = bX[rows]
-            p = sF * sX
-            a2 = bFX[rows] * 49.0
-            a2 -= p
-            a2 *= 2.0 * cov
-            a2 += k2                            # 2 cov (49 SFX - SF SX) + K2
-            p *= 2.0
-            p += k1                             # 2 SF SX + K1
-            p *= a2
-            sX2 = sX * sX
-            b2 = bXX[rows] * 49.0
-            b2 -= sX2
-            b2 += vF
-            b2 *= cov
-            b2 += k2                            # cov (vF + vX) + K2
-            sX2 += sF2
-            sX2 += k1                           # SF^2 + SX^2 + K1
-            sX2 *= b2
-            p /= sX2
-            total[i] += float(p[:, cols].sum())
+    a, b = _K.ssim_pair(t.F, t.A, t.B, c1, c2)
     n = (h - 6) * (w - 6)
-    return total[0] / n, total[1] / n
+    return a / n, b / n
 
 
 # ----------------------------------------------------------------------------- public metrics
