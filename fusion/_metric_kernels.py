@@ -165,7 +165,6 @@ def vif_scale(F, A, B, w, flush_every):
     bounds each factor so that the products stay finite)."""
     H, W = F.shape
     n = w.shape[0]
-    Ho = H - n + 1
     Wo = W - n + 1
     eps = 1e-10
     cf, ca, cb = F[0, 0], A[0, 0], B[0, 0]

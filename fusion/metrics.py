@@ -14,14 +14,18 @@ Common alternatives are named options (``mi(..., unit="bits")``, ``ag(..., conve
 ``mse/psnr(..., convention="tang")`` ...) collected in :class:`Convention`; every printed table
 carries :meth:`Convention.describe`.
 
-Speed (all 13 on a 480x640 triplet: ~80 ms CPU on the 2-core sandbox versus ~2.3 s for the
-reference; see benchmarks/bench_metrics.py): OpenCV separable Gaussian (VIF) and box (SSIM)
-filters writing into reusable per-thread buffers, element-wise chains on cache-sized row blocks
-without masked assignments, joint histograms with ``cv2.calcHist`` (``np.bincount`` beyond 2^24
-pixels), and one :class:`Triplet` cache per image so Sobel responses (shared by Qabf and Nabf,
-which differ only in the border padding), centred images and uint8 labels are computed once
-when several metrics are requested (:func:`compute_all`). Functions are thread-safe (each
-thread has its own buffers); a Triplet object belongs to one thread.
+Speed (see benchmarks/bench_metrics.py; the reference takes ~2.3 s per 480x640 triplet): the
+windowed metrics run as compiled single passes (numba, ``fusion/_metric_kernels.py``): VIF's and
+SSIM's eight windowed moments per scale come from one separable filtering pass whose rows live
+in cache and feed the per-pixel formula at once; Qabf and Nabf compute their Sobel responses,
+magnitudes and masks in compiled loops and leave only atan and exp to numpy's SIMD functions;
+SF and AG share one pass. For integer images (the reference reads images as integers) SD, MSE,
+PSNR, CC and SCD come from exact integer sums of products (float64 dot products below 2^53,
+combined as Python ints), joint histograms from ``cv2.calcHist`` (``np.bincount`` beyond 2^24
+pixels). One :class:`Triplet` cache per image computes shared inputs once when several metrics
+are requested (:func:`compute_all`). Functions are thread-safe (each thread has its own
+buffers; the compiled kernels release the GIL); a Triplet object belongs to one thread. The
+kernels compile on first use (a few seconds) and are cached on disk after that.
 """
 from __future__ import annotations
 
@@ -816,6 +820,17 @@ def compute_all(fused, ir, vi, metrics: Iterable[str] | None = None,
 
 
 _COMPUTE_ORDER = ("Nabf",) + tuple(m for m in METRICS if m != "Nabf")
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's on-disk cache) every compiled metric kernel now.
+
+    The first call in a fresh installation compiles for a few seconds; later processes load the
+    cached machine code in well under a second. The data-set scorer calls this once before it
+    starts its worker processes, so that they find the cache filled rather than all compiling."""
+    rng = np.random.default_rng(0)
+    f, a, b = rng.integers(0, 256, (3, VIF_MIN_SIDE + 7, VIF_MIN_SIDE + 8)).astype(np.float64)
+    compute_all(f, a, b)
 
 
 def resolve_convention(conventions: Convention | str | None) -> Convention:

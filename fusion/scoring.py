@@ -31,6 +31,7 @@ from fusion.metrics import (
     read_gray_reference,
     resolve_convention,
     resolve_metrics,
+    warm_up,
 )
 
 ProgressFn = Callable[[int, int], None]
@@ -172,6 +173,7 @@ def score_folders(ir_dir: str | Path, vi_dir: str | Path, fused: Mapping[str, st
         for task in tasks:
             collect(*_score_stem(task))
     else:
+        warm_up()  # compile the metric kernels once here, so the workers load them from the cache
         # Not 'fork': forking after OpenCV's thread pool has run can deadlock the children.
         methods_ok = multiprocessing.get_all_start_methods()
         ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods_ok else "spawn")

@@ -271,7 +271,9 @@ def test_ddp_two_processes_match_one_process(straight, data, tmp_path):
     init = fusion_tiny.TinyFusion(width=4).state_dict()
     for k in one:
         assert (one[k] - init[k]).abs().max() > 1e-3  # the weights did move
-        torch.testing.assert_close(ddp[k], one[k], rtol=0, atol=1e-6)
+        # float32 all-reduce order differs from one process's batch reduction; several Adam steps
+        # amplify that on small weights: 6.5e-6 measured with torch 2.14.1
+        torch.testing.assert_close(ddp[k], one[k], rtol=0, atol=2e-5)
     assert "training tiny-trainable" in res.stderr.decode()  # rank 0 printed ...
     assert res.stderr.decode().count("training tiny-trainable") == 1  # ... and only rank 0
 

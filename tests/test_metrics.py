@@ -389,3 +389,97 @@ def test_interleaved_triplets_do_not_share_cached_buffers(float_triplet):
     assert M.cc_t(t1) == want1[0] and M.nabf_t(t1) == want1[3]
     assert M.cc_t(t2) == want2[0] and M.qabf_t(t2) == want2[1]  # reuses the workspace buffers
     assert M.scd_t(t1) == want1[1] and M.qabf_t(t1) == want1[2]  # t1 recomputes, not t2's data
+
+
+# ----------------------------------------------------------------------------- compiled kernels
+@pytest.mark.parametrize("shape", [(48, 50), (61, 77), (62, 76)])
+def test_vif_pyramid_is_valid_filtering_then_every_other_pixel(shape):
+    """decimate() = convolve2d(x, outer(w, w), 'valid')[::2, ::2] for odd and even sizes."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(100, 40, shape)
+    t = M.Triplet(x, x, x)
+    levels = t.vif_pyramid
+    ref = x
+    for s in range(2, 5):
+        w = M._VIF_WINDOWS[s]
+        ref = convolve2d(ref, np.outer(w, w), mode="valid")[::2, ::2]
+        got = levels[s][0]
+        assert got.shape == ref.shape
+        assert np.max(np.abs(got - ref)) < 1e-10
+
+
+def test_vif_log_products_stay_finite_for_wide_value_ranges():
+    """The kernel sums logarithms as the log of row products; for values far beyond 0..255 fewer
+    rows go into one product, so nothing overflows: compare with the spec version. (Textured
+    images: in flat areas the spec's E[x^2] - E[x]^2 cancellation at 1e8-scale values is itself
+    larger than eps, so neither implementation is meaningful there.)"""
+    rng = np.random.default_rng(8)
+    yy, xx = np.mgrid[0:60, 0:70]
+    A = 120 + 80 * np.sin(xx / 5.0) + rng.normal(0, 20, (60, 70))
+    B = 90 + yy + rng.normal(0, 30, (60, 70))
+    F = 0.5 * (A + B) + rng.normal(0, 10, (60, 70))
+    for scale in (1.0, 250.0, 1e6):
+        f, a, b = F * scale, A * scale, B * scale
+        got = M.vif(f, a, b)
+        assert math.isfinite(got) and rel(got, _ref_vifp(a, f) + _ref_vifp(b, f)) < 1e-9, scale
+    # the guard matters: 64 rows per product overflow at this scale
+    levels = M.Triplet(f, a, b).vif_pyramid
+    assert M._vif_flush_rows(levels) < 64
+    with np.errstate(all="ignore"):
+        n_a, d_a, _, _ = M._K.vif_scale(*levels[1], M._VIF_WINDOWS[1], 64)
+    assert not math.isfinite(d_a)
+
+
+def _ref_ssim(x, y, data_range):
+    """skimage 0.19's structural_similarity (7x7 uniform, sample covariance), written with scipy."""
+    from scipy.ndimage import uniform_filter
+    ux, uy = uniform_filter(x, 7), uniform_filter(y, 7)
+    cov = 49 / 48
+    vx = cov * (uniform_filter(x * x, 7) - ux * ux)
+    vy = cov * (uniform_filter(y * y, 7) - uy * uy)
+    vxy = cov * (uniform_filter(x * y, 7) - ux * uy)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux ** 2 + uy ** 2 + c1) * (vx + vy + c2))
+    return s[3:-3, 3:-3].mean()
+
+
+def test_ssim_matches_scipy_reimplementation(float_triplet):
+    F, A, B = float_triplet
+    for dr in (2.0, 255.0):
+        want = _ref_ssim(F, A, dr) + _ref_ssim(F, B, dr)
+        assert rel(M.ssim(F, A, B, data_range=dr), want) < 1e-9
+    Fi, Ai, Bi = (np.round(x) for x in float_triplet)
+    assert rel(M.ssim(Fi, Ai, Bi), _ref_ssim(Fi, Ai, 2.0) + _ref_ssim(Fi, Bi, 2.0)) < 1e-9
+
+
+def test_exact_integer_sums_match_float_formulas():
+    """SD, MSE, PSNR, CC and SCD of integer images come from exact integer sums; they must equal
+    the textbook float64 formulas, also where n * sum(XY) is far beyond 2^53 (Python ints)."""
+    rng = np.random.default_rng(11)
+    for shape in ((50, 60), (1500, 2100)):
+        A = rng.integers(0, 256, shape).astype(float)
+        B = np.clip(np.round(0.5 * A + rng.normal(60, 30, shape)), 0, 255)
+        F = np.clip(np.round(0.5 * A + 0.5 * B + rng.normal(0, 5, shape)), 0, 255)
+        assert M.Triplet(F, A, B).integer_sums is not None
+        r = lambda x, y: np.corrcoef(x.ravel(), y.ravel())[0, 1]  # noqa: E731
+        mse = (np.mean((A - F) ** 2) + np.mean((B - F) ** 2)) / 2
+        assert rel(M.sd(F), np.std(F)) < 1e-12
+        assert rel(M.mse(F, A, B), mse) < 1e-12
+        assert rel(M.psnr(F, A, B), 10 * math.log10(F.max() ** 2 / mse)) < 1e-12
+        assert rel(M.cc(F, A, B), (r(A, F) + r(B, F)) / 2) < 1e-12
+        assert rel(M.scd(F, A, B), r(A, F - B) + r(B, F - A)) < 1e-11
+    # F == VI exactly: F - VI is constant, so r(IR, F - VI) is the documented 0
+    assert rel(M.scd(B, A, B), r(B, B - A)) < 1e-12
+    assert M.Triplet(F + 0.5, A, B).integer_sums is None  # non-integer: the centred float path
+
+
+def test_metrics_are_thread_safe(float_triplet):
+    """The compiled kernels release the GIL and every thread has its own buffers: scoring
+    different triplets in parallel threads gives each one's sequential values."""
+    from concurrent.futures import ThreadPoolExecutor
+    F, A, B = (np.round(x) for x in float_triplet)
+    trips = [(F, A, B), (A, B, F), (B, F, A), (np.round(0.5 * (A + B)), A, B)]
+    want = [M.compute_all(*t) for t in trips]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda t: M.compute_all(*t), trips * 3))
+    assert got == want * 3
