@@ -9,7 +9,7 @@ mean of the infrared image and the visible image's grey, as a stand-in fusion me
   this thread (CPU time is less disturbed by other processes on a shared machine);
   target: all 13 < 50 ms per 480x640 triplet;
 * data-set throughput of ``fusion.scoring.score_folders`` (reading PNGs included) with 1 and 2
-  worker processes: triplets per second, wall-clock (pool start-up included).
+  worker threads: triplets per second, wall-clock (pool start-up included).
 
 Falls back to synthetic 480x640 images (stated in the output) when ../shared is absent.
 Usage: ``python -m benchmarks.bench_metrics [--quick] [--out PATH]``. Prints rich tables and

@@ -138,6 +138,29 @@ def _col_filter(ring, w, first, mom, ridx, coff):
 
 
 @njit(**_JIT)
+def _moment_buffers(W, n):
+    """Scratch for :func:`_next_moments`: prod (8, W), ring (8, n, Wo), mom (8, Wo), two (n,)
+    index arrays."""
+    Wo = W - n + 1
+    return (np.empty((_NCH, W)), np.empty((_NCH, n, Wo)), np.empty((_NCH, Wo)),
+            np.empty(n, np.int64), np.empty(n, np.int64))
+
+
+@njit(**_JIT)
+def _next_moments(F, A, B, y, cf, ca, cb, w, bufs):
+    """Feed input row y (images shifted by cf, ca, cb) through the separable window w; True when
+    bufs' mom (8, Wo) then holds the eight windowed moments of output row y - n + 1."""
+    prod, ring, mom, ridx, coff = bufs
+    n = w.shape[0]
+    _product_rows(F, A, B, y, cf, ca, cb, prod)
+    _row_filter(prod, w, ring, y % n, ridx, coff)
+    if y < n - 1:
+        return False
+    _col_filter(ring, w, (y - n + 1) % n, mom, ridx, coff)
+    return True
+
+
+@njit(**_JIT)
 def _flush_rows(prod_acc, total):
     """total += sum_j log10(prod_acc[j]); prod_acc reset to 1. Returns the new total."""
     s = 0.0
@@ -168,11 +191,8 @@ def vif_scale(F, A, B, w, flush_every):
     Wo = W - n + 1
     eps = 1e-10
     cf, ca, cb = F[0, 0], A[0, 0], B[0, 0]
-    prod = np.empty((_NCH, W))
-    ring = np.empty((_NCH, n, Wo))
-    mom = np.empty((_NCH, Wo))
-    ridx = np.empty(n, np.int64)
-    coff = np.empty(n, np.int64)
+    bufs = _moment_buffers(W, n)
+    mom = bufs[2]
     pnA = np.ones(Wo)
     pdA = np.ones(Wo)
     pnB = np.ones(Wo)
@@ -180,11 +200,8 @@ def vif_scale(F, A, B, w, flush_every):
     numA = denA = numB = denB = 0.0
     pending = 0
     for y in range(H):
-        _product_rows(F, A, B, y, cf, ca, cb, prod)
-        _row_filter(prod, w, ring, y % n, ridx, coff)
-        if y < n - 1:
+        if not _next_moments(F, A, B, y, cf, ca, cb, w, bufs):
             continue
-        _col_filter(ring, w, (y - n + 1) % n, mom, ridx, coff)
         mF = mom[0]
         mFF = mom[3]
         for src in range(2):
@@ -267,19 +284,13 @@ def ssim_pair(F, A, B, c1, c2):
     cov = 49.0 / 48.0
     k1 = 2401.0 * c1
     k2 = 2401.0 * c2
-    prod = np.empty((_NCH, W))
-    ring = np.empty((_NCH, n, Wo))
-    mom = np.empty((_NCH, Wo))
-    ridx = np.empty(n, np.int64)
-    coff = np.empty(n, np.int64)
+    bufs = _moment_buffers(W, n)
+    mom = bufs[2]
     accA = np.zeros(Wo)
     accB = np.zeros(Wo)
     for y in range(H):
-        _product_rows(F, A, B, y, 0.0, 0.0, 0.0, prod)
-        _row_filter(prod, w, ring, y % n, ridx, coff)
-        if y < n - 1:
+        if not _next_moments(F, A, B, y, 0.0, 0.0, 0.0, w, bufs):
             continue
-        _col_filter(ring, w, (y - n + 1) % n, mom, ridx, coff)
         sF = mom[0]
         sFF = mom[3]
         for src in range(2):
@@ -517,3 +528,35 @@ def gradient_sums(F):
             gy = fy * (dn[j] - up[j])
             sa[j] += math.sqrt(0.5 * (gx[j] * gx[j] + gy * gy))
     return sx.sum(), sy.sum(), sa.sum()
+
+
+# ----------------------------------------------------------------------------- moment sums
+@njit(**_JIT)
+def moment_sums(F, A, B):
+    """(sum F, sum A, sum B, sum FF, sum AA, sum BB, sum AF, sum BF, sum AB) in one pass.
+
+    Per-column accumulators (vectorised). For integer images 0..255 every partial sum is an
+    integer below 2^53 (fewer than 1.4e11 pixels), so the sums are exact in any order."""
+    H, W = F.shape
+    acc = np.zeros((9, W))
+    for i in range(H):
+        f = F[i]
+        a = A[i]
+        b = B[i]
+        for j in range(W):
+            x = f[j]
+            y = a[j]
+            z = b[j]
+            acc[0, j] += x
+            acc[1, j] += y
+            acc[2, j] += z
+            acc[3, j] += x * x
+            acc[4, j] += y * y
+            acc[5, j] += z * z
+            acc[6, j] += y * x
+            acc[7, j] += z * x
+            acc[8, j] += y * z
+    out = np.zeros(9)
+    for k in range(9):
+        out[k] = acc[k].sum()
+    return out

@@ -271,15 +271,13 @@ class Triplet:
         images hold integers 0..255 (else None).
 
         Keys "F", "A", "B" (sums) and "FF", "AA", "BB", "AF", "BF", "AB" (sums of products). The
-        float64 dot products are exact: every product and every partial sum is an integer below
-        2^53 for images of fewer than 2^53 / 255^2 (1.4e11) pixels."""
+        float64 sums are exact: every product and every partial sum is an integer below 2^53 for
+        images of fewer than 2^53 / 255^2 (1.4e11) pixels. (One compiled pass rather than BLAS dot
+        products: OpenBLAS's thread pool serialised the scorer's threads, measured 0.95x with two.)"""
         if any(v is None for v in self.u8.values()):
             return None
-        f, a, b = (x.ravel() for x in (self.F, self.A, self.B))
-        ones = self.buf("ones", (f.size,))
-        ones.fill(1.0)
-        out = {"F": f @ ones, "A": a @ ones, "B": b @ ones,
-               "FF": f @ f, "AA": a @ a, "BB": b @ b, "AF": a @ f, "BF": b @ f, "AB": a @ b}
+        sums = _K.moment_sums(self.F, self.A, self.B)
+        out = dict(zip(("F", "A", "B", "FF", "AA", "BB", "AF", "BF", "AB"), sums.tolist(), strict=True))
         return {k: int(v) for k, v in out.items()}
 
     @cached_property

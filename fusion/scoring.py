@@ -2,7 +2,7 @@
 
 Files are matched by stem (``a.png`` pairs with ``a.jpg``) across the infrared folder, the
 visible folder and each method's fused folder; images are read as the reference evaluator reads
-them (:func:`fusion.metrics.read_gray_reference`). Work is spread over processes (one task per
+them (:func:`fusion.metrics.read_gray_reference`). Work is spread over threads (one task per
 image stem, all methods at once so the sources are read once), streamed so only a few images
 are in memory at a time. The data-set score of a metric is the plain mean of its per-image
 values (the reference's convention). Results go to ``metrics.csv`` (one row per method and
@@ -14,10 +14,9 @@ import csv
 import io
 import json
 import math
-import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,11 +88,6 @@ def _jsonable(d: Mapping[str, float]) -> dict:
 
 
 # ----------------------------------------------------------------------------- worker side
-def _worker_init() -> None:
-    import cv2  # one thread per worker process: the processes are the parallelism
-    cv2.setNumThreads(1)
-
-
 def _score_stem(task) -> tuple[str, dict[str, dict[str, float]]]:
     """Read one image's sources once and score every method's fused image of it."""
     stem, ir_path, vi_path, fused_paths, metrics, convention = task
@@ -140,8 +134,8 @@ def score_folders(ir_dir: str | Path, vi_dir: str | Path, fused: Mapping[str, st
     """Score every fused folder against the infrared/visible folders.
 
     ir_dir, vi_dir: source folders; fused: {method name: folder}. Files match by stem; a stem
-    missing anywhere, or differing image sizes, is a DataError naming the files. workers: processes
-    (default: all CPU cores, capped at the number of images; 1 = in this process). conventions:
+    missing anywhere, or differing image sizes, is a DataError naming the files. workers: threads
+    (default: all CPU cores, capped at the number of images; 1 = no pool). conventions:
     Convention or preset name (default reference). metrics: subset of METRICS. progress: called
     as progress(done, total) after each image. out_dir: when given, writes metrics.csv and
     metrics.json there (atomically) and records their paths in ``result.files``."""
@@ -173,29 +167,37 @@ def score_folders(ir_dir: str | Path, vi_dir: str | Path, fused: Mapping[str, st
         for task in tasks:
             collect(*_score_stem(task))
     else:
-        warm_up()  # compile the metric kernels once here, so the workers load them from the cache
-        # Not 'fork': forking after OpenCV's thread pool has run can deadlock the children.
-        methods_ok = multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods_ok else "spawn")
-        with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, mp_context=ctx) as pool:
-            pending: set[Future] = set()
-            it = iter(tasks)
-            try:
-                while True:
-                    while len(pending) < 2 * workers:  # bounded: only a few images in flight
-                        task = next(it, None)
-                        if task is None:
+        # Threads, not processes: the compiled metric kernels, numpy's ufuncs and OpenCV's
+        # image decoding release the GIL, so threads run the images in parallel without a pool
+        # start-up (process start, imports, kernel loading) that costs as much as a small data
+        # set takes. OpenCV's own thread pool is limited to one thread meanwhile (no
+        # oversubscription) and restored afterwards.
+        import cv2
+        warm_up()  # compile (or load) the kernels once, before the threads need them
+        cv_threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        try:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fuseseg-metrics") as pool:
+                pending: set[Future] = set()
+                it = iter(tasks)
+                try:
+                    while True:
+                        while len(pending) < 2 * workers:  # bounded: only a few images in flight
+                            task = next(it, None)
+                            if task is None:
+                                break
+                            pending.add(pool.submit(_score_stem, task))
+                        if not pending:
                             break
-                        pending.add(pool.submit(_score_stem, task))
-                    if not pending:
-                        break
-                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in finished:
-                        collect(*fut.result())
-            except BaseException:
-                for fut in pending:
-                    fut.cancel()
-                raise
+                        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for fut in finished:
+                            collect(*fut.result())
+                except BaseException:
+                    for fut in pending:
+                        fut.cancel()
+                    raise
+        finally:
+            cv2.setNumThreads(cv_threads)
 
     means = {m: {k: math.fsum(per_image[m][s][k] for s in stems) / total for k in names}
              for m in methods}

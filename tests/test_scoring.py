@@ -107,7 +107,7 @@ def test_size_mismatch_names_the_file(dataset):
         score_folders(dataset / "ir", dataset / "vi", {"mean": dataset / "mean"}, workers=1)
     msg = str(exc.value)
     assert "c03.png" in msg and f"{H}x{W - 2}" in msg and f"{H}x{W}" in msg and "'mean'" in msg
-    # the same error crosses the process boundary
+    # the same error crosses the thread-pool boundary
     with pytest.raises(DataError, match="c03.png"):
         score_folders(dataset / "ir", dataset / "vi", {"mean": dataset / "mean"}, workers=2)
 

@@ -32,7 +32,7 @@ def register(subparsers) -> None:
     p.add_argument("--ag-convention", choices=["reference", "matlab"],
                    help="AG divisor: MN (reference) or (M-1)(N-1) (MATLAB)")
     p.add_argument("--metrics", metavar="LIST", help="comma-separated subset, e.g. EN,MI,Qabf")
-    p.add_argument("--workers", type=int, metavar="N", help="processes (default: all cores)")
+    p.add_argument("--workers", type=int, metavar="N", help="threads (default: all cores)")
     p.set_defaults(func=run)
 
 
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if args.metrics:
         metrics = [m for m in args.metrics.split(",") if m.strip()]
     if args.workers is not None and args.workers < 1:
-        raise ConfigError(f"--workers {args.workers}: needs at least 1 process")
+        raise ConfigError(f"--workers {args.workers}: needs at least 1 thread")
     try:
         from fusion.metrics import resolve_metrics
         resolve_metrics(metrics)
