@@ -461,7 +461,7 @@ def nabf_dense(Fi, I1, I2, comp, scratch):
                     comp[k, m] = gs[k][j]
                     x = gxs[k][j]
                     y = gys[k][j]
-                    comp[3 + k, m] = (x / y) if y != 0.0 else ((x / y) if x != 0.0 else 0.0)
+                    comp[3 + k, m] = x / y if (x != 0.0 or y != 0.0) else 0.0
                 m += 1
     return den_acc.sum(), m
 

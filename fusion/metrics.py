@@ -20,8 +20,8 @@ SSIM's eight windowed moments per scale come from one separable filtering pass w
 in cache and feed the per-pixel formula at once; Qabf and Nabf compute their Sobel responses,
 magnitudes and masks in compiled loops and leave only atan and exp to numpy's SIMD functions;
 SF and AG share one pass. For integer images (the reference reads images as integers) SD, MSE,
-PSNR, CC and SCD come from exact integer sums of products (float64 dot products below 2^53,
-combined as Python ints), joint histograms from ``cv2.calcHist`` (``np.bincount`` beyond 2^24
+PSNR, CC and SCD come from exact integer sums of products (one compiled pass, float64 partial
+sums below 2^53, combined as Python ints), joint histograms from ``cv2.calcHist`` (``np.bincount`` beyond 2^24
 pixels). One :class:`Triplet` cache per image computes shared inputs once when several metrics
 are requested (:func:`compute_all`). Functions are thread-safe (each thread has its own
 buffers; the compiled kernels release the GIL); a Triplet object belongs to one thread. The
@@ -277,9 +277,9 @@ class Triplet:
         products: OpenBLAS's thread pool serialised the scorer's threads, measured 0.95x with two.)"""
         if any(v is None for v in self.u8.values()):
             return None
-        sums = _K.moment_sums(self.F, self.A, self.B)
-        out = dict(zip(("F", "A", "B", "FF", "AA", "BB", "AF", "BF", "AB"), sums.tolist(), strict=True))
-        return {k: int(v) for k, v in out.items()}
+        sums = _K.moment_sums(self.F, self.A, self.B).tolist()
+        return {k: int(v) for k, v in zip(("F", "A", "B", "FF", "AA", "BB", "AF", "BF", "AB"), sums,
+                                          strict=True)}
 
     @cached_property
     def gradient_sums(self) -> tuple[float, float, float]:
