@@ -39,12 +39,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``, accepting ``key=value`` overrides anywhere on the line (also after an
+    option: ``fuseseg run CONFIG --only data name=x``) for the commands that take overrides."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        settings = [x for x in extra if "=" in x and not x.startswith("-")]
+        if len(settings) < len(extra) or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*(args.overrides or []), *settings]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     from fusion.errors import FusesegError
     from pipelines.console import console
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if argv is None or not argv else 2

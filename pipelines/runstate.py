@@ -27,6 +27,47 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def fuseseg_version() -> str:
+    """The installed fuseseg version (part of every stage's fingerprint: new code, new results)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("fuseseg")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source tree not installed
+        return "unknown"
+
+
+def folder_manifest(root: Path) -> str:
+    """A hash of the manifest (relative name, size, mtime) of every file under ``root``.
+
+    An edited, added or removed file changes it, so stages fingerprinted with it are redone;
+    the files are not read (a stat each). A dangling symlink is a DataError naming it."""
+    from fusion.errors import DataError
+
+    root = Path(root)
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                raise DataError(f"{p} is a dangling symbolic link (its target {os.readlink(p)} does not "
+                                "exist); restore the target or delete the link.") from None
+            entries.append((str(p.relative_to(root)), st.st_size, st.st_mtime_ns))
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+
+
+def source_digest(module: str) -> str | None:
+    """A hash of the source file of an imported ``module`` (None when it has none)."""
+    mod = sys.modules.get(module)
+    path = getattr(mod, "__file__", None)
+    if not path or not Path(path).is_file():
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 def _record_path(run_dir: Path, key: str) -> Path:
     return run_dir / "stages" / f"{key.replace('/', '__')}.json"
 

@@ -28,7 +28,10 @@ from pipelines.runstate import (
     clear_stage,
     environment_record,
     fingerprint,
+    folder_manifest,
+    fuseseg_version,
     mark_stage_done,
+    source_digest,
     stage_is_current,
 )
 
@@ -71,16 +74,18 @@ def _peak_rss_mib() -> float:
     return max(own, kids) / 1024.0  # Linux: KiB
 
 
-def _prepare_dir(path: Path, fp: str, run_dir: Path | None = None, key: str | None = None) -> bool:
+def _prepare_dir(path: Path, fp: str, run_dir: Path | None = None, key: str | None = None,
+                 fresh: bool = False) -> bool:
     """Make ``path`` the output folder of a stage with fingerprint ``fp``.
 
     Returns True when the folder holds partial work of the *same* configuration (resume it);
-    a folder left by another configuration is cleared (its results are obsolete), and so is the
-    record of stage ``key`` in ``run_dir``, which described the cleared files: a later run of the
-    old configuration then redoes the stage instead of trusting files that are gone."""
+    a folder left by another configuration, or any folder when ``fresh`` (``--from``: redo the
+    stage from scratch), is cleared, and so is the record of stage ``key`` in ``run_dir``, which
+    described the cleared files: a later run of the old configuration then redoes the stage
+    instead of trusting files that are gone."""
     marker = path / ".fingerprint"
     if path.exists():
-        if marker.is_file() and marker.read_text().strip() == fp:
+        if not fresh and marker.is_file() and marker.read_text().strip() == fp:
             return True
         if run_dir is not None and key is not None:
             clear_stage(run_dir, key)
@@ -97,6 +102,7 @@ class _Stage:
         self.run_dir, self.key, self.fp, self.stage = run_dir, key, fp, stage
         self.skip = (not plan.runs(stage)) or (stage not in plan.forced and stage_is_current(run_dir, key, fp))
         self.selected = plan.runs(stage)
+        self.forced = self.selected and stage in plan.forced   # --from: redo from scratch, no resume
         self.info: dict = {}
 
     def __enter__(self):
@@ -145,16 +151,18 @@ def stage_data(cfg: ExperimentConfig, run_dir: Path, plan: Plan) -> tuple[Path, 
     d = cfg.data
     if d.root is None:
         root = run_dir / "data"
-        fp = fingerprint("synthetic", to_dict(d.synthetic), d.num_classes)
+        fp = fingerprint("synthetic", to_dict(d.synthetic), d.num_classes, fuseseg_version())
     else:
         root = Path(d.root)
-        fp = fingerprint("folder", str(root.resolve()), to_dict(d.layout), d.ir16, d.num_classes)
+        # the manifest (names, sizes, mtimes): an edited, added or removed file redoes every stage
+        fp = fingerprint("folder", str(root.resolve()), folder_manifest(root), to_dict(d.layout), d.ir16,
+                         d.num_classes, fuseseg_version())
     with _Stage(run_dir, "data", fp, plan, "data") as st:
         if not st.skip:
             if d.root is None:
                 from fusion.data.synthetic import make_synthetic
 
-                _prepare_dir(root, fp, run_dir, "data")
+                _prepare_dir(root, fp, run_dir, "data", fresh=st.forced)
                 s = d.synthetic
                 make_synthetic(root, s.train, s.test, size=tuple(s.size), seed=s.seed)
             if d.validate:
@@ -193,24 +201,26 @@ def stage_train_fusion(cfg: ExperimentConfig, run_dir: Path, plan: Plan, m: Fusi
     from fusion.registry import get_entry
 
     if m.type == "folder":
-        return None, fingerprint("folder", m.name, str(m.folder))
+        return None, fingerprint("folder", data_fp, m.name, str(m.folder), folder_manifest(Path(m.folder)))
     entry = get_entry(m.method)
+    # a plug-in's own source is part of what it computes (built-ins: the fuseseg version, in data_fp)
+    source = None if entry.module.startswith("fusion.") else source_digest(entry.module)
     if m.checkpoint is not None:
         ck = Path(m.checkpoint)
         if not ck.is_file():
             raise ConfigError(f"fusion[{m.name}].checkpoint: {ck} does not exist; give an existing "
                               "checkpoint, or remove the key to train the method here.")
-        return ck, fingerprint("checkpoint", str(ck.resolve()), ck.stat().st_mtime_ns)
+        return ck, fingerprint("checkpoint", data_fp, source, str(ck.resolve()), ck.stat().st_mtime_ns)
     if not entry.trainable:
-        return None, fingerprint("static", m.method, m.kwargs)
+        return None, fingerprint("static", data_fp, source, m.method, m.kwargs)
     tcfg = _method_train_cfg(cfg, m, data_root, cfg.device)
-    fp = fingerprint("train", data_fp, to_dict(tcfg))
+    fp = fingerprint("train", data_fp, source, to_dict(tcfg))
     out = run_dir / "train_fusion" / m.name
     with _Stage(run_dir, f"train_fusion/{m.name}", fp, plan, "train_fusion") as st:
         if not st.skip:
             from fusion.train import train_fusion
 
-            resume = _prepare_dir(out, fp, run_dir, st.key) and (out / "last.pt").is_file()
+            resume = _prepare_dir(out, fp, run_dir, st.key, fresh=st.forced) and (out / "last.pt").is_file()
             if _distributed(cfg):
                 dump_config(tcfg, out / "requested.yaml")
                 _torchrun(cfg, ["train-fusion", str(out / "requested.yaml"), "--out", str(out)]
@@ -270,7 +280,7 @@ def stage_fuse(cfg: ExperimentConfig, run_dir: Path, plan: Plan, m: FusionMethod
             # build the method first: a bad checkpoint must not clear the earlier fused images;
             # the method name is checked against the checkpoint's (another method's file is an error)
             method = load_fusion_method(m.method, checkpoint=ckpt, kwargs=m.kwargs, device=device)
-            _prepare_dir(out_root, fp, run_dir, st.key)
+            _prepare_dir(out_root, fp, run_dir, st.key, fresh=st.forced)
             for split, out in dirs.items():
                 p = split_paths(cfg, data_root, split)
                 fuse_folder(method, p["ir"], p["vi"], out, device, batch_size=cfg.fuse_batch_size,
@@ -327,7 +337,7 @@ def stage_segment(cfg: ExperimentConfig, run_dir: Path, plan: Plan, data_root: P
             from segmentation.evaluate import evaluate_segmenter
             from segmentation.train import train_segmenter
 
-            resume = _prepare_dir(out, fp, run_dir, st.key) and (out / "last.pt").is_file()
+            resume = _prepare_dir(out, fp, run_dir, st.key, fresh=st.forced) and (out / "last.pt").is_file()
             tr, te = split_paths(cfg, data_root, "train"), split_paths(cfg, data_root, "test")
             if _distributed(cfg):
                 dump_config(seg_cfg, out / "requested.yaml")
