@@ -63,13 +63,19 @@ class PairDataset(Dataset):
       ``(seed, epoch, i)``. An image smaller than the crop is first padded by reflection.
     * ``train=False``: the centre ``crop`` window (padded likewise), or the whole image when
       ``crop`` is None.
+    * ``photometric=((g_lo, g_hi), (gamma_lo, gamma_hi))`` (train only): a joint photometric
+      augmentation, the SAME transform ``x -> clip(g * x ** gamma, 0, 1)`` applied to infrared and
+      visible Y, with g ~ U(g_lo, g_hi) and gamma ~ U(gamma_lo, gamma_hi) keyed like the crop (so a
+      bright training set also shows dark scenes and the relation between the two modalities is
+      kept). None (default) or the identity ranges ((1, 1), (1, 1)) leave the images untouched.
     * ``cache=True`` keeps each decoded image (uint8 ir, float32 Y) in memory after its first
       read, so a file is decoded once per worker process (call :meth:`preload` before the
       DataLoader starts its workers to decode each file exactly once and share the arrays).
     """
 
     def __init__(self, pairset: PairSet, crop: int | None = 256, train: bool = True,
-                 ir16: str = "minmax", *, cache: bool = False, seed: int = 0, vflip: bool = False):
+                 ir16: str = "minmax", *, cache: bool = False, seed: int = 0, vflip: bool = False,
+                 photometric: tuple[tuple[float, float], tuple[float, float]] | None = None):
         if crop is not None and crop < 1:
             raise DataError(f"crop size must be a positive number of pixels or None, got {crop}")
         if len(pairset) == 0:
@@ -82,6 +88,14 @@ class PairDataset(Dataset):
         self.cache = cache
         self.seed = int(seed)
         self.vflip = vflip
+        if photometric is not None and tuple(map(tuple, photometric)) == ((1.0, 1.0), (1.0, 1.0)):
+            photometric = None
+        if photometric is not None:
+            (g_lo, g_hi), (e_lo, e_hi) = photometric
+            if not (0 < g_lo <= g_hi and 0 < e_lo <= e_hi):
+                raise DataError(f"photometric augmentation needs 0 < low <= high for gain and gamma, "
+                                f"got gain {photometric[0]}, gamma {photometric[1]}")
+        self.photometric = photometric
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
@@ -141,8 +155,23 @@ class PairDataset(Dataset):
         if self.train and self.vflip and vflip:
             ir, vi_y = ir[::-1], vi_y[::-1]
         ir_t = torch.from_numpy(np.ascontiguousarray(ir, dtype=np.float32) / 255.0)[None]
-        vi_t = torch.from_numpy(np.ascontiguousarray(vi_y, dtype=np.float32) / 255.0)[None]
-        return ir_t, vi_t.clamp_(0.0, 1.0)
+        vi_t = torch.from_numpy(np.ascontiguousarray(vi_y, dtype=np.float32) / 255.0)[None].clamp_(0.0, 1.0)
+        if self.train and self.photometric is not None:
+            gain, gamma = self.photometric_params(i, epoch)
+            ir_t, vi_t = (photometric_transform(x, gain, gamma) for x in (ir_t, vi_t))
+        return ir_t, vi_t
+
+    def photometric_params(self, i: int, epoch: int) -> tuple[float, float]:
+        """(gain, gamma) of sample ``i`` in ``epoch``: keyed by (seed, epoch, i, 1), independent of
+        the crop's stream, so enabling the augmentation leaves crops and flips unchanged."""
+        (g_lo, g_hi), (e_lo, e_hi) = self.photometric
+        rng = np.random.default_rng([self.seed, epoch, i, 1])
+        return float(rng.uniform(g_lo, g_hi)), float(rng.uniform(e_lo, e_hi))
+
+
+def photometric_transform(x: torch.Tensor, gain: float, gamma: float) -> torch.Tensor:
+    """``clip(gain * x ** gamma, 0, 1)`` of an image in [0, 1] (the joint photometric augmentation)."""
+    return (gain * x.clamp(0.0, 1.0) ** gamma).clamp_(0.0, 1.0)
 
 
 class EpochBatchSampler(Sampler[list]):

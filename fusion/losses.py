@@ -9,6 +9,8 @@ autocast. Each returns a scalar tensor (mean over the batch).
 * ``L_grad   = mean | |grad F| - max(|grad IR|, |grad VI|) |``                (Eq. 11)
   with ``|grad x| = |Gx| + |Gy|`` (Sobel, replicate padding; see :func:`sobel_l1`)
 * ``L_rec    = mean sqrt((P - S)^2 + eps^2)``   (Charbonnier, Eq. 7)
+* ``L_fus    = w_ssim L_ssim + w_smooth L_smooth + w_grad L_grad``  (Eq. 8; paper: 1 : 1 : 1),
+  :func:`fusion_loss`, the loss the diagnostics compare against trivial fusions.
 
 "mean" is over every pixel of every image (the paper's ||.||_1 normalised by the pixel count).
 """
@@ -23,7 +25,7 @@ from torch import nn
 from fusion.structure import no_autocast, sobel
 
 __all__ = ["gaussian_window", "ssim", "SSIMLoss", "ssim_loss", "smooth_loss", "sobel_l1",
-           "grad_loss", "charbonnier", "CharbonnierLoss"]
+           "grad_loss", "fusion_loss", "charbonnier", "CharbonnierLoss"]
 
 
 def gaussian_window(size: int = 11, sigma: float = 1.5, *, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -117,6 +119,17 @@ def grad_loss(fused: torch.Tensor, ir: torch.Tensor, vi: torch.Tensor) -> torch.
     ``|grad x| = |Gx| + |Gy|`` (:func:`sobel_l1`); scalar, float32."""
     f, a, b = fused.float(), ir.float(), vi.float()
     return (sobel_l1(f) - torch.maximum(sobel_l1(a), sobel_l1(b))).abs().mean()
+
+
+def fusion_loss(fused: torch.Tensor, ir: torch.Tensor, vi: torch.Tensor, *, w_ssim: float = 1.0,
+                w_smooth: float = 1.0, w_grad: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``L_fus = w_ssim L_ssim + w_smooth L_smooth + w_grad L_grad`` (Eq. 8; the paper's weights are
+    1 : 1 : 1). Returns (scalar float32 total, {"ssim", "smooth", "grad": unweighted scalars}).
+    Any (B, 1, H, W) ``fused`` may be scored, e.g. ``torch.maximum(ir, vi)`` as a trivial answer."""
+    parts = {"ssim": ssim_loss(fused, ir, vi), "smooth": smooth_loss(fused, ir, vi),
+             "grad": grad_loss(fused, ir, vi)}
+    total = w_ssim * parts["ssim"] + w_smooth * parts["smooth"] + w_grad * parts["grad"]
+    return total, parts
 
 
 @no_autocast

@@ -35,7 +35,7 @@ from torch import nn
 
 from fusion.base import LuminanceFusion
 from fusion.errors import ConfigError
-from fusion.losses import charbonnier, grad_loss, smooth_loss, ssim_loss
+from fusion.losses import charbonnier, fusion_loss
 from fusion.registry import register_method
 from fusion.structure import structure_map, structure_pyramid, xor_masks
 
@@ -45,6 +45,10 @@ DEFAULT_CHANNELS = (16, 32, 48, 64)
 #: Widths of a typical U-Net-sized variant (the paper gives none); ~17x the default's FLOPs.
 PAPER_LIKE_CHANNELS = (32, 64, 128, 256)
 _NEG_SLOPE = 0.1
+#: Output activations: the paper's sigmoid; a clamped linear head; max(IR, VI_Y) + a clamped residual.
+OUTPUTS = ("sigmoid", "clamp", "max_residual")
+#: Weight initialisations: PyTorch's default (kaiming-uniform, a = sqrt(5)); He-normal for LeakyReLU.
+INITS = ("default", "kaiming")
 
 
 def _conv(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Conv2d:
@@ -154,7 +158,9 @@ class SSPFusion(LuminanceFusion):
 
     def __init__(self, levels: int = 3, channels: Iterable[int] = DEFAULT_CHANNELS, use_sfe: bool = True,
                  use_spf: bool = True, structure_map: str = "G", charbonnier_eps: float = 1.0,
-                 alpha: float = 0.01, structure_branch: str = "shared"):
+                 alpha: float = 0.01, structure_branch: str = "shared", w_ssim: float = 1.0,
+                 w_smooth: float = 1.0, w_grad: float = 1.0, output: str = "sigmoid",
+                 init: str = "default"):
         super().__init__()
         channels = tuple(int(c) for c in channels)
         if int(levels) != levels or levels < 1:
@@ -167,13 +173,24 @@ class SSPFusion(LuminanceFusion):
             raise ConfigError(f"sspfusion: `structure_map` must be 'G' or 'threshold', got {structure_map!r}")
         if structure_branch not in ("shared", "separate"):
             raise ConfigError(f"sspfusion: `structure_branch` must be 'shared' or 'separate', got {structure_branch!r}")
+        if output not in OUTPUTS:
+            raise ConfigError(f"sspfusion: `output` must be one of {', '.join(OUTPUTS)}, got {output!r}")
+        if init not in INITS:
+            raise ConfigError(f"sspfusion: `init` must be one of {', '.join(INITS)}, got {init!r}")
+        if min(w_ssim, w_smooth, w_grad) < 0:
+            raise ConfigError(f"sspfusion: loss weights w_ssim, w_smooth, w_grad must be >= 0, got "
+                              f"{w_ssim!r}, {w_smooth!r}, {w_grad!r}")
         if charbonnier_eps < 0 or alpha < 0:
             raise ConfigError(f"sspfusion: `charbonnier_eps` and `alpha` must be >= 0, got "
                               f"{charbonnier_eps!r} and {alpha!r}")
         self.init_kwargs = {"levels": levels, "channels": list(channels), "use_sfe": bool(use_sfe),
                             "use_spf": bool(use_spf), "structure_map": structure_map,
                             "charbonnier_eps": float(charbonnier_eps), "alpha": float(alpha),
-                            "structure_branch": structure_branch}
+                            "structure_branch": structure_branch, "w_ssim": float(w_ssim),
+                            "w_smooth": float(w_smooth), "w_grad": float(w_grad), "output": output,
+                            "init": init}
+        self.loss_weights = {"w_ssim": float(w_ssim), "w_smooth": float(w_smooth), "w_grad": float(w_grad)}
+        self.output = output
         self.levels, self.channels = levels, channels
         self.use_sfe, self.use_spf = bool(use_sfe), bool(use_spf)
         self.structure_map_mode = structure_map
@@ -188,6 +205,18 @@ class SSPFusion(LuminanceFusion):
                           _conv(channels[k], channels[k]), _act())
             for k in range(levels)])
         self.head = _conv(channels[0], 1)
+        if init == "kaiming":
+            self._kaiming_init()
+        if output == "max_residual":  # start exactly at max(IR, VI_Y)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def _kaiming_init(self) -> None:
+        """He-normal weights for LeakyReLU(0.1) (fan-in), zero biases, on every convolution."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, a=_NEG_SLOPE, nonlinearity="leaky_relu")
+                nn.init.zeros_(m.bias)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -238,7 +267,15 @@ class SSPFusion(LuminanceFusion):
         for k in range(self.levels - 1, -1, -1):
             up = F.interpolate(d, size=fused[k].shape[-2:], mode="bilinear", align_corners=False)
             d = self.dec[k](torch.cat([up, fused[k]], dim=1))
-        return torch.sigmoid(self.head(d)), p_ir, p_vi
+        return self._output(self.head(d), ir, vi_y), p_ir, p_vi
+
+    def _output(self, z: torch.Tensor, ir: torch.Tensor, vi_y: torch.Tensor) -> torch.Tensor:
+        """The fused Y from the head's output ``z`` (see ``output`` in the class doc)."""
+        if self.output == "sigmoid":
+            return torch.sigmoid(z)
+        if self.output == "clamp":
+            return z.clamp(0.0, 1.0)
+        return (torch.maximum(ir, vi_y).to(z.dtype) + z).clamp(0.0, 1.0)
 
     # ------------------------------------------------------------------ inference
     def fuse_y(self, ir: torch.Tensor, vi_y: torch.Tensor) -> torch.Tensor:
@@ -273,21 +310,42 @@ class SSPFusion(LuminanceFusion):
         if phase == "structure":
             p_ir, p_vi = self.predict_structure(ir_p, vi_p)
             rec = self._rec_loss(ir_p, vi_p, p_ir, p_vi)
-            return rec, {"rec": float(rec.detach()), "total": float(rec.detach())}
+            return rec, {"rec": float(rec.detach()), "total": float(rec.detach()),
+                         **self._structure_iou(ir_p, vi_p, p_ir, p_vi)}
         fused, p_ir, p_vi = self._run(ir_p, vi_p, need_structure=True)
         fused = fused[..., :h, :w]
-        l_ssim = ssim_loss(fused, ir, vi_y)
-        l_smooth = smooth_loss(fused, ir, vi_y)
-        l_grad = grad_loss(fused, ir, vi_y)
-        total = l_ssim + l_smooth + l_grad
+        l_fus, fus_parts = fusion_loss(fused, ir, vi_y, **self.loss_weights)
+        total = l_fus
         parts = {}
         if self.use_sfe:
             rec = self._rec_loss(ir_p, vi_p, p_ir, p_vi)
             total = total + self.alpha * rec
             parts["rec"] = float(rec.detach())
-        parts.update(ssim=float(l_ssim.detach()), smooth=float(l_smooth.detach()),
-                     grad=float(l_grad.detach()), total=float(total.detach()))
+        parts.update({k: float(v.detach()) for k, v in fus_parts.items()})
+        parts.update(fus=float(l_fus.detach()), total=float(total.detach()))
+        if self.use_sfe:
+            parts.update(self._structure_iou(ir_p, vi_p, p_ir, p_vi))
         return total, parts
+
+    def fusion_loss(self, fused: torch.Tensor, ir: torch.Tensor, vi_y: torch.Tensor) -> torch.Tensor:
+        """L_fus of any fused Y (B, 1, H, W) with this model's loss weights (scalar, float32); the
+        trainer scores ``max(IR, VI_Y)`` and the mean with it on every batch (diagnostics)."""
+        return fusion_loss(fused, ir, vi_y, **self.loss_weights)[0]
+
+    @torch.no_grad()
+    def _structure_iou(self, ir: torch.Tensor, vi_y: torch.Tensor, p_ir: list, p_vi: list) -> dict[str, float]:
+        """Per level k: IoU of ``P^k > 0.5`` against ``S_gt^k``, pixels of both modalities pooled
+        (``iou1..iouN``; 1.0 when both are empty)."""
+        out = {}
+        gts = (structure_pyramid(ir, self.levels), structure_pyramid(vi_y, self.levels))
+        for k in range(self.levels):
+            inter = union = 0.0
+            for preds, gt in zip((p_ir, p_vi), gts, strict=True):
+                a, b = preds[k].detach().float() > 0.5, gt[k] > 0.5
+                inter += float((a & b).sum())
+                union += float((a | b).sum())
+            out[f"iou{k + 1}"] = inter / union if union else 1.0
+        return out
 
     def parameters_for_phase(self, phase: str) -> list[nn.Parameter]:
         """Parameters to optimise in ``phase``: "structure" -> the structure branches' path (both

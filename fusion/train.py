@@ -40,10 +40,9 @@ import csv
 import dataclasses
 import importlib.metadata
 import io
+import json
 import math
 import platform
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +71,11 @@ class FusionTrainConfig:
     holding ``ir/`` and ``vi/``), or ``ir_dir`` + ``vi_dir`` explicitly. ``batch_size`` is the
     global batch (split across DDP processes). Paper values (Sec. 3.1): 256 crops, Adam (0.9,
     0.999), lr 2e-4 with cosine annealing, 50 structure epochs then 300 epochs; the paper gives no
-    batch size (8 is this project's choice)."""
+    batch size (8 is this project's choice).
+
+    ``aug_gain`` / ``aug_gamma`` ([low, high], default [1, 1] = off, the paper's choice): the joint
+    photometric augmentation ``x -> clip(g x^gamma, 0, 1)``, one (g, gamma) per sample applied to
+    both modalities (see :class:`fusion.datasets.PairDataset`)."""
 
     method: str = "sspfusion"
     method_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -86,6 +89,8 @@ class FusionTrainConfig:
     batch_size: int = 8
     crop_size: int | None = 256
     vflip: bool = False
+    aug_gain: tuple[float, float] = (1.0, 1.0)
+    aug_gamma: tuple[float, float] = (1.0, 1.0)
     lr: float = 2e-4
     min_lr: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -113,8 +118,18 @@ class FusionTrainConfig:
             raise ValueError(f"max_steps_per_epoch must be >= 1 or null, got {self.max_steps_per_epoch}")
         if self.crop_size is not None and self.crop_size < 8:
             raise ValueError(f"crop_size must be >= 8 pixels or null, got {self.crop_size}")
+        for key in ("aug_gain", "aug_gamma"):
+            lo, hi = getattr(self, key)
+            if not 0 < lo <= hi:
+                raise ValueError(f"{key} must be [low, high] with 0 < low <= high, got {[lo, hi]}")
         if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+
+
+    def photometric_range(self) -> tuple[tuple[float, float], tuple[float, float]] | None:
+        """The joint photometric augmentation of :class:`fusion.datasets.PairDataset` (None: off)."""
+        rng = (tuple(self.aug_gain), tuple(self.aug_gamma))
+        return None if rng == ((1.0, 1.0), (1.0, 1.0)) else rng
 
 
 def config_to_dict(cfg: FusionTrainConfig) -> dict[str, Any]:
@@ -236,71 +251,25 @@ def train_fusion(cfg: FusionTrainConfig, out_dir: Path | str, resume: bool = Fal
 
 def _train(cfg: FusionTrainConfig, out_dir: Path, resume: bool, progress: bool,
            device: torch.device, rank: int, world: int) -> Path:
+    """The training run, as a few named steps: open the run folder, build model and data, then
+    the flat loop (phase set-up, per step forward/check/backward, per epoch log row and
+    checkpoint), then the final checkpoint and the verdict."""
     from rich.console import Console
 
     main = rank == 0
     console = Console(stderr=True, quiet=not main)
     last_path, final_path = out_dir / "last.pt", out_dir / "final.pt"
 
-    # ------------------------------------------------------------------ method and checkpoint
-    if cfg.plugins:
-        load_plugins(cfg.plugins)
-    entry = get_entry(cfg.method)
-    if not entry.trainable:
-        trainable = [m for m in list_methods() if get_entry(m).trainable]
-        raise ConfigError(f"fusion_train.method={cfg.method!r} is not a trainable method. Trainable "
-                          f"methods: {', '.join(trainable) or '(none)'}.")
-    ckpt = None
-    if resume and last_path.exists():
-        ckpt = runtime.load_checkpoint(last_path, expect={"kind": "fusion", "method": cfg.method})
-        _check_resumable(ckpt["config"], cfg, last_path)
-    elif resume:
-        console.print(f"[yellow]note:[/] {last_path} does not exist; starting from the beginning.")
-    elif last_path.exists() or final_path.exists():
-        raise ConfigError(f"{out_dir} already holds a fusion training run ({last_path.name}). Pass "
-                          "--resume to continue it, or choose another --out folder.")
+    ckpt = _open_run(cfg, out_dir, resume, console)
     if ckpt is not None and ckpt.get("complete"):
         if main and not final_path.exists():
             runtime.save_checkpoint(final_path, _final_payload(ckpt))
         console.print(f"training in {out_dir} is already complete: {final_path}")
         return final_path
-
-    runtime.seed_everything(cfg.seed)
-    model = create_method(cfg.method, **cfg.method_kwargs)
-    _check_trainable(model, cfg.method)
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if ckpt is not None:
-        runtime.load_state_dict_checked(model, ckpt["state_dict"], last_path)
-    init_kwargs = dict(getattr(model, "init_kwargs", cfg.method_kwargs))
-
-    # ------------------------------------------------------------------ data
-    dataset = PairDataset(resolve_pairs(cfg), crop=cfg.crop_size, train=True, ir16=cfg.ir16,
-                          cache=cfg.cache_images, seed=cfg.seed, vflip=cfg.vflip)
-    sampler = EpochBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
-    if cfg.cache_images and cfg.workers > 0:
-        dataset.preload()  # decode once, shared with the forked workers
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda",
-        persistent_workers=cfg.workers > 0, worker_init_fn=worker_init,
-        generator=torch.Generator().manual_seed(cfg.seed))  # keeps the global torch RNG untouched
-    steps_per_epoch = sampler.batches_per_epoch
-    if cfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    model, init_kwargs = _build_model(cfg, ckpt, device, last_path)
+    dataset, sampler, loader, steps_per_epoch = _build_data(cfg, device, rank, world)
     phases = [(p, cfg.structure_epochs if p == "structure" else cfg.epochs) for p in model.phases]
-
-    # ------------------------------------------------------------------ position
-    start_phase, start_epoch, start_step, global_step = 0, 0, 0, 0
-    rows: list[dict] = []
-    epoch_acc = None
-    if ckpt is not None:
-        start_phase, start_epoch = ckpt["phase_index"], ckpt["epoch"]
-        start_step, global_step = ckpt["step_in_epoch"], ckpt["global_step"]
-        rows, epoch_acc = list(ckpt["log"]), ckpt.get("epoch_acc")
-        runtime.set_rng_state(ckpt["rng"]["runtime"])
-        if ckpt["rng"]["sampler"]["seed"] != cfg.seed:
-            raise ConfigError(f"{last_path}: sampler seed differs from fusion_train.seed={cfg.seed}")
+    st = _State.resume_from(ckpt, cfg, last_path)
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         import yaml
@@ -309,145 +278,76 @@ def _train(cfg: FusionTrainConfig, out_dir: Path, resume: bool, progress: bool,
                       f"global batch {cfg.batch_size}, {steps_per_epoch} steps/epoch, phases "
                       + ", ".join(f"{p} x{n}" for p, n in phases) + f" -> {out_dir}")
 
-    use_scaler = runtime.needs_grad_scaler(device, cfg.amp)
+    def save(path: Path, pi: int, ep: int, step: int, opt=None, sched=None, scaler=None, acc=None) -> None:
+        if main:
+            runtime.save_checkpoint(path, _payload(cfg, model, init_kwargs, phases, st, pi, ep, step,
+                                                   opt, sched, scaler, acc))
+
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     stop = runtime.StopRequest()  # first Ctrl-C: stop at the next step; second: at once
-    old_handler = None
-    if threading.current_thread() is threading.main_thread():
-        old_handler = signal.signal(signal.SIGINT, stop)
-
-    def payload(pi, ep, step, opt, sched, scaler, acc) -> dict:
-        return {"kind": "fusion", "method": cfg.method, "kwargs": init_kwargs,
-                "config": config_to_dict(cfg), "phase": phases[pi][0] if pi < len(phases) else None,
-                "phase_index": pi, "epoch": ep, "step_in_epoch": step, "global_step": global_step,
-                "state_dict": runtime.unwrap(model).state_dict(),
-                "optimizer": opt.state_dict() if opt else None,
-                "scheduler": sched.state_dict() if sched else None,
-                "scaler": scaler.state_dict() if scaler else None,
-                "rng": {"runtime": runtime.get_rng_state(),
-                        "sampler": {"seed": cfg.seed, "phase_index": pi, "epoch": ep, "step": step}},
-                "epoch_acc": acc, "log": rows, "complete": False, "versions": _versions()}
-
-    bar = None
-    if progress and main:
-        from rich.progress import TextColumn
-
-        from fusion.progress import make_progress
-
-        bar = make_progress(TextColumn("{task.fields[info]}"), console=console)
-        bar.start()
+    bar = _progress_bar(console) if progress and main else None
     position = "before the first epoch"
     try:
-        epoch_offset = sum(n for _, n in phases[:start_phase])
-        for pi in range(start_phase, len(phases)):
-            phase, n_epochs = phases[pi]
-            first_epoch = start_epoch if pi == start_phase else 0
-            if first_epoch >= n_epochs:
-                epoch_offset += n_epochs
-                continue
-            # -------------------------------------------------------------- phase set-up
-            params = _phase_params(runtime.unwrap(model), phase)
-            chosen = {id(p) for p in params}
-            for p in model.parameters():
-                p.requires_grad_(id(p) in chosen)
-            opt = torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas),
-                                   weight_decay=cfg.weight_decay)
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-                opt, T_max=n_epochs * steps_per_epoch, eta_min=cfg.min_lr)
-            scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-            if ckpt is not None and pi == ckpt["phase_index"] and ckpt["optimizer"] is not None:
-                opt.load_state_dict(ckpt["optimizer"])
-                sched.load_state_dict(ckpt["scheduler"])
-                if ckpt.get("scaler"):
-                    scaler.load_state_dict(ckpt["scaler"])
-            loss_fn: nn.Module = _Losses(model)
-            if world > 1:
-                loss_fn = nn.parallel.DistributedDataParallel(
-                    loss_fn, device_ids=[device.index] if device.type == "cuda" else None,
-                    find_unused_parameters=cfg.ddp_find_unused)
-            if cfg.compile:
-                loss_fn = torch.compile(loss_fn)
-            model.train()
-            task = None
-            if bar is not None:
-                task = bar.add_task(phase, total=(n_epochs - first_epoch) * steps_per_epoch, info="")
-
-            for ep in range(first_epoch, n_epochs):
-                step0 = start_step if (pi == start_phase and ep == first_epoch) else 0
-                acc = epoch_acc if step0 > 0 and epoch_acc else {"sums": {}, "count": 0, "seconds": 0.0}
-                epoch_acc = None
-                sampler.set_epoch(epoch_offset + ep, start_batch=step0)
-                if bar is not None:
-                    bar.update(task, description=f"{phase} {ep + 1}/{n_epochs}")
-                    if step0:
-                        bar.advance(task, step0)
-                t_segment = time.perf_counter()
-                t_start = t_segment - acc["seconds"]
-                batches = iter(loader)
-                for step in range(step0, steps_per_epoch):
-                    position = f"phase {phase!r}, epoch {ep + 1}/{n_epochs}, step {step + 1}/{steps_per_epoch}"
-                    ir, vi_y = next(batches)
-                    ir = ir.to(device, non_blocking=True)
-                    vi_y = vi_y.to(device, non_blocking=True)
-                    if cfg.channels_last:
-                        ir = ir.contiguous(memory_format=torch.channels_last)
-                        vi_y = vi_y.contiguous(memory_format=torch.channels_last)
-                    opt.zero_grad(set_to_none=True)
-                    with runtime.autocast(device, cfg.amp):
-                        loss, comps = loss_fn(ir, vi_y, phase)
-                    comps = {k: float(v) for k, v in comps.items()}
-                    flags = torch.stack([(~torch.isfinite(loss.detach().float())).any().float(),
-                                         torch.tensor(float(stop.requested), device=loss.device)])
-                    if world > 1:
-                        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-                    bad, stop_now = (bool(x) for x in flags.tolist())
-                    if bad:
-                        raise FusesegError(
-                            f"training diverged: non-finite loss ({float(loss.detach()):g}) in "
-                            f"{position} (global step {global_step + 1}); loss components: "
-                            f"{_fmt(comps) or '(none)'}. The last good checkpoint is kept: {last_path}"
-                            f" ({'none yet' if not last_path.exists() else 'end of the last completed epoch'}). "
-                            f"Lower lr (now {cfg.lr:g}) or set amp=off, then retrain or resume with --resume.")
-                    if stop_now:
-                        acc["seconds"] = time.perf_counter() - t_start
-                        if main:
-                            runtime.save_checkpoint(last_path, payload(pi, ep, step, opt, sched, scaler, acc))
-                        position = f"phase {phase!r}, epoch {ep + 1}/{n_epochs}, step {step}/{steps_per_epoch}"
-                        raise KeyboardInterrupt("saved")
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                    sched.step()
-                    global_step += 1
-                    acc["count"] += 1
-                    for k, v in comps.items():
-                        acc["sums"][k] = acc["sums"].get(k, 0.0) + v
-                    acc["sums"]["loss"] = acc["sums"].get("loss", 0.0) + float(loss.detach())
+        with stop:
+            epoch_offset = sum(n for _, n in phases[:st.phase_index])
+            for pi in range(st.phase_index, len(phases)):
+                phase, n_epochs = phases[pi]
+                first_epoch = st.epoch if pi == st.phase_index else 0
+                if first_epoch >= n_epochs:
+                    epoch_offset += n_epochs
+                    continue
+                opt, sched, scaler, loss_fn = _setup_phase(cfg, model, phase, n_epochs * steps_per_epoch,
+                                                           device, world, ckpt, pi)
+                model.train()
+                task = bar.add_task(phase, total=(n_epochs - first_epoch) * steps_per_epoch,
+                                    info="") if bar is not None else None
+                for ep in range(first_epoch, n_epochs):
+                    step0 = st.step if (pi == st.phase_index and ep == first_epoch) else 0
+                    acc = _EpochAcc.resume(st.epoch_acc if step0 > 0 else None)
+                    st.epoch_acc = None
+                    sampler.set_epoch(epoch_offset + ep, start_batch=step0)
                     if bar is not None:
-                        bar.advance(task)
-                        if (step + 1) % cfg.log_every == 0 or step + 1 == steps_per_epoch:
-                            rate = (step + 1 - step0) * cfg.batch_size / max(
-                                1e-9, time.perf_counter() - t_segment)
-                            bar.update(task, info=f"{_fmt(comps)} | loss {float(loss.detach()):.4g} | "
-                                                  f"{rate:.1f} img/s")
-                # ---------------------------------------------------------- epoch end
-                seconds = time.perf_counter() - t_start
-                row: dict[str, Any] = {"phase": phase, "epoch": ep + 1, "global_step": global_step}
-                n = max(1, acc["count"])
-                row.update({k: v / n for k, v in acc["sums"].items() if k != "loss"})
-                row.update({"loss": acc["sums"].get("loss", math.nan) / n,
-                            "lr": float(opt.param_groups[0]["lr"]),
-                            "images_per_s": steps_per_epoch * cfg.batch_size / max(seconds, 1e-9),
-                            "seconds": seconds})
-                rows.append(row)
-                if main:
-                    runtime.save_checkpoint(last_path, payload(pi, ep + 1, 0, opt, sched, scaler, None))
-                    write_log(out_dir / "log.csv", rows)
-                position = f"the end of phase {phase!r} epoch {ep + 1}/{n_epochs}"
-                if stop.requested:
-                    raise KeyboardInterrupt("saved")
-            epoch_offset += n_epochs
+                        bar.update(task, description=f"{phase} {ep + 1}/{n_epochs}")
+                        if step0:
+                            bar.advance(task, step0)
+                    batches = iter(loader)
+                    for step in range(step0, steps_per_epoch):
+                        position = (f"phase {phase!r}, epoch {ep + 1}/{n_epochs}, "
+                                    f"step {step + 1}/{steps_per_epoch}")
+                        ir, vi_y = _to_device(next(batches), device, cfg.channels_last)
+                        opt.zero_grad(set_to_none=True)
+                        with runtime.autocast(device, cfg.amp):
+                            loss, comps = loss_fn(ir, vi_y, phase)
+                        comps = {k: float(v) for k, v in comps.items()}
+                        if _check_step(loss, comps, stop, world, position, st.global_step, cfg, last_path):
+                            acc.pause()
+                            save(last_path, pi, ep, step, opt, sched, scaler, acc.state())
+                            position = (f"phase {phase!r}, epoch {ep + 1}/{n_epochs}, "
+                                        f"step {step}/{steps_per_epoch}")
+                            raise KeyboardInterrupt("saved")
+                        scaler.scale(loss).backward()
+                        scaler.step(opt)
+                        scaler.update()
+                        sched.step()
+                        st.global_step += 1
+                        if phase == "fusion":
+                            comps.update(trivial_fusion_losses(runtime.unwrap(model), ir, vi_y))
+                        acc.add(comps, float(loss.detach()))
+                        if bar is not None:
+                            bar.advance(task)
+                            if (step + 1) % cfg.log_every == 0 or step + 1 == steps_per_epoch:
+                                bar.update(task, info=f"{_fmt(comps)} | loss {float(loss.detach()):.4g} | "
+                                                      f"{acc.rate(step + 1 - step0, cfg.batch_size):.1f} img/s")
+                    # ------------------------------------------------------ epoch end
+                    st.rows.append(acc.row(phase, ep + 1, st.global_step, opt, steps_per_epoch, cfg.batch_size))
+                    save(last_path, pi, ep + 1, 0, opt, sched, scaler)
+                    if main:
+                        write_log(out_dir / "log.csv", st.rows)
+                    position = f"the end of phase {phase!r} epoch {ep + 1}/{n_epochs}"
+                    if stop.requested:
+                        raise KeyboardInterrupt("saved")
+                epoch_offset += n_epochs
     except KeyboardInterrupt as exc:
         if main:
             saved = str(exc) == "saved"
@@ -465,26 +365,268 @@ def _train(cfg: FusionTrainConfig, out_dir: Path, resume: bool, progress: bool,
     finally:
         if bar is not None:
             bar.stop()
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
         for p in model.parameters():
             p.requires_grad_(True)
 
     if main:
-        final = payload(len(phases) - 1, phases[-1][1] if phases else 0, 0, None, None, None, None)
+        final = _payload(cfg, model, init_kwargs, phases, st, len(phases) - 1,
+                         phases[-1][1] if phases else 0, 0)
         final["complete"] = True
+        final["verdict"] = verdict(st.rows)
         runtime.save_checkpoint(last_path, final)
         runtime.save_checkpoint(final_path, _final_payload(final))
+        report_verdict(final["verdict"], out_dir, console)
         console.print(f"done: {final_path}")
     if world > 1:
         torch.distributed.barrier()
     return final_path
 
 
+# ---------------------------------------------------------------------- steps of _train
+def _open_run(cfg: FusionTrainConfig, out_dir: Path, resume: bool, console) -> dict | None:
+    """Check the method is trainable and the run folder's state; the checkpoint to resume or None."""
+    last_path, final_path = out_dir / "last.pt", out_dir / "final.pt"
+    if cfg.plugins:
+        load_plugins(cfg.plugins)
+    entry = get_entry(cfg.method)
+    if not entry.trainable:
+        trainable = [m for m in list_methods() if get_entry(m).trainable]
+        raise ConfigError(f"fusion_train.method={cfg.method!r} is not a trainable method. Trainable "
+                          f"methods: {', '.join(trainable) or '(none)'}.")
+    if resume and last_path.exists():
+        ckpt = runtime.load_checkpoint(last_path, expect={"kind": "fusion", "method": cfg.method})
+        _check_resumable(ckpt["config"], cfg, last_path)
+        return ckpt
+    if resume:
+        console.print(f"[yellow]note:[/] {last_path} does not exist; starting from the beginning.")
+    elif last_path.exists() or final_path.exists():
+        raise ConfigError(f"{out_dir} already holds a fusion training run ({last_path.name}). Pass "
+                          "--resume to continue it, or choose another --out folder.")
+    return None
+
+
+def _build_model(cfg: FusionTrainConfig, ckpt: dict | None, device: torch.device,
+                 last_path: Path) -> tuple[nn.Module, dict]:
+    """The seeded model on ``device`` (weights from ``ckpt`` when resuming) and its init kwargs."""
+    runtime.seed_everything(cfg.seed)
+    model = create_method(cfg.method, **cfg.method_kwargs)
+    _check_trainable(model, cfg.method)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if ckpt is not None:
+        runtime.load_state_dict_checked(model, ckpt["state_dict"], last_path)
+    return model, dict(getattr(model, "init_kwargs", cfg.method_kwargs))
+
+
+def _build_data(cfg: FusionTrainConfig, device: torch.device, rank: int, world: int):
+    """(dataset, sampler, loader, steps_per_epoch) of the training pairs."""
+    dataset = PairDataset(resolve_pairs(cfg), crop=cfg.crop_size, train=True, ir16=cfg.ir16,
+                          cache=cfg.cache_images, seed=cfg.seed, vflip=cfg.vflip,
+                          photometric=cfg.photometric_range())
+    sampler = EpochBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
+    if cfg.cache_images and cfg.workers > 0:
+        dataset.preload()  # decode once, shared with the forked workers
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+        persistent_workers=cfg.workers > 0, worker_init_fn=worker_init,
+        generator=torch.Generator().manual_seed(cfg.seed))  # keeps the global torch RNG untouched
+    steps_per_epoch = sampler.batches_per_epoch
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    return dataset, sampler, loader, steps_per_epoch
+
+
+@dataclass
+class _State:
+    """Where the run is: phase index, epoch and step within it, global step, log rows so far,
+    and the running sums of a part-done epoch."""
+
+    phase_index: int = 0
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+    rows: list[dict] = field(default_factory=list)
+    epoch_acc: dict | None = None
+
+    @classmethod
+    def resume_from(cls, ckpt: dict | None, cfg: FusionTrainConfig, path: Path) -> _State:
+        if ckpt is None:
+            return cls()
+        runtime.set_rng_state(ckpt["rng"]["runtime"])
+        if ckpt["rng"]["sampler"]["seed"] != cfg.seed:
+            raise ConfigError(f"{path}: sampler seed differs from fusion_train.seed={cfg.seed}")
+        return cls(ckpt["phase_index"], ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"],
+                   list(ckpt["log"]), ckpt.get("epoch_acc"))
+
+
+def _payload(cfg, model, init_kwargs, phases, st: _State, pi, ep, step, opt=None, sched=None,
+             scaler=None, acc=None) -> dict:
+    """The checkpoint of position (phase ``pi``, epoch ``ep``, ``step``): tensors and plain types."""
+    return {"kind": "fusion", "method": cfg.method, "kwargs": init_kwargs,
+            "config": config_to_dict(cfg), "phase": phases[pi][0] if pi < len(phases) else None,
+            "phase_index": pi, "epoch": ep, "step_in_epoch": step, "global_step": st.global_step,
+            "state_dict": runtime.unwrap(model).state_dict(),
+            "optimizer": opt.state_dict() if opt else None,
+            "scheduler": sched.state_dict() if sched else None,
+            "scaler": scaler.state_dict() if scaler else None,
+            "rng": {"runtime": runtime.get_rng_state(),
+                    "sampler": {"seed": cfg.seed, "phase_index": pi, "epoch": ep, "step": step}},
+            "epoch_acc": acc, "log": st.rows, "complete": False, "versions": _versions()}
+
+
+def _progress_bar(console):
+    from rich.progress import TextColumn
+
+    from fusion.progress import make_progress
+
+    bar = make_progress(TextColumn("{task.fields[info]}"), console=console)
+    bar.start()
+    return bar
+
+
+def _setup_phase(cfg: FusionTrainConfig, model: nn.Module, phase: str, total_steps: int,
+                 device: torch.device, world: int, ckpt: dict | None, pi: int):
+    """Freeze all but the phase's parameters; a fresh Adam + cosine schedule over ``total_steps``
+    (their state restored from ``ckpt`` when it was saved in this phase); the (DDP / compiled)
+    loss module. Returns (opt, sched, scaler, loss_fn)."""
+    params = _phase_params(runtime.unwrap(model), phase)
+    chosen = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in chosen)
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps, eta_min=cfg.min_lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=runtime.needs_grad_scaler(device, cfg.amp))
+    if ckpt is not None and pi == ckpt["phase_index"] and ckpt["optimizer"] is not None:
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+    loss_fn: nn.Module = _Losses(model)
+    if world > 1:
+        loss_fn = nn.parallel.DistributedDataParallel(
+            loss_fn, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.ddp_find_unused)
+    if cfg.compile:
+        loss_fn = torch.compile(loss_fn)
+    return opt, sched, scaler, loss_fn
+
+
+def _to_device(batch, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    ir, vi_y = (x.to(device, non_blocking=True) for x in batch)
+    if channels_last:
+        ir = ir.contiguous(memory_format=torch.channels_last)
+        vi_y = vi_y.contiguous(memory_format=torch.channels_last)
+    return ir, vi_y
+
+
+def _check_step(loss: torch.Tensor, comps: dict, stop: runtime.StopRequest, world: int, position: str,
+                global_step: int, cfg: FusionTrainConfig, last_path: Path) -> bool:
+    """Raise on a non-finite loss (on any rank); True when a stop was requested (on any rank)."""
+    flags = torch.stack([(~torch.isfinite(loss.detach().float())).any().float(),
+                         torch.tensor(float(stop.requested), device=loss.device)])
+    if world > 1:
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    bad, stop_now = (bool(x) for x in flags.tolist())
+    if bad:
+        raise FusesegError(
+            f"training diverged: non-finite loss ({float(loss.detach()):g}) in {position} (global "
+            f"step {global_step + 1}); loss components: {_fmt(comps) or '(none)'}. The last good "
+            f"checkpoint is kept: {last_path} ({'none yet' if not last_path.exists() else 'end of the last completed epoch'}). "
+            f"Lower lr (now {cfg.lr:g}) or set amp=off, then retrain or resume with --resume.")
+    return stop_now
+
+
+class _EpochAcc:
+    """Running sums of one epoch's loss components (resumable mid-epoch: :meth:`state`)."""
+
+    def __init__(self, sums: dict, count: int, seconds: float):
+        self.sums, self.count = dict(sums), count
+        self.t_segment = time.perf_counter()
+        self.t_start = self.t_segment - seconds
+
+    @classmethod
+    def resume(cls, state: dict | None) -> _EpochAcc:
+        state = state or {"sums": {}, "count": 0, "seconds": 0.0}
+        return cls(state["sums"], state["count"], state["seconds"])
+
+    def add(self, comps: dict[str, float], loss: float) -> None:
+        self.count += 1
+        for k, v in comps.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.sums["loss"] = self.sums.get("loss", 0.0) + loss
+
+    def pause(self) -> None:
+        self.seconds = time.perf_counter() - self.t_start
+
+    def state(self) -> dict:
+        return {"sums": dict(self.sums), "count": self.count,
+                "seconds": getattr(self, "seconds", time.perf_counter() - self.t_start)}
+
+    def rate(self, steps: int, batch: int) -> float:
+        return steps * batch / max(1e-9, time.perf_counter() - self.t_segment)
+
+    def row(self, phase: str, epoch: int, global_step: int, opt, steps_per_epoch: int, batch: int) -> dict:
+        seconds = time.perf_counter() - self.t_start
+        n = max(1, self.count)
+        row: dict[str, Any] = {"phase": phase, "epoch": epoch, "global_step": global_step}
+        row.update({k: v / n for k, v in self.sums.items() if k != "loss"})
+        row.update({"loss": self.sums.get("loss", math.nan) / n, "lr": float(opt.param_groups[0]["lr"]),
+                    "images_per_s": steps_per_epoch * batch / max(seconds, 1e-9), "seconds": seconds})
+        return row
+
+
+# ---------------------------------------------------------------------- diagnostics
+@torch.no_grad()
+def trivial_fusion_losses(model: nn.Module, ir: torch.Tensor, vi_y: torch.Tensor) -> dict[str, float]:
+    """``fus_max`` and ``fus_mean``: the model's fusion loss (``model.fusion_loss``) of the trivial
+    answers ``max(IR, VI_Y)`` and ``(IR + VI_Y) / 2`` on the same batch; {} for a method without
+    ``fusion_loss``. A trained model whose ``fus`` is not below ``fus_max`` has not learned what
+    its own loss rewards."""
+    fn = getattr(model, "fusion_loss", None)
+    if fn is None:
+        return {}
+    ir, vi_y = ir.float(), vi_y.float()
+    return {"fus_max": float(fn(torch.maximum(ir, vi_y), ir, vi_y)),
+            "fus_mean": float(fn(0.5 * (ir + vi_y), ir, vi_y))}
+
+
+def verdict(rows: list[dict]) -> dict[str, Any]:
+    """Did the model beat ``max(IR, VI_Y)`` on its own fusion loss? Judged on the last fusion
+    epoch's means (``fus`` against ``fus_max`` on the same batches). ``status``: "converged"
+    (fus < fus_max), "undertrained" (not), or "unknown" (no such columns)."""
+    last = next((r for r in reversed(rows) if r.get("phase") == "fusion"), None)
+    if last is None or "fus" not in last or "fus_max" not in last:
+        return {"status": "unknown", "reason": "no fusion epoch with fus / fus_max columns"}
+    out = {k: float(last[k]) for k in ("fus", "fus_max", "fus_mean") if k in last}
+    out.update(epoch=int(last["epoch"]), global_step=int(last["global_step"]))
+    out["beat_max"] = out["fus"] < out["fus_max"]
+    out["status"] = "converged" if out["beat_max"] else "undertrained"
+    ious = {k: float(v) for k, v in last.items() if k.startswith("iou")}
+    if ious:
+        out["structure_iou"] = ious
+    return out
+
+
+def report_verdict(v: dict[str, Any], out_dir: Path, console) -> None:
+    """Write ``verdict.json`` into the run folder and print the verdict (loudly when undertrained)."""
+    atomic_write_text(out_dir / "verdict.json", json.dumps(v, indent=2) + "\n")
+    if v["status"] == "unknown":
+        console.print(f"verdict: not measured ({v['reason']})")
+    elif v["beat_max"]:
+        console.print(f"verdict: converged: fusion loss {v['fus']:.4f} < {v['fus_max']:.4f} of "
+                      f"max(IR, VI_Y) (mean: {v.get('fus_mean', math.nan):.4f}) in the last epoch")
+    else:
+        console.print(f"[bold red]WARNING: UNDERTRAINED[/]: fusion loss {v['fus']:.4f} is not below "
+                      f"{v['fus_max']:.4f}, the loss of the trivial max(IR, VI_Y), in the last epoch. "
+                      "The model has not learned what its loss rewards: train longer (epochs), "
+                      "or see fusion/README.md for a converging recipe.")
+
+
 def _final_payload(ckpt: dict) -> dict:
     """The trained model's checkpoint: self-describing, without optimiser/scheduler state."""
     keep = ("kind", "method", "kwargs", "config", "phase", "phase_index", "epoch", "global_step",
-            "state_dict", "log", "versions")
+            "state_dict", "log", "versions", "verdict")
     out = {k: ckpt[k] for k in keep if k in ckpt}
     out["complete"] = True
     return out

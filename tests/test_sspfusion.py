@@ -190,12 +190,19 @@ def test_training_losses_components_and_formula():
     m = SSPFusion(**TINY, alpha=0.5)
     ir, vi = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
     loss, parts = m.training_losses(ir, vi, "fusion")
-    assert set(parts) == {"rec", "ssim", "smooth", "grad", "total"}
+    assert set(parts) == {"rec", "ssim", "smooth", "grad", "fus", "total", "iou1", "iou2", "iou3"}
     assert parts["total"] == pytest.approx(0.5 * parts["rec"] + parts["ssim"] + parts["smooth"] + parts["grad"], rel=1e-5)
+    assert parts["fus"] == pytest.approx(parts["ssim"] + parts["smooth"] + parts["grad"], rel=1e-5)
+    # loss weights: L_fus = w_ssim L_ssim + w_smooth L_smooth + w_grad L_grad
+    torch.manual_seed(0)
+    w = SSPFusion(**TINY, alpha=0.5, w_ssim=2.0, w_smooth=0.5, w_grad=3.0)
+    _, pw = w.training_losses(ir, vi, "fusion")
+    assert pw["ssim"] == pytest.approx(parts["ssim"], rel=1e-6)
+    assert pw["fus"] == pytest.approx(2 * pw["ssim"] + 0.5 * pw["smooth"] + 3 * pw["grad"], rel=1e-5)
     assert loss.dtype == torch.float32 and loss.item() == pytest.approx(parts["total"], rel=1e-6)
     assert parts["rec"] >= 1.0  # Charbonnier with eps = 1 is at least eps
     loss_s, parts_s = m.training_losses(ir, vi, "structure")
-    assert set(parts_s) == {"rec", "total"} and parts_s["rec"] == pytest.approx(parts["rec"], rel=1e-6)
+    assert set(parts_s) == {"rec", "total", "iou1", "iou2", "iou3"} and parts_s["rec"] == pytest.approx(parts["rec"], rel=1e-6)
     with pytest.raises(ValueError, match="unknown training phase 'warmup'"):
         m.training_losses(ir, vi, "warmup")
     # odd-size training inputs are padded internally
@@ -290,7 +297,7 @@ def test_no_sfe_has_no_structure_branch_and_no_rec_loss():
     assert m.structure_only_parameters() == []
     assert not any(".heads." in n or ".s_" in n for n, _ in m.named_parameters())
     _, parts = m.training_losses(torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32), "fusion")
-    assert set(parts) == {"ssim", "smooth", "grad", "total"}
+    assert set(parts) == {"ssim", "smooth", "grad", "fus", "total"}
     with pytest.raises(ValueError, match=r"phases are \['fusion'\]"):
         m.training_losses(torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32), "structure")
     # full model with the same seed has strictly more parameters (the heads)
