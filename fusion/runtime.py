@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import re
 import signal
 import threading
 from contextlib import nullcontext
@@ -65,8 +66,13 @@ def seed_everything(seed: int) -> None:
 
 
 def get_rng_state() -> dict[str, Any]:
-    """Every RNG state a training run depends on, for checkpoints."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Every RNG state a training run depends on, for checkpoints, as tensors and plain Python
+    values only (so a checkpoint loads with ``torch.load(weights_only=True)``)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -74,27 +80,68 @@ def get_rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore :func:`get_rng_state`'s states (also the raw tuples older checkpoints hold)."""
+    py = state["python"]
+    if isinstance(py, dict):
+        py = (py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"])
+    random.setstate(py)
+    npy = state["numpy"]
+    if isinstance(npy, dict):
+        npy = (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+               npy["cached_gaussian"])
+    np.random.set_state(npy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _legacy_safe_globals() -> list:
+    """The types that checkpoints of older fuseseg versions hold (the numpy RNG state is a uint32
+    array; ``torch.__version__`` a str subclass), allowed while loading them: they rebuild arrays
+    of numbers and strings and run no code."""
+    mod = getattr(np, "_core", None) or np.core
+    from torch.torch_version import TorchVersion  # a str subclass (torch.__version__)
+
+    return [mod.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+            mod.multiarray.scalar, type(np.dtype(np.float64)), type(np.dtype(np.int64)), TorchVersion]
+
+
 # ---------------------------------------------------------------- checkpoints
+def _plain(value: Any) -> Any:
+    """``value`` with numpy arrays/scalars, paths and str subclasses (e.g. ``torch.__version__``)
+    turned into tensors and plain Python types, recursively through dicts, lists and tuples."""
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, str) and type(value) is not str:
+        return str(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
 def save_checkpoint(path: Path | str, payload: dict[str, Any]) -> None:
     """``torch.save`` ``payload`` to ``path`` atomically (temporary file, then rename).
 
     A self-describing checkpoint holds at least ``method``/``kind``, ``kwargs`` and
-    ``state_dict``, so a model can be rebuilt from the file alone."""
+    ``state_dict``, so a model can be rebuilt from the file alone. Values are stored as tensors and
+    plain Python types (:func:`_plain`), so that :func:`load_checkpoint` needs no unpickling of
+    other objects."""
     buf = io.BytesIO()
-    torch.save(payload, buf)
+    torch.save(_plain(payload), buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
 def load_checkpoint(path: Path | str, *, expect: dict[str, Any] | None = None,
                     map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint`.
+    """Load a checkpoint written by :func:`save_checkpoint`, with ``torch.load(weights_only=True)``:
+    only tensors and plain Python data are unpickled, so a crafted file cannot run code; one that
+    needs other types is a CheckpointError saying so.
 
     ``expect`` maps keys to required values (e.g. ``{'kind': 'fusion', 'method': 'sspfusion'}``);
     a mismatch, a missing or corrupt file is a CheckpointError naming the file and the fix."""
@@ -102,10 +149,19 @@ def load_checkpoint(path: Path | str, *, expect: dict[str, Any] | None = None,
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist. Check the path, or train first.")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(_legacy_safe_globals()):
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
+        text = str(exc)
+        found = re.search(r"GLOBAL\s+([\w.]+)", text)
+        if found:  # the file names a Python callable or class beyond the allow-list
+            raise CheckpointError(f"checkpoint {path} holds Python objects other than tensors and plain "
+                                  f"data ({found.group(1)}); fuseseg refuses to unpickle them, because "
+                                  "loading such a file can run any code. Use a checkpoint written by fuseseg, or one from a "
+                                  "source you trust re-saved with tensors and plain types only.") from None
+        detail = " ".join(text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation")[0].split())
         raise CheckpointError(f"checkpoint {path} is corrupt or not a fuseseg checkpoint "
-                              f"({type(exc).__name__}: {exc}). Delete it and retrain, or resume "
+                              f"({type(exc).__name__}: {detail[:200]}). Delete it and retrain, or resume "
                               "from an earlier one.") from exc
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"checkpoint {path} is not a fuseseg checkpoint (no state_dict). "

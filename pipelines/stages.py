@@ -10,6 +10,7 @@ folder ``<results_dir>/<name>/``; every file appears under its final name only w
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import resource
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fusion.data.io import atomic_write_bytes, atomic_write_text
 from fusion.data.pairs import MSRS_CLASSES, find_pairs, list_images, load_split, match_stems
 from fusion.errors import CheckpointError, ConfigError, DataError, FusesegError
 from pipelines.config import dump_config, to_dict
@@ -91,7 +93,7 @@ def _prepare_dir(path: Path, fp: str, run_dir: Path | None = None, key: str | No
             clear_stage(run_dir, key)
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
-    marker.write_text(fp)
+    atomic_write_text(marker, fp)
     return False
 
 
@@ -350,7 +352,9 @@ def stage_segment(cfg: ExperimentConfig, run_dir: Path, plan: Plan, data_root: P
             res = evaluate_segmenter(ck, images["test"], te["labels"], device=device,
                                      save_predictions=out / "predictions",
                                      convention=seg_cfg.miou_convention)
-            np.save(out / "per_image_confusion.npy", res.per_image_confusion)
+            buf = io.BytesIO()
+            np.save(buf, res.per_image_confusion)
+            atomic_write_bytes(out / "per_image_confusion.npy", buf.getvalue())
             ev = {"variant": variant, "seed": seed, "per_class_iou": res.per_class_iou_list(),
                   "miou": res.miou, "pixel_accuracy": res.pixel_accuracy,
                   "confusion": np.asarray(res.confusion).tolist(), "images": res.image_names,

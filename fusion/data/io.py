@@ -1,14 +1,15 @@
 """Reading and writing images, with errors that name the file and the fix.
 
 Arrays in memory are numpy ``uint8``: grey images (H, W), colour images (H, W, 3) in **RGB**
-order (OpenCV's BGR is converted at the boundary). Files are written atomically: to a temporary
-name in the same folder, then renamed, so a crash never leaves a half-written image under its
-final name.
+order (OpenCV's BGR is converted at the boundary). Files are written atomically and durably: to a
+temporary name in the same folder, fsynced, renamed, then the folder fsynced, so a crash (even of
+the machine) never leaves a half-written or empty file under its final name. Files get the mode
+the umask gives.
 """
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import cv2
@@ -103,12 +104,38 @@ def read_label(path: Path | str) -> np.ndarray:
     return img
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Flush ``folder``'s entries (a rename is durable only once its folder is synced)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms that cannot open a folder
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - file systems without folder fsync
+        pass
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary name beside ``path``, fsync it, rename it to ``path`` and
+    fsync the folder: after a crash ``path`` is the old file or the complete new one, never a
+    partial or empty one. The file gets the mode the umask gives (0666 & ~umask), like any file
+    a shell or editor creates (``tempfile.mkstemp`` would make it 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    while True:
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except FileExistsError:  # pragma: no cover - 32 random bits collided
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -116,6 +143,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
         except OSError:
             pass
         raise
+    _fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
