@@ -8,6 +8,8 @@ and existing outputs are skipped, so a killed run redoes only the missing images
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,8 +21,9 @@ import torch
 from torch import nn
 
 from fusion import runtime
-from fusion.data.io import read_infrared, read_visible, write_image
+from fusion.data.io import atomic_write_text, read_infrared, read_visible, write_image
 from fusion.data.pairs import find_pairs
+from fusion.data.paths import check_disjoint
 from fusion.errors import CheckpointError, ConfigError, DataError, FusesegError
 from fusion.registry import create_method, get_entry, load_plugins
 
@@ -75,7 +78,23 @@ def load_fusion_method(name: str | None = None, checkpoint: Path | str | None = 
         method = create_method(name, **dict(kwargs or {}))
     if isinstance(method, nn.Module):
         method.to(device).eval()
+    source = {"method": method_name if checkpoint is not None else name,
+              "kwargs": build_kwargs if checkpoint is not None else dict(kwargs or {}),
+              "checkpoint": str(checkpoint) if checkpoint is not None else None,
+              "checkpoint_sha256": _sha256(Path(checkpoint)) if checkpoint is not None else None}
+    try:
+        method._fuseseg_source = source  # what fuse_folder records in its output folder
+    except AttributeError:  # pragma: no cover - a callable without attributes
+        pass
     return method
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------- running a method
@@ -190,6 +209,52 @@ def size_batches(items: Iterable[tuple[str, np.ndarray, np.ndarray]], batch_size
         yield groups.pop(key)
 
 
+PROVENANCE = ".fuseseg-fuse.json"
+
+
+def _same_source(a: dict, b: dict) -> bool:
+    """Two provenance records describe the same images (the checkpoint by content, not path)."""
+    keys = ("method", "kwargs", "checkpoint_sha256", "ir16")
+    return json.dumps([a.get(k) for k in keys], sort_keys=True, default=str) == \
+        json.dumps([b.get(k) for k in keys], sort_keys=True, default=str)
+
+
+def _describe(src: dict) -> str:
+    text = f"method {src.get('method')!r}"
+    if src.get("kwargs"):
+        text += f" {json.dumps(src['kwargs'], sort_keys=True, default=str)}"
+    if src.get("checkpoint"):
+        text += f" from checkpoint {src['checkpoint']} (sha256 {str(src.get('checkpoint_sha256'))[:12]})"
+    return text + f", ir16={src.get('ir16')}"
+
+
+def _claim_output(out_dir: Path, source: dict, stems: list[str], skip_existing: bool) -> None:
+    """Record in ``out_dir/.fuseseg-fuse.json`` which method and checkpoint make its images.
+
+    Images of another method (another record), or images without a record, are never kept
+    silently: without ``skip_existing`` (``--overwrite``) they are deleted first (only the
+    ``STEM.png`` of the pairs being fused), otherwise it is a ConfigError saying what is there."""
+    record_path = out_dir / PROVENANCE
+    old = None
+    if record_path.is_file():
+        try:
+            old = json.loads(record_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = {"method": "<unreadable record>"}
+    if old is not None and _same_source(old, source):
+        return
+    present = [s for s in stems if (out_dir / f"{s}.png").is_file()]
+    if present and skip_existing:
+        made_by = (f"images fused by {_describe(old)}" if old is not None else
+                   f"{len(present)} image(s) with the names of these pairs (e.g. {present[0]}.png) that "
+                   "fuseseg has no record of making")
+        raise ConfigError(f"output folder {out_dir} already holds {made_by}, not by {_describe(source)}. "
+                          "Give --out a new folder, or add --overwrite to replace them.")
+    for s in present:
+        (out_dir / f"{s}.png").unlink()
+    atomic_write_text(record_path, json.dumps(source, indent=2, default=str))
+
+
 def fuse_folder(method, ir_dir: Path | str, vi_dir: Path | str, out_dir: Path | str,
                 device: str | torch.device = "auto", batch_size: int = 4, skip_existing: bool = True,
                 progress: bool = True, ir16: str = "minmax", *, amp: str = "auto", workers: int = 0,
@@ -200,14 +265,18 @@ def fuse_folder(method, ir_dir: Path | str, vi_dir: Path | str, out_dir: Path | 
     (folders may mix sizes); inference runs under ``torch.inference_mode`` and, on CUDA,
     autocast. Outputs already present are skipped when ``skip_existing``. Decoding happens in
     ``workers`` DataLoader processes (0: in this process); memory does not grow with the folder
-    size. Returns a :class:`FuseSummary`."""
+    size. ``out_dir`` may not be, contain or lie inside ``ir_dir``/``vi_dir``; it records the
+    method and checkpoint that made its images (``.fuseseg-fuse.json``), and images of another
+    method are refused, or replaced when not ``skip_existing``. Returns a :class:`FuseSummary`."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     device = runtime.resolve_device(device) if not isinstance(device, torch.device) else device
     name = name or getattr(method, "name", None) or type(method).__name__
+    check_disjoint(out_dir, {"--ir": ir_dir, "--vi": vi_dir}, "--out")
     pairs = find_pairs(ir_dir, vi_dir)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    source = {**getattr(method, "_fuseseg_source", {"method": name}), "ir16": ir16}
+    _claim_output(out_dir, source, pairs.stems, skip_existing)
     todo = [s for s in pairs.stems if not (skip_existing and (out_dir / f"{s}.png").is_file())]
     t0 = time.perf_counter()
     loader = torch.utils.data.DataLoader(_PairReader(pairs, todo, ir16), batch_size=None,

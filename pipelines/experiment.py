@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fusion.data.pairs import Layout
+from fusion.data.paths import check_plain_name
 from fusion.errors import ConfigError
 from fusion.train import FusionTrainConfig
 from segmentation.config import SegConfig
@@ -48,7 +49,7 @@ class FusionMethodConfig:
     or only ``test/`` when used for metrics only), checked against the data set's names and
     sizes."""
 
-    name: str
+    name: str                              # variant name, a plain name (folders fused/<name>/, segment/<name>/)
     type: Literal["registered", "folder"] = "registered"
     method: str | None = None              # registry name; defaults to ``name``
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -89,7 +90,7 @@ def _default_methods() -> list[FusionMethodConfig]:
 
 @dataclass
 class ExperimentConfig:
-    name: str = "default"                       # run folder: <results_dir>/<name>
+    name: str = "default"                       # run folder: <results_dir>/<name>; a plain name (no '/', '..')
     results_dir: Path = Path("results")
     seed: int = 0
     device: str = "auto"                        # auto | cpu | cuda | cuda:1 ...
@@ -107,6 +108,9 @@ class ExperimentConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
 
     def __post_init__(self):
+        check_plain_name(self.name, "name")
+        for i, m in enumerate(self.fusion):
+            check_plain_name(m.name, f"fusion[{i}].name")
         names = [m.name for m in self.fusion]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:

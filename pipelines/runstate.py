@@ -7,13 +7,14 @@ stages after it include its fingerprint in theirs, they are redone too.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import platform
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -97,66 +98,100 @@ def clear_stage(run_dir: Path, key: str) -> None:
     _record_path(run_dir, key).unlink(missing_ok=True)
 
 
-@dataclass
 class RunLock:
-    """An exclusive lock on a run folder (``.lock`` holding host and pid).
+    """An exclusive OS lock on a folder, held through the file ``path`` (``FOLDER/.lock``).
 
-    A second ``fuseseg run`` on the same folder refuses with a clear message; a lock left by a
-    dead process on this host is taken over (so a SIGKILLed run never blocks its own resume)."""
+    The lock is the kernel's (``filelock``: ``flock`` on POSIX, ``LockFileEx`` on Windows), held
+    by this process and dropped by the kernel however the process ends (``kill -9`` included):
+    a dead run never blocks its resume, and two live processes can never both hold it (there is
+    no check-then-create window). The file holds the holder's host, pid and start time, only for
+    the message that a refused process prints; it stays in the folder (it is not the lock).
 
-    path: Path
+    Who locks what: ``fuseseg run`` locks the run folder; ``train-fusion``, ``segment train``,
+    ``fuse``, ``segment eval --save-predictions``, ``metrics --out``, ``compare --out`` and
+    ``make-synthetic`` lock their output folder (:func:`folder_lock`). An executor that runs a
+    stage as a separate job (e.g. under SLURM) has that job lock the stage's own folder
+    (``RunLock(stage_dir / ".lock")``) while the submitting ``fuseseg run`` keeps the run
+    folder's lock: two jobs of one stage never write together. Under torchrun only rank 0 locks.
+    """
 
-    def _pid_alive(self, pid: int) -> bool:
+    def __init__(self, path: Path | str, what: str = "run folder",
+                 advice: str = "Wait for it to finish, or use another experiment name (name=...)."):
+        self.path, self.what, self.advice = Path(path), what, advice
+        self._lock = None
+
+    def _owner(self) -> dict:
+        """The holder recorded in the file; {} when unreadable or left by a dead process of this
+        host (the new holder has not written itself yet)."""
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+            other = json.loads(self.path.read_text() or "{}")
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return {}
+        if not isinstance(other, dict):
+            return {}
+        if other.get("host") == socket.gethostname() and isinstance(other.get("pid"), int):
+            try:
+                os.kill(other["pid"], 0)
+            except ProcessLookupError:
+                return {}
+            except PermissionError:
+                pass
+        return other
 
     def acquire(self) -> RunLock:
+        import filelock
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        options = {"preserve_lock_file": True}  # filelock >= 3.x differ: pass what this one has
+        params = inspect.signature(filelock.FileLock.__init__).parameters
+        lock = filelock.FileLock(str(self.path), timeout=0,
+                                 **{k: v for k, v in options.items() if k in params})
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            other = self._owner()
+            who = (f"pid {other.get('pid', '?')}, host {other.get('host', '?')}, started "
+                   f"{other.get('since', '?')}") if other else "its pid is not recorded yet"
+            raise FusesegError(f"{self.what} {self.path.parent} is in use by another fuseseg process "
+                               f"({who}). {self.advice}") from None
+        self._lock = lock
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    other = json.loads(self.path.read_text())
-                except (OSError, json.JSONDecodeError):
-                    other = {}
-                same_host = other.get("host") == me["host"]
-                pid = int(other.get("pid", -1))
-                if same_host and pid > 0 and pid != os.getpid() and self._pid_alive(pid):
-                    raise FusesegError(
-                        f"run folder {self.path.parent} is in use by another fuseseg process (pid {pid}, "
-                        f"started {other.get('since', '?')}). Wait for it to finish, or use another "
-                        "experiment name (name=...).") from None
-                if not same_host and other:
-                    raise FusesegError(
-                        f"run folder {self.path.parent} is locked by host {other.get('host')} (pid {pid}). "
-                        f"If that run is dead, delete {self.path} and run again.") from None
-                self.path.unlink(missing_ok=True)  # stale lock of a dead process: take it over
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            return self
-        raise FusesegError(f"could not take the lock {self.path}; delete it if no run is active.")
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(me).encode())
+        finally:
+            os.close(fd)
+        return self
 
     def release(self) -> None:
+        if self._lock is None:
+            return
         try:
-            other = json.loads(self.path.read_text())
-            if other.get("pid") == os.getpid():
-                self.path.unlink()
-        except (OSError, json.JSONDecodeError):
+            fd = os.open(self.path, os.O_WRONLY)
+            try:
+                os.ftruncate(fd, 0)  # nobody holds it now: no owner to name
+            finally:
+                os.close(fd)
+        except OSError:
             pass
+        self._lock.release()
+        self._lock = None
 
     def __enter__(self):
         return self.acquire()
 
     def __exit__(self, *exc):
         self.release()
+
+
+def folder_lock(folder: Path | str | None, option: str):
+    """The :class:`RunLock` of the output folder ``folder`` given by ``option`` (e.g. ``fuseseg
+    fuse --out``); a no-op without a folder and in torchrun ranks other than 0 (rank 0 writes)."""
+    if folder is None or int(os.environ.get("RANK", "0")) != 0:
+        return nullcontext()
+    return RunLock(Path(folder) / ".lock", what="output folder",
+                   advice=f"Wait for it to finish, or give `{option}` another folder.")
 
 
 def environment_record(device: str, seed: int) -> dict:

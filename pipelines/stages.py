@@ -21,6 +21,7 @@ import numpy as np
 
 from fusion.data.io import atomic_write_bytes, atomic_write_text
 from fusion.data.pairs import MSRS_CLASSES, find_pairs, list_images, load_split, match_stems
+from fusion.data.paths import ensure_inside
 from fusion.errors import CheckpointError, ConfigError, DataError, FusesegError
 from pipelines.config import dump_config, to_dict
 from pipelines.console import console
@@ -42,14 +43,25 @@ STAGES = ("data", "train_fusion", "fuse", "metrics", "segment", "report")
 
 @dataclasses.dataclass
 class Plan:
-    """What this invocation runs: stage selection, forced stages, variant selection."""
+    """What this invocation runs: stage selection, forced stages, variant selection; and the
+    machine it runs on (``environment``, set by :func:`run_experiment`), recorded in the record of
+    every stage it finishes and in ``environment.json`` once it finishes one."""
 
     only: set[str] | None = None
     forced: set[str] = dataclasses.field(default_factory=set)
     variants: list[str] | None = None
+    environment: dict | None = None
+    environment_written: bool = False
 
     def runs(self, stage: str) -> bool:
         return self.only is None or stage in self.only
+
+    def record_environment(self, run_dir: Path) -> None:
+        """Write ``environment.json`` when this invocation finishes its first stage: a rerun that
+        skips every stage leaves the record of the machine that produced the results."""
+        if self.environment is not None and not self.environment_written:
+            atomic_write_text(run_dir / "environment.json", json.dumps(self.environment, indent=2))
+            self.environment_written = True
 
 
 def _gpu_peak_mib() -> float | None:
@@ -84,17 +96,41 @@ def _prepare_dir(path: Path, fp: str, run_dir: Path | None = None, key: str | No
     a folder left by another configuration, or any folder when ``fresh`` (``--from``: redo the
     stage from scratch), is cleared, and so is the record of stage ``key`` in ``run_dir``, which
     described the cleared files: a later run of the old configuration then redoes the stage
-    instead of trusting files that are gone."""
+    instead of trusting files that are gone.
+
+    Safety: ``path`` must resolve inside ``run_dir`` (no link leads out), and only a folder this
+    tool made (it holds a ``.fingerprint``) is ever deleted; a non-empty folder without one is
+    refused, naming it."""
+    if run_dir is not None:
+        ensure_inside(path, run_dir, f"stage {key or path.name}")
     marker = path / ".fingerprint"
-    if path.exists():
-        if not fresh and marker.is_file() and marker.read_text().strip() == fp:
-            return True
-        if run_dir is not None and key is not None:
-            clear_stage(run_dir, key)
-        shutil.rmtree(path)
+    if path.exists() or path.is_symlink():
+        if not path.is_dir() or path.is_symlink():
+            raise FusesegError(f"{path} is in the way of stage {key or path.name} (it is a file or a link, "
+                               "not a folder fuseseg made); move it away, or choose another run folder.")
+        if marker.is_file():
+            if not fresh and marker.read_text().strip() == fp:
+                return True
+            if run_dir is not None and key is not None:
+                clear_stage(run_dir, key)
+            shutil.rmtree(path)
+        elif any(path.iterdir()):
+            raise FusesegError(f"{path} exists but fuseseg did not make it (no .fingerprint file in it), so "
+                               f"it is not deleted to make room for stage {key or path.name}. Move it away, "
+                               "or choose another run folder (results_dir=... / name=...).")
     path.mkdir(parents=True, exist_ok=True)
     atomic_write_text(marker, fp)
     return False
+
+
+def _check_run_folder(run_dir: Path) -> None:
+    """The fixed folders and files of a run folder must not lead out of it (a symbolic link to
+    elsewhere would make a stage write, or clear, someone else's files): checked once per run."""
+    for sub in ("data", "train_fusion", "fused", "metrics", "segment", "tables", "figures", "stages",
+                "config.yaml", "environment.json", "report.md", "report.html"):
+        p = run_dir / sub
+        if p.exists() or p.is_symlink():
+            ensure_inside(p, run_dir, f"the run's {sub}")
 
 
 class _Stage:
@@ -105,6 +141,7 @@ class _Stage:
         self.skip = (not plan.runs(stage)) or (stage not in plan.forced and stage_is_current(run_dir, key, fp))
         self.selected = plan.runs(stage)
         self.forced = self.selected and stage in plan.forced   # --from: redo from scratch, no resume
+        self.plan = plan
         self.info: dict = {}
 
     def __enter__(self):
@@ -123,8 +160,11 @@ class _Stage:
             gpu = _gpu_peak_mib()
             if gpu is not None:
                 self.info.setdefault("gpu_peak_mib", round(gpu, 1))
+            if self.plan.environment is not None:
+                self.info.setdefault("environment", self.plan.environment)
             mark_stage_done(self.run_dir, self.key, self.fp, secs, peak_rss_mib=round(_peak_rss_mib(), 1),
                             **self.info)
+            self.plan.record_environment(self.run_dir)
             console.print(f"[green]  done[/] {self.key} in {secs:.1f} s")
         return False
 
@@ -519,6 +559,7 @@ def run_experiment(cfg: ExperimentConfig, plan: Plan | None = None) -> Path:
             raise ConfigError(f"unknown stage {s!r}; stages: {', '.join(STAGES)}")
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    _check_run_folder(run_dir)
     with RunLock(run_dir / ".lock"):
         load_plugins(cfg.plugins)
         for m in cfg.fusion:
@@ -534,15 +575,12 @@ def run_experiment(cfg: ExperimentConfig, plan: Plan | None = None) -> Path:
                       f"variants {', '.join(variants)}")
         _remove_stray_temporaries(run_dir)
 
+        plan.environment = environment_record(str(device), cfg.seed)
         # bad inputs fail here, before anything in the run folder is rewritten
         data_root, data_fp = stage_data(cfg, run_dir, plan)
         needed = [m for m in cfg.fusion if m.name in variants or plan.variants is None]
         _check_fusion_methods(needed)
         dump_config(cfg, run_dir / "config.yaml")
-        from fusion.data.io import atomic_write_text
-
-        atomic_write_text(run_dir / "environment.json",
-                          json.dumps(environment_record(str(device), cfg.seed), indent=2))
         fused: dict[str, tuple[dict[str, Path], str]] = {}
         for m in needed:
             ckpt, tfp = stage_train_fusion(cfg, run_dir, plan, m, data_root, data_fp)

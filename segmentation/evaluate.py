@@ -19,6 +19,7 @@ from rich.progress import Progress
 
 from fusion.data.io import write_image
 from fusion.data.pairs import IGNORE_INDEX, MSRS_CLASSES
+from fusion.data.paths import check_disjoint
 from fusion.errors import ConfigError
 from fusion.progress import make_progress
 from fusion.runtime import OOMGuard, autocast, dist_info, resolve_device
@@ -167,9 +168,11 @@ def evaluate_segmenter(checkpoint: Path | str, images_dir: Path | str, labels_di
     """Evaluate a segmentation checkpoint on a labelled folder (images + labels paired by stem).
 
     Uses the checkpoint's normalisation, channel count and class count; one confusion matrix
-    over every image at full size; ``save_predictions``: a folder for colour PNG predictions."""
+    over every image at full size; ``save_predictions``: a folder for colour PNG predictions (never
+    the images' or labels' folder, nor inside or around them)."""
     if convention not in CONVENTIONS:
         raise ConfigError(f"unknown mIoU convention {convention!r}; valid: {', '.join(CONVENTIONS)}")
+    check_disjoint(save_predictions, {"--images": images_dir, "--labels": labels_dir}, "--save-predictions")
     dev = resolve_device(device) if isinstance(device, str) else device
     model, ckpt = model_from_checkpoint(checkpoint, dev)
     kwargs = ckpt["kwargs"]

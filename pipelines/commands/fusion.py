@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fusion.data.paths import check_disjoint
 from fusion.errors import ConfigError
 from pipelines.config import load_section_config, parse_overrides
 from pipelines.console import console
+from pipelines.runstate import folder_lock
 
 SECTION = "fusion_train"
 
@@ -30,7 +32,7 @@ def load_train_config(path: str | Path | None, overrides: list[str]):
 
 
 def _train(args) -> int:
-    from fusion.train import train_fusion
+    from fusion.train import resolve_pairs, train_fusion
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not Path(config).is_file():
@@ -43,7 +45,10 @@ def _train(args) -> int:
         raise ConfigError("train-fusion needs a config file or key=value settings (at least "
                           "data_root=...), e.g. `fuseseg train-fusion configs/fusion.yaml`.")
     cfg = load_train_config(config, overrides)
-    final = train_fusion(cfg, out, resume=args.resume, progress=not args.no_progress)
+    pairs = resolve_pairs(cfg)
+    check_disjoint(out, {"ir": pairs.ir_dir, "vi": pairs.vi_dir}, "--out")
+    with folder_lock(out, "fuseseg train-fusion --out"):
+        final = train_fusion(cfg, out, resume=args.resume, progress=not args.no_progress)
     console.print(f"trained fusion model: [bold]{final}[/]  (fuse with: fuseseg fuse "
                   f"--checkpoint {final} --ir IR_DIR --vi VI_DIR --out OUT_DIR)", highlight=False)
     return 0
@@ -56,10 +61,12 @@ def _fuse(args) -> int:
     method = load_fusion_method(args.method, args.checkpoint, kwargs, args.device,
                                 plugins=args.plugins or ())
     name = args.method or Path(args.checkpoint).stem
-    summary = fuse_folder(method, args.ir, args.vi, args.out, device=args.device,
-                          batch_size=args.batch_size, skip_existing=not args.overwrite,
-                          progress=not args.no_progress, ir16=args.ir16, workers=args.workers,
-                          name=name)
+    check_disjoint(args.out, {"--ir": args.ir, "--vi": args.vi}, "--out")  # before its lock file
+    with folder_lock(args.out, "fuseseg fuse --out"):
+        summary = fuse_folder(method, args.ir, args.vi, args.out, device=args.device,
+                              batch_size=args.batch_size, skip_existing=not args.overwrite,
+                              progress=not args.no_progress, ir16=args.ir16, workers=args.workers,
+                              name=name)
     console.print(f"fused {summary.written} pair(s) into {summary.out_dir} "
                   f"({summary.skipped} already there, skipped) in {summary.seconds:.1f} s"
                   + (f", {summary.images_per_s:.1f} img/s" if summary.written else ""),

@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fusion.data.paths import check_disjoint
 from fusion.errors import ConfigError
+from pipelines.runstate import folder_lock
 
 
 def register(subparsers) -> None:
@@ -56,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.console import console, make_progress
 
     fused = parse_fused(args.fused)
+    check_disjoint(args.out, {"--ir": args.ir, "--vi": args.vi, **{f"--fused {k}": v for k, v in fused.items()}},
+                   "--out")
     convention = Convention.preset(args.preset)
     changes = {}
     if args.mi_unit:
@@ -74,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(f"--metrics: {exc}") from None
 
-    with make_progress(transient=True) as bar:
+    with folder_lock(args.out, "fuseseg metrics --out"), make_progress(transient=True) as bar:
         task = bar.add_task("scoring", total=None)
 
         def progress(done: int, total: int) -> None:

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fusion.data.paths import check_disjoint
 from fusion.errors import ConfigError
 from pipelines.console import console
+from pipelines.runstate import folder_lock
 
 
 def _split_list(text: str | None) -> list[str] | None:
@@ -71,6 +73,7 @@ def run(args) -> int:
 def compare(args) -> int:
     from pipelines import report as rep
 
+    check_disjoint(args.out, {f"run folder {i + 1}": r for i, r in enumerate(args.runs)}, "--out")
     rows, proto, warnings = rep.compare_runs(args.runs, force=args.force)
     for w in warnings:
         console.print(f"[yellow]warning:[/] {w}")
@@ -84,6 +87,7 @@ def compare(args) -> int:
         text += " (PROTOCOLS DIFFER: not comparable)"
     console.print(rep.rich_miou_table(rows, classes, text, width=console.width))
     if args.out:
-        rep.write_miou_tables(args.out, rows, classes, text, proto, [])
+        with folder_lock(args.out, "fuseseg compare --out"):
+            rep.write_miou_tables(args.out, rows, classes, text, proto, [])
         console.print(f"written: {args.out}/miou.md, miou.csv, miou.json")
     return 0

@@ -18,8 +18,10 @@ from pathlib import Path
 
 from rich.table import Table
 
+from fusion.data.paths import check_disjoint
 from pipelines.config import load_section_config
 from pipelines.console import console
+from pipelines.runstate import folder_lock
 
 SECTION = "segmentation"
 
@@ -41,9 +43,12 @@ def _train(args) -> int:
     if config is None and args.resume and (out / "config.yaml").is_file():
         config = out / "config.yaml"
     cfg = load_seg_config(config, list(args.overrides))
-    final = train_segmenter(args.images, args.labels, cfg, out, resume=args.resume,
-                            progress=not args.no_progress, val_images_dir=args.val_images,
-                            val_labels_dir=args.val_labels)
+    check_disjoint(out, {"--images": args.images, "--labels": args.labels, "--val-images": args.val_images,
+                         "--val-labels": args.val_labels}, "--out")
+    with folder_lock(out, "fuseseg segment train --out"):
+        final = train_segmenter(args.images, args.labels, cfg, out, resume=args.resume,
+                                progress=not args.no_progress, val_images_dir=args.val_images,
+                                val_labels_dir=args.val_labels)
     console.print(f"trained segmenter: [bold]{final}[/]  (evaluate with: fuseseg segment eval "
                   f"--checkpoint {final} --images TEST_IMAGES --labels TEST_LABELS)", highlight=False)
     return 0
@@ -76,9 +81,13 @@ def _eval(args) -> int:
     from fusion.data.io import atomic_write_text
     from segmentation.evaluate import evaluate_segmenter
 
-    res = evaluate_segmenter(args.checkpoint, args.images, args.labels, device=args.device,
-                             save_predictions=args.save_predictions, convention=args.convention,
-                             progress=not args.no_progress)
+    inputs = {"--images": args.images, "--labels": args.labels}
+    check_disjoint(args.json, inputs, "--json")
+    check_disjoint(args.save_predictions, inputs, "--save-predictions")  # before its lock file
+    with folder_lock(args.save_predictions, "fuseseg segment eval --save-predictions"):
+        res = evaluate_segmenter(args.checkpoint, args.images, args.labels, device=args.device,
+                                 save_predictions=args.save_predictions, convention=args.convention,
+                                 progress=not args.no_progress)
     console.print(result_table(res, f"{args.checkpoint} on {args.images} ({res.num_images} images; "
                                     f"* = convention '{res.convention}')"))
     console.print(f"mIoU ({res.convention}): [bold]{_fmt(res.miou)}[/]", highlight=False)

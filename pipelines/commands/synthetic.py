@@ -7,6 +7,7 @@ from rich.table import Table
 
 from fusion.errors import ConfigError
 from pipelines.console import console
+from pipelines.runstate import folder_lock
 
 
 def register(sub) -> None:
@@ -39,8 +40,9 @@ def run(args) -> int:
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"make-synthetic: --workers {args.workers}: give at least 1, or omit it "
                           "to use every CPU core")
-    s = make_synthetic(args.out, args.train, args.test, size=tuple(args.size), seed=args.seed,
-                       workers=args.workers, progress=True)
+    with folder_lock(args.out, "fuseseg make-synthetic OUT"):
+        s = make_synthetic(args.out, args.train, args.test, size=tuple(args.size), seed=args.seed,
+                           workers=args.workers, progress=True)
     table = Table(title=f"synthetic data set {s['out']}")
     table.add_column("class")
     table.add_column("pixel share (%)", justify="right")
