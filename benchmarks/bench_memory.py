@@ -14,12 +14,19 @@ autocast (what ``amp: auto`` picks on a GPU that supports bf16; on CPU the same 
                  + 25 % of it for the backward pass's transient gradients of activations
                  + 1 GiB CUDA context, cuDNN workspace and allocator slack
 
-Steps: SSPFusion (default kwargs = the paper-like widths), both phases, 256x256 crops, batch 8
-(``fusion_train``); DeepLabV3+ with the resnet50 encoder at 480x480, batch 8 with everything
+Steps: SSPFusion with the ``kwargs`` of ``configs/msrs.yaml`` (``PAPER_LIKE_CHANNELS``, 4.85 M
+parameters), both phases, 256x256 crops, batch 8 (``fusion_train``); DeepLabV3+ with the resnet50 encoder at 480x480, batch 8 with everything
 trainable (the config trains batch 8 with the encoder frozen and batch 4 unfrozen, so this is an
 upper bound; the frozen phase saves no encoder activations). It is an estimate: the caching
 allocator's fragmentation and cuDNN algorithm choices vary by GPU; on a GPU, ``bench_e2e``'s
 per-stage ``gpu_peak_mib`` is the measured number.
+
+What the estimate omits: cuDNN / cuBLAS workspaces beyond the 1 GiB allowance (``cudnn.benchmark``
+may try algorithms with large workspaces), the DataLoader's pinned-memory batches, the
+``torch.compile`` caches (``compile: true``), DDP's gradient buckets (one more copy of the
+trained parameters per process), fragmentation of the caching allocator, and the evaluation /
+fusing passes (no autograd, smaller). bf16 figures assume autocast keeps float32 master weights
+(it does) and that the losses run in float32 (they do: ``fusion.losses``).
 
 Usage: ``python -m benchmarks.bench_memory``.
 """
@@ -64,12 +71,27 @@ def _autocast(amp: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
 
 
-def sspfusion_saved(batch: int, crop: int, phase: str, amp: bool) -> tuple[int, int, int]:
+def msrs_sspfusion_kwargs() -> dict:
+    """The ``kwargs`` of the ``sspfusion`` entry of ``configs/msrs.yaml``'s ``fusion:`` list ({} if absent)."""
+    import yaml
+
+    from benchmarks.common import REPO
+
+    path = REPO / "configs" / "msrs.yaml"
+    doc = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    for m in (doc or {}).get("fusion", []):
+        if (m.get("method") or m.get("name")) == "sspfusion":
+            return dict(m.get("kwargs") or {})
+    return {}
+
+
+def sspfusion_saved(batch: int, crop: int, phase: str, amp: bool,
+                    kwargs: dict | None = None) -> tuple[int, int, int]:
     """(saved activation bytes, parameter bytes, trained parameter bytes) of one SSPFusion training step's forward pass."""
     from fusion.sspfusion import SSPFusion
 
     torch.manual_seed(0)
-    model = SSPFusion().train()
+    model = SSPFusion(**(kwargs or {})).train()
     params = list(model.parameters())
     ir, vi = torch.rand(batch, 1, crop, crop), torch.rand(batch, 1, crop, crop)
 
@@ -126,15 +148,16 @@ def run(quick: bool = False) -> dict:
     sg = config_values("msrs", "segmentation", {"encoder": "resnet50", "crop_size": 480,
                                                 "batch_size": 4, "frozen_batch_size": 8})
     seg_batch = max(int(sg["batch_size"]), int(sg["frozen_batch_size"]))
+    kw = msrs_sspfusion_kwargs()
     cases = []
     for amp in (False, True):
         from fusion.sspfusion import SSPFusion
 
         for phase in SSPFusion().phases:
-            (s1, p, tr), (s2, _, _) = (sspfusion_saved(b, int(ft["crop_size"]), phase, amp)
+            (s1, p, tr), (s2, _, _) = (sspfusion_saved(b, int(ft["crop_size"]), phase, amp, kw)
                                        for b in SMALL_BATCHES)
             saved = extrapolate(s1, s2, int(ft["batch_size"]))
-            cases.append({"model": f"SSPFusion ({phase} phase)", "crop": int(ft["crop_size"]),
+            cases.append({"model": f"SSPFusion ({phase} phase)", "kwargs": kw, "crop": int(ft["crop_size"]),
                           "batch": int(ft["batch_size"]), "amp": "bf16" if amp else "fp32",
                           "small_batches": list(SMALL_BATCHES), "saved_small": [s1, s2], "saved": saved, "param_bytes": p,
                           "optimiser": "Adam", "estimate_bytes": estimate_bytes(p, tr, saved, 2)})

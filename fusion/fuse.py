@@ -38,12 +38,21 @@ def load_fusion_method(name: str | None = None, checkpoint: Path | str | None = 
       ``state_dict``); ``name``, when also given, must match the checkpoint's method, and
       ``kwargs`` override the stored ones. Corrupt file, another method or a shape mismatch:
       :class:`CheckpointError` naming the file.
+    * ``checkpoint="pretrained"``, or a method with shipped weights (:mod:`fusion.pretrained`)
+      and no checkpoint: the shipped weights (SHA-256 checked; damaged: CheckpointError).
     * otherwise ``create_method(name, **kwargs)``. A trainable (learned) method without a
       checkpoint would fuse with random weights: a ConfigError unless ``allow_untrained``.
+    * A checkpoint whose training verdict is "undertrained" (see :func:`fusion.train.verdict`)
+      is used, with a warning on stderr.
     """
+    from fusion.pretrained import has_shipped, resolve_checkpoint
+
     device = runtime.resolve_device(device) if not isinstance(device, torch.device) else device
     if plugins:
         load_plugins(list(plugins))
+    if checkpoint is None and not allow_untrained and has_shipped(name):
+        checkpoint = "pretrained"
+    checkpoint = resolve_checkpoint(checkpoint, name)
     if checkpoint is not None:
         path = Path(checkpoint)
         ckpt = runtime.load_checkpoint(path, map_location="cpu")
@@ -66,6 +75,12 @@ def load_fusion_method(name: str | None = None, checkpoint: Path | str | None = 
         if not isinstance(method, nn.Module):
             raise CheckpointError(f"checkpoint {path}: method {method_name!r} has no weights to load.")
         runtime.load_state_dict_checked(method, ckpt["state_dict"], path)
+        v = ckpt.get("verdict") or {}
+        if v.get("status") == "undertrained":
+            import sys
+            print(f"WARNING: {path} is UNDERTRAINED: its fusion loss {v.get('fus', float('nan')):.4f} "
+                  f"did not beat {v.get('fus_max', float('nan')):.4f} of max(IR, VI_Y) in training "
+                  "(see verdict.json next to it); train longer.", file=sys.stderr)
     else:
         if name is None:
             raise ConfigError("no fusion method given: pass a method name (--method NAME) or a "

@@ -40,7 +40,10 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 def autocast(device: torch.device, amp: str = "auto"):
     """Mixed-precision context: on CUDA, bf16 where supported else fp16 (``amp='auto'``), or the
-    named dtype (``'bf16'``, ``'fp16'``); ``'off'`` or a CPU device: full precision."""
+    named dtype (``'bf16'``, ``'fp16'``); ``'off'``: full precision. On a CPU: bf16 autocast
+    only when ``amp='bf16'`` is asked for explicitly, else full precision."""
+    if device.type == "cpu" and amp == "bf16":
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
     if amp == "off" or device.type != "cuda":
         return nullcontext()
     if amp == "auto":

@@ -19,7 +19,8 @@ after reflect-padding H, W to a multiple of 2^(N+1):
    Without SPF (``use_spf=False``) or without SFE (``use_sfe=False``, masks all zero):
    Z^k = act(conv1x1([F_ir, F_vi])). The stems are merged the same way (no masks) into Z^0.
 5. U-shaped decoder: d = Z^N; for k = N-1..0: d = block_k([upsample_bilinear(d), Z^k]); the
-   fused Y is sigmoid(conv3x3(d)), cropped back to H x W.
+   fused Y is sigmoid(conv3x3(d)) (``output="sigmoid"``, the paper), or clamp(max(IR, VI_Y) +
+   conv3x3(d), 0, 1) (``output="max_residual"``), cropped back to H x W.
 
 Losses (:mod:`fusion.losses`): phase "structure": L_rec = mean over both modalities and all N
 levels of Charbonnier(P^k, G(resize_k(input))); phase "fusion":
@@ -148,6 +149,11 @@ class SSPFusion(LuminanceFusion):
     * ``structure_branch`` ("shared"): R re-uses the encoder's stem/down convolutions
       ("shared") or has its own ("separate").
     * ``charbonnier_eps`` (1.0, the paper's eps) and ``alpha`` (0.01): L_total = alpha L_rec + L_fus.
+    * ``w_ssim``, ``w_smooth``, ``w_grad`` (1.0 each, the paper's 1:1:1): weights of L_fus.
+    * ``output`` ("sigmoid", the paper's): the fused Y is ``sigmoid(z)`` of the head's output z;
+      ``"clamp"``: ``clamp(z, 0, 1)``; ``"max_residual"``: ``clamp(max(IR, VI_Y) + z, 0, 1)`` with
+      the head initialised to zero, so training starts at the pixel-wise max (fusion/README.md).
+    * ``init`` ("default": PyTorch's; "kaiming": He-normal for LeakyReLU(0.1), zero biases).
 
     Training interface (used by :mod:`fusion.train`): ``phases``, ``training_losses``,
     ``parameters_for_phase``; inference: ``fuse_y`` / ``forward`` (the fusion contract).
@@ -270,12 +276,14 @@ class SSPFusion(LuminanceFusion):
         return self._output(self.head(d), ir, vi_y), p_ir, p_vi
 
     def _output(self, z: torch.Tensor, ir: torch.Tensor, vi_y: torch.Tensor) -> torch.Tensor:
-        """The fused Y from the head's output ``z`` (see ``output`` in the class doc)."""
+        """The fused Y from the head's output ``z`` (see ``output`` in the class doc), in float32
+        (under bf16 autocast a bf16 image would be off by up to half a grey level near 1)."""
+        z = z.float()
         if self.output == "sigmoid":
             return torch.sigmoid(z)
         if self.output == "clamp":
             return z.clamp(0.0, 1.0)
-        return (torch.maximum(ir, vi_y).to(z.dtype) + z).clamp(0.0, 1.0)
+        return (torch.maximum(ir, vi_y).float() + z).clamp(0.0, 1.0)
 
     # ------------------------------------------------------------------ inference
     def fuse_y(self, ir: torch.Tensor, vi_y: torch.Tensor) -> torch.Tensor:

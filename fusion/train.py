@@ -73,6 +73,11 @@ class FusionTrainConfig:
     0.999), lr 2e-4 with cosine annealing, 50 structure epochs then 300 epochs; the paper gives no
     batch size (8 is this project's choice).
 
+    More data: ``extra_data`` (more folders, each read like ``data_root``) and
+    ``synthetic_pairs`` > 0 synthetic day/night street scenes (:mod:`fusion.data.synthetic`, size
+    ``synthetic_size``, seed ``synthetic_seed``) rendered into ``OUT/synthetic`` on the first start
+    (same seed: byte-identical files), all trained on together.
+
     ``aug_gain`` / ``aug_gamma`` ([low, high], default [1, 1] = off, the paper's choice): the joint
     photometric augmentation ``x -> clip(g x^gamma, 0, 1)``, one (g, gamma) per sample applied to
     both modalities (see :class:`fusion.datasets.PairDataset`)."""
@@ -84,6 +89,10 @@ class FusionTrainConfig:
     split: str = "train"
     ir_dir: str | None = None
     vi_dir: str | None = None
+    extra_data: list[str] = field(default_factory=list)
+    synthetic_pairs: int = 0
+    synthetic_size: tuple[int, int] = (240, 320)
+    synthetic_seed: int = 0
     structure_epochs: int = 50
     epochs: int = 300
     batch_size: int = 8
@@ -111,6 +120,9 @@ class FusionTrainConfig:
         for key in ("structure_epochs", "epochs", "workers"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.synthetic_pairs < 0 or min(self.synthetic_size) < 16:
+            raise ValueError(f"synthetic_pairs must be >= 0 and synthetic_size at least [16, 16], got "
+                             f"{self.synthetic_pairs} and {list(self.synthetic_size)}")
         for key in ("batch_size", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -145,22 +157,67 @@ def config_to_dict(cfg: FusionTrainConfig) -> dict[str, Any]:
     return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
 
 
-def resolve_pairs(cfg: FusionTrainConfig) -> PairSet:
-    """The training pairs named by the config (see :class:`FusionTrainConfig`)."""
+def _root_pairs(root: str | Path, split: str, key: str) -> PairSet:
+    splits = detect_splits(root)
+    if splits == [None]:
+        return load_split(root, None)
+    if split not in splits:
+        raise ConfigError(f"fusion_train.split={split!r}, but {key} {root} only has the "
+                          f"split(s) {', '.join(s for s in splits if s)}. Set split accordingly.")
+    return load_split(root, split)
+
+
+def resolve_pairs(cfg: FusionTrainConfig, out_dir: Path | None = None) -> PairSet:
+    """The training pairs named by the config (see :class:`FusionTrainConfig`): ``data_root`` (or
+    ``ir_dir`` + ``vi_dir``), then each of ``extra_data``, then the synthetic scenes in
+    ``out_dir/synthetic`` (rendered by :func:`render_synthetic`)."""
+    sets: list[PairSet] = []
     if cfg.ir_dir or cfg.vi_dir:
         if not (cfg.ir_dir and cfg.vi_dir):
             raise ConfigError("fusion_train: set both ir_dir and vi_dir (or data_root instead).")
-        return find_pairs(cfg.ir_dir, cfg.vi_dir)
-    if not cfg.data_root:
+        sets.append(find_pairs(cfg.ir_dir, cfg.vi_dir))
+    elif cfg.data_root:
+        sets.append(_root_pairs(cfg.data_root, cfg.split, "data_root"))
+    sets += [_root_pairs(r, cfg.split, "extra_data") for r in cfg.extra_data]
+    if cfg.synthetic_pairs:
+        if out_dir is None:
+            raise ConfigError("fusion_train.synthetic_pairs needs a run folder to render into")
+        sets.append(load_split(out_dir / "synthetic", "train"))
+    if not sets:
         raise ConfigError("fusion_train: no training data. Set data_root (an MSRS-layout root or a "
-                          "folder with ir/ and vi/), or ir_dir and vi_dir.")
-    splits = detect_splits(cfg.data_root)
-    if splits == [None]:
-        return load_split(cfg.data_root, None)
-    if cfg.split not in splits:
-        raise ConfigError(f"fusion_train.split={cfg.split!r}, but {cfg.data_root} only has the "
-                          f"split(s) {', '.join(s for s in splits if s)}. Set split accordingly.")
-    return load_split(cfg.data_root, cfg.split)
+                          "folder with ir/ and vi/), or ir_dir and vi_dir, or synthetic_pairs.")
+    return sets[0] if len(sets) == 1 else merge_pairsets(sets)
+
+
+def merge_pairsets(sets: list[PairSet]) -> PairSet:
+    """One PairSet of several; stems become ``"<j>/<stem>"`` (j = the set's index), so equal file
+    names in different folders stay distinct."""
+    out = PairSet(sets[0].ir_dir, sets[0].vi_dir)
+    for j, ps in enumerate(sets):
+        for stem in ps.stems:
+            key = f"{j}/{stem}"
+            out.stems.append(key)
+            out.ir[key], out.vi[key] = ps.ir[stem], ps.vi[stem]
+    return out
+
+
+def render_synthetic(cfg: FusionTrainConfig, out_dir: Path) -> None:
+    """Render ``cfg.synthetic_pairs`` synthetic training scenes into ``out_dir/synthetic`` unless
+    the same set (count, size, seed, per ``synthetic.json``) is already there."""
+    if not cfg.synthetic_pairs:
+        return
+    from fusion.data.synthetic import make_synthetic
+
+    dest = out_dir / "synthetic"
+    want = {"train": cfg.synthetic_pairs, "size": list(cfg.synthetic_size), "seed": cfg.synthetic_seed}
+    try:
+        have = json.loads((dest / "synthetic.json").read_text())
+        if all(have.get(k) == v for k, v in want.items()) and have.get("test") == 0:
+            return
+    except (OSError, ValueError):
+        pass
+    make_synthetic(dest, cfg.synthetic_pairs, 0, tuple(cfg.synthetic_size), cfg.synthetic_seed,
+                   workers=1, progress=False)
 
 
 def _versions() -> dict[str, str]:
@@ -267,7 +324,11 @@ def _train(cfg: FusionTrainConfig, out_dir: Path, resume: bool, progress: bool,
         console.print(f"training in {out_dir} is already complete: {final_path}")
         return final_path
     model, init_kwargs = _build_model(cfg, ckpt, device, last_path)
-    dataset, sampler, loader, steps_per_epoch = _build_data(cfg, device, rank, world)
+    if main:
+        render_synthetic(cfg, out_dir)
+    if world > 1:
+        torch.distributed.barrier()
+    dataset, sampler, loader, steps_per_epoch = _build_data(cfg, out_dir, device, rank, world)
     phases = [(p, cfg.structure_epochs if p == "structure" else cfg.epochs) for p in model.phases]
     st = _State.resume_from(ckpt, cfg, last_path)
     if main:
@@ -419,9 +480,9 @@ def _build_model(cfg: FusionTrainConfig, ckpt: dict | None, device: torch.device
     return model, dict(getattr(model, "init_kwargs", cfg.method_kwargs))
 
 
-def _build_data(cfg: FusionTrainConfig, device: torch.device, rank: int, world: int):
+def _build_data(cfg: FusionTrainConfig, out_dir: Path, device: torch.device, rank: int, world: int):
     """(dataset, sampler, loader, steps_per_epoch) of the training pairs."""
-    dataset = PairDataset(resolve_pairs(cfg), crop=cfg.crop_size, train=True, ir16=cfg.ir16,
+    dataset = PairDataset(resolve_pairs(cfg, out_dir), crop=cfg.crop_size, train=True, ir16=cfg.ir16,
                           cache=cfg.cache_images, seed=cfg.seed, vflip=cfg.vflip,
                           photometric=cfg.photometric_range())
     sampler = EpochBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, rank=rank, world=world)

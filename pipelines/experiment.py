@@ -44,7 +44,8 @@ class FusionMethodConfig:
     """One fusion variant of the experiment.
 
     ``type: registered``: a method of the registry (built-in or from a ``plugins:`` module); a
-    trainable one is trained by the pipeline unless ``checkpoint`` is given. ``type: folder``:
+    trainable one is trained by the pipeline unless ``checkpoint`` is given (a file, or
+    ``pretrained``: the weights shipped with fuseseg, see :mod:`fusion.pretrained`). ``type: folder``:
     already fused images in ``folder`` (``folder/train/NAME.png`` and ``folder/test/NAME.png``,
     or only ``test/`` when used for metrics only), checked against the data set's names and
     sizes."""

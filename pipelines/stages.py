@@ -23,6 +23,7 @@ from fusion.data.io import atomic_write_bytes, atomic_write_text
 from fusion.data.pairs import MSRS_CLASSES, find_pairs, list_images, load_split, match_stems
 from fusion.data.paths import ensure_inside
 from fusion.errors import CheckpointError, ConfigError, DataError, FusesegError
+from fusion.pretrained import resolve_checkpoint
 from pipelines.config import dump_config, to_dict
 from pipelines.console import console
 from pipelines.experiment import ExperimentConfig, FusionMethodConfig
@@ -248,7 +249,7 @@ def stage_train_fusion(cfg: ExperimentConfig, run_dir: Path, plan: Plan, m: Fusi
     # a plug-in's own source is part of what it computes (built-ins: the fuseseg version, in data_fp)
     source = None if entry.module.startswith("fusion.") else source_digest(entry.module)
     if m.checkpoint is not None:
-        ck = Path(m.checkpoint)
+        ck = resolve_checkpoint(m.checkpoint, m.method)
         if not ck.is_file():
             raise ConfigError(f"fusion[{m.name}].checkpoint: {ck} does not exist; give an existing "
                               "checkpoint, or remove the key to train the method here.")
@@ -538,7 +539,10 @@ def _check_fusion_methods(methods: list[FusionMethodConfig]) -> None:
             except ConfigError as exc:
                 raise ConfigError(f"fusion[{m.name}].kwargs: {exc}") from exc
             continue
-        ck = Path(m.checkpoint)
+        try:
+            ck = resolve_checkpoint(m.checkpoint, m.method)
+        except CheckpointError as exc:
+            raise CheckpointError(f"fusion[{m.name}].checkpoint: {exc}") from exc
         if not ck.is_file():
             raise ConfigError(f"fusion[{m.name}].checkpoint: {ck} does not exist; give an existing "
                               "checkpoint, or remove the key to train the method here.")

@@ -57,7 +57,11 @@ def _train(args) -> int:
 def _fuse(args) -> int:
     from fusion.fuse import fuse_folder, load_fusion_method
 
+    from fusion.pretrained import describe, has_shipped
+
     kwargs = parse_overrides(args.kwargs) if args.kwargs else None
+    if args.checkpoint is None and has_shipped(args.method):
+        console.print(describe(args.method) + "; --checkpoint FILE uses other weights", highlight=False)
     method = load_fusion_method(args.method, args.checkpoint, kwargs, args.device,
                                 plugins=args.plugins or ())
     name = args.method or Path(args.checkpoint).stem
@@ -92,7 +96,8 @@ def register(subparsers) -> None:
         description="Fuse every IR/VI pair (paired by file name) into OUT/NAME.png.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     f.add_argument("--method", help="registered method name (optional with --checkpoint)")
-    f.add_argument("--checkpoint", help="trained fusion checkpoint (final.pt of train-fusion)")
+    f.add_argument("--checkpoint", help="trained fusion checkpoint (final.pt of train-fusion); "
+                   "default for sspfusion: the shipped weights ('pretrained')")
     f.add_argument("--ir", required=True, help="infrared folder")
     f.add_argument("--vi", required=True, help="visible folder")
     f.add_argument("--out", required=True, help="output folder")
