@@ -102,3 +102,21 @@ def test_photometric_augmentation_applies_one_transform_to_both_modalities(make_
     # off by default and at the identity ranges: byte-identical to no augmentation
     ident = PairDataset(pairs, crop=32, train=True, seed=2, photometric=((1, 1), (1, 1)))
     assert torch.equal(ident[(1, 0)][0], plain[(1, 0)][0])
+
+
+def test_training_data_sources_are_merged_without_name_clashes(make_pairs, tmp_path):
+    from fusion.train import render_synthetic, resolve_pairs
+
+    a = make_pairs(n=3, size=(24, 32), root=tmp_path / "a")
+    b = make_pairs(n=2, size=(24, 32), root=tmp_path / "b")  # same file names as in a
+    cfg = FusionTrainConfig(data_root=str(a), extra_data=[str(b)], synthetic_pairs=2,
+                            synthetic_size=(32, 48), synthetic_seed=4)
+    out = tmp_path / "run"
+    render_synthetic(cfg, out)
+    stamp = (out / "synthetic" / "synthetic.json").stat().st_mtime_ns
+    render_synthetic(cfg, out)  # the same set is kept, not rendered again
+    assert (out / "synthetic" / "synthetic.json").stat().st_mtime_ns == stamp
+    ps = resolve_pairs(cfg, out)
+    assert len(ps) == 3 + 2 + 2 and len(set(ps.stems)) == 7
+    assert ps.ir["0/00001D"].parent == a / "ir" and ps.ir["1/00001D"].parent == b / "ir"
+    assert {p.parent for k, p in ps.vi.items() if k.startswith("2/")} == {out / "synthetic" / "train" / "vi"}
