@@ -13,17 +13,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
 from benchmarks.sspfusion_evidence import REAL, REPO, score_method
+from fusion import runtime
 from fusion.pretrained import sha256, shipped_files
 
 COMMAND = "fuseseg train-fusion configs/sspfusion-pretrain.yaml --out runs/sspfusion-pretrain"
+
+
+def plain(x):
+    """``x`` with str subclasses (e.g. torch's TorchVersion) as str, so weights_only loading works."""
+    if isinstance(x, dict):
+        return {plain(k): plain(v) for k, v in x.items()} if not isinstance(x, OrderedDict) else \
+            OrderedDict((k, plain(v)) for k, v in x.items())
+    if isinstance(x, (list, tuple)):
+        return type(x)(plain(v) for v in x)
+    if isinstance(x, str) and type(x) is not str:
+        return str(x)
+    return x
 
 
 def curve_summary(rows: list[dict]) -> dict:
@@ -45,12 +58,11 @@ def main(argv=None) -> Path:
     ap.add_argument("run", type=Path)
     args = ap.parse_args(argv)
     final = args.run / "final.pt"
-    ckpt = torch.load(final, map_location="cpu", weights_only=True)
+    ckpt = plain(torch.load(final, map_location="cpu", weights_only=False))
     pt, js = shipped_files(ckpt["method"])
     pt.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pt.with_suffix(".pt.tmp")
-    shutil.copyfile(final, tmp)
-    tmp.replace(pt)
+    runtime.save_checkpoint(pt, ckpt)
+    torch.load(pt, map_location="cpu", weights_only=True)  # tensors and plain types only
     rows = ckpt["log"]
     syn = json.loads((args.run / "synthetic" / "synthetic.json").read_text()) \
         if (args.run / "synthetic" / "synthetic.json").is_file() else None
@@ -68,7 +80,9 @@ def main(argv=None) -> Path:
         "method": ckpt["method"], "kwargs": ckpt["kwargs"], "command": COMMAND, "commit": commit,
         "recipe": cfg, "data": data,
         "data_summary": f"{n_real} RoadScene pairs + {syn['train'] if syn else 0} synthetic day/night scenes",
-        "steps": int(ckpt["global_step"]),
+        "steps": int(ckpt["global_step"]),  # optimiser steps of both phases
+        "structure_steps": max([int(r["global_step"]) for r in rows if r.get("phase") == "structure"] or [0]),
+        "batch_size": cfg["batch_size"], "crop_size": cfg["crop_size"],
         "train_seconds": round(sum(float(r["seconds"]) for r in rows), 1),
         "loss_curve": curve_summary(rows), "verdict": ckpt.get("verdict"),
         "metrics_convention": "sspfusion preset (reference conventions, MI in bits; MI and SSIM summed over both sources)",

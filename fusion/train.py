@@ -225,7 +225,7 @@ def _versions() -> dict[str, str]:
         own = importlib.metadata.version("fuseseg")
     except importlib.metadata.PackageNotFoundError:
         own = "unknown"
-    return {"fuseseg": own, "torch": torch.__version__, "numpy": np.__version__,
+    return {"fuseseg": own, "torch": str(torch.__version__), "numpy": str(np.__version__),
             "python": platform.python_version()}
 
 

@@ -420,7 +420,31 @@ def protocol_of(cfg: ExperimentConfig) -> tuple[dict, str]:
             f"{s.epochs - s.frozen_epochs} at batch {s.batch_size}, crop {s.crop_size}, "
             f"mIoU convention '{s.miou_convention}' (one confusion matrix over the test set), "
             f"seeds {list(cfg.seg_seeds)}, data {keys['data']}")
+    fusion_text = _fusion_protocol(cfg)
+    if fusion_text:
+        text += f"; {fusion_text}"
     return keys, text
+
+
+def _fusion_protocol(cfg: ExperimentConfig) -> str:
+    """How each learned fusion variant got its weights (for the protocol line; not part of the
+    segmentation protocol's fingerprint)."""
+    from fusion.registry import get_entry
+
+    parts = []
+    for m in cfg.fusion:
+        if m.type != "registered" or not get_entry(m.method).trainable:
+            continue
+        if m.checkpoint is not None:
+            what = ("the shipped pretrained weights" if str(m.checkpoint) == "pretrained"
+                    else f"checkpoint {m.checkpoint}")
+            parts.append(f"{m.name} from {what} (not trained here)")
+        else:
+            t = {**to_dict(cfg.fusion_train), **m.train}
+            parts.append(f"{m.name} trained from scratch here ({t['structure_epochs']} structure + "
+                         f"{t['epochs']} fusion epochs, crop {t['crop_size']}, batch {t['batch_size']}, "
+                         f"lr {t['lr']}, kwargs {dict(m.kwargs) or 'default'})")
+    return ", ".join(parts)
 
 
 def stage_report(cfg: ExperimentConfig, run_dir: Path, plan: Plan, data_root: Path, variants: list[str],

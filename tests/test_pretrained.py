@@ -95,3 +95,18 @@ def test_shipped_metrics_are_reproduced_on_msrs(tmp_path):
     for k, v in recorded.items():
         if v is not None:  # null: a non-finite mean (PSNR of identical images)
             assert got[k] == pytest.approx(v, abs=1e-6), k
+
+
+def test_experiment_checkpoint_pretrained_uses_the_shipped_weights(tmp_path, monkeypatch):
+    from pipelines.experiment import FusionMethodConfig
+    from pipelines.stages import _check_fusion_methods
+
+    m = FusionMethodConfig(name="sspfusion", checkpoint=Path("pretrained"))
+    _check_fusion_methods([m])  # builds the method from the shipped file: no error
+    wd = tmp_path / "weights"
+    wd.mkdir()
+    shutil.copy(JS, wd / JS.name)
+    (wd / PT.name).write_bytes(PT.read_bytes()[:1000])
+    monkeypatch.setattr(pretrained, "WEIGHTS_DIR", wd)
+    with pytest.raises(CheckpointError, match=r"fusion\[sspfusion\]\.checkpoint: .*damaged"):
+        _check_fusion_methods([m])
