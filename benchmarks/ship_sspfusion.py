@@ -75,7 +75,8 @@ def main(argv=None) -> Path:
     with tempfile.TemporaryDirectory() as d:
         for name in ("msrs", "tno"):
             metrics[name] = score_method(pt, REAL / name, Path(d) / name)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip() \
+        or ((REPO / "COMMIT").read_text().strip() if (REPO / "COMMIT").is_file() else "unknown")
     info = {
         "method": ckpt["method"], "kwargs": ckpt["kwargs"], "command": COMMAND, "commit": commit,
         "recipe": cfg, "data": data,
