@@ -12,7 +12,6 @@ clear error rather than a silently wrong model.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -34,11 +33,10 @@ def has_shipped(method: str | None) -> bool:
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """Hex SHA-256 of a file (the same digest the fuse provenance records)."""
+    from fusion.fuse import _sha256
+
+    return _sha256(Path(path))
 
 
 def shipped_info(method: str = "sspfusion") -> dict[str, Any]:

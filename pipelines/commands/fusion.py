@@ -56,7 +56,6 @@ def _train(args) -> int:
 
 def _fuse(args) -> int:
     from fusion.fuse import fuse_folder, load_fusion_method
-
     from fusion.pretrained import describe, has_shipped
 
     kwargs = parse_overrides(args.kwargs) if args.kwargs else None
