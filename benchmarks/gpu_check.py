@@ -597,7 +597,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fuseseg-gpu-check-") as tmp:
         ctx = Ctx(device=device, work=Path(tmp), cuda=device.type == "cuda")
-        results = run_checks(checks, ctx, progress=lambda n: console.print(f"[cyan]> {n}[/]"))
+        results = run_checks(checks, ctx, budget_s=BUDGET_S if ctx.cuda else float("inf"),
+                             progress=lambda n: console.print(f"[cyan]> {n}[/]"))
     wall = time.perf_counter() - t0
     dev = {"type": device.type, "name": torch.cuda.get_device_name(device) if ctx.cuda else "cpu"}
     record = make_record(results, dev, argv, wall)

@@ -163,3 +163,22 @@ def test_saved_tensor_count_matches_hand_count():
         return (h * h).sum()  # mul saves h twice (one storage, 5x3x4 = 60 B)
 
     assert saved_tensor_bytes(step, [w]) == 80 + 60
+
+
+def test_e2e_reports_every_stage_at_both_precisions():
+    from benchmarks.bench_e2e import figures
+
+    def one(name, scale, overrides):
+        stages = [{"key": "train_fusion/sspfusion", "seconds": 100.0 * scale, "peak_rss_mib": 900.0},
+                  {"key": "segment/ir/seed0", "seconds": 60.0 * scale, "peak_rss_mib": 1200.0}]
+        return {"quick": False, "wall_s": 200.0 * scale, "cpu_user_s": 1.0, "cpu_sys_s": 0.0,
+                "max_process_rss_mib": 1200.0, "peak_tree_rss_mib": 1300.0, "overrides": overrides,
+                "seconds_by_kind": {"train_fusion": 100.0 * scale, "segment": 60.0 * scale}, "stages": stages}
+
+    runs = {"default": one("default", 1.0, []), "fp32": one("fp32", 2.0, ["fusion_train.amp=off"]),
+            "auto": one("auto", 1.0, ["fusion_train.amp=auto"])}
+    by = {f["figure"]: f for f in figures({**runs["default"], "by_precision": runs})}
+    assert by["train_fusion/sspfusion [fp32]"]["value"] == 200.0
+    assert by["train_fusion/sspfusion [auto]"]["value"] == 100.0
+    assert by["segment/ir/seed0 [fp32]"]["value"] == 120.0 and by["[fp32] wall time"]["value"] == 400.0
+    assert by["[default] wall time"]["note"] == "config as is"
