@@ -52,34 +52,8 @@ def _synthetic_figures(r: dict) -> list[dict]:
     return out
 
 
-def _sspfusion_figures(r: dict) -> list[dict]:
-    sec = "SSPFusion"
-    out = [figure(sec, "inference 480x640, batch 1", r["inference_ms_per_pair"], "ms/pair", "median"),
-           figure(sec, f"inference best batch ({r['best_batch']})", r["best_pairs_per_s"], "pairs/s"),
-           figure(sec, f"training {r['train_crop']}^2 crops, batch {r['train_batch']}", r["train_images_per_s"],
-                  "img/s", "fusion phase: forward, losses, backward, Adam"),
-           figure(sec, "GFLOP per 480x640 pair", r["gflops_per_pair"], "GFLOP"),
-           figure(sec, "achieved / 2048^2 matmul speed", r["achieved_over_matmul"], "ratio")]
-    return out
-
-
-def _segmentation_figures(r: dict) -> list[dict]:
-    sec = "segmentation"
-    out = []
-    for e in r["encoders"]:
-        tag = f"{e['encoder']} ({e['role']})"
-        out.append(figure(sec, f"{tag} train {e['train_crop']}^2 b{e['train_batch']}",
-                          e["train_full_images_per_s"], "img/s", "full phase"))
-        if e.get("train_frozen_images_per_s") is not None:
-            out.append(figure(sec, f"{tag} train frozen b{e['frozen_batch']}", e["train_frozen_images_per_s"],
-                              "img/s"))
-        out.append(figure(sec, f"{tag} inference 480x640", e["infer_480x640_images_per_s"], "img/s"))
-    return out
-
-
 ADAPTERS: dict[str, Callable[[dict], list[dict]]] = {
-    "metrics": _metrics_figures, "synthetic": _synthetic_figures, "sspfusion": _sspfusion_figures,
-    "segmentation": _segmentation_figures,
+    "metrics": _metrics_figures, "synthetic": _synthetic_figures,
 }
 
 

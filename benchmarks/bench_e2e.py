@@ -2,7 +2,8 @@
 
 Runs ``python -m pipelines.cli run configs/default.yaml name=bench-e2e results_dir=<tmp>`` in a
 subprocess (``--quick``: with a tiny override set, :data:`QUICK_OVERRIDES`: 16 + 8 scenes, one
-epoch per phase) and reports
+epoch per phase) three times -- the config as it is, every stage at ``amp=off`` (fp32) and at
+``amp=auto`` (:data:`PRECISION_RUNS`) -- and reports, for the first:
 
 * each stage's ``seconds`` and ``peak_rss_mib`` from the run's ``stages/*.json`` records (the
   latter is the running maximum RSS of the pipeline process and of its finished children up to
@@ -121,18 +122,55 @@ def run_pipeline(overrides: list[str], results_dir: Path, timeout: float | None 
             "peak_tree_rss_mib": peak_tree, "cpu_user_s": r["user_s"], "cpu_sys_s": r["sys_s"]}
 
 
-def run(quick: bool = False, keep: Path | None = None) -> dict:
-    overrides = list(QUICK_OVERRIDES) if quick else []
+#: the precision variants of the run: the config as it is, then every stage in fp32 and in the
+#: precision ``amp=auto`` picks (bf16 on a CPU with native bf16): per-stage time at both
+PRECISION_RUNS = {"default": [], "fp32": ["fusion_train.amp=off", "segmentation.amp=off"],
+                  "auto": ["fusion_train.amp=auto", "segmentation.amp=auto"]}
+
+
+def run_one(quick: bool, extra: list[str], keep: Path | None = None) -> dict:
+    overrides = (list(QUICK_OVERRIDES) if quick else []) + list(extra)
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
         results_dir = keep or Path(tmp)
         res = run_pipeline(overrides, results_dir, timeout=None)
         stages, kinds = stage_summary(results_dir / "bench-e2e")
+        env = json.loads((results_dir / "bench-e2e" / "environment.json").read_text())
     res.update({"quick": quick, "overrides": overrides, "stages": stages, "seconds_by_kind": kinds,
-                "stage_seconds_total": sum(kinds.values())})
+                "stage_seconds_total": sum(kinds.values()), "precision": env.get("precision")})
     return res
 
 
+def run(quick: bool = False, keep: Path | None = None,
+        precisions: tuple[str, ...] = ("default", "fp32", "auto")) -> dict:
+    """The default run, then (unless only "default" is asked for) the same with every stage at
+    ``amp=off`` and at ``amp=auto`` (separate run folders)."""
+    runs = {name: run_one(quick, PRECISION_RUNS[name], keep / name if keep else None) for name in precisions}
+    res = dict(runs[precisions[0]])
+    res["by_precision"] = runs
+    return res
+
+
+def _precision_figures(result: dict) -> list[dict]:
+    runs = result.get("by_precision") or {}
+    if len(runs) < 2:
+        return []
+    sec = "e2e per stage at both precisions"
+    out = []
+    keys = [r["key"] for r in next(iter(runs.values()))["stages"]]
+    for name, r in runs.items():
+        out.append(figure(sec, f"[{name}] wall time", r["wall_s"], "s", " ".join(r["overrides"]) or "config as is"))
+    for key in keys:
+        for name, r in runs.items():
+            sec_s = next((s["seconds"] for s in r["stages"] if s["key"] == key), None)
+            out.append(figure(sec, f"{key} [{name}]", sec_s, "s"))
+    return out
+
+
 def figures(result: dict) -> list[dict]:
+    return _single_figures(result) + _precision_figures(result)
+
+
+def _single_figures(result: dict) -> list[dict]:
     sec = "e2e fuseseg run" + (" (quick overrides)" if result["quick"] else " (default)")
     out = [figure(sec, "wall time (whole command)", result["wall_s"], "s", "start-up and imports included"),
            figure(sec, "CPU time (user + sys, whole tree)", result["cpu_user_s"] + result["cpu_sys_s"], "s"),
@@ -158,10 +196,13 @@ def figures(result: dict) -> list[dict]:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny override set (16+8 scenes, 1 epoch)")
-    ap.add_argument("--keep", type=Path, help="keep the run folder here instead of a temporary one")
+    ap.add_argument("--keep", type=Path, help="keep the run folders here instead of temporary ones")
+    ap.add_argument("--default-only", action="store_true", help="only the config as it is (no fp32/auto runs)")
     a = ap.parse_args()
     from rich.console import Console
 
     from benchmarks.common import figures_table
 
-    Console().print(figures_table(figures(run(quick=a.quick, keep=a.keep)), "end to end"))
+    Console().print(figures_table(figures(run(quick=a.quick, keep=a.keep,
+                                                 precisions=("default",) if a.default_only else
+                                                 ("default", "fp32", "auto"))), "end to end"))

@@ -1,16 +1,20 @@
-"""Speed of SSPFusion (default kwargs) on this machine's CPU.
+"""Speed of SSPFusion (default kwargs) on this machine's CPU, in fp32 and in bf16.
 
-Measures, in one run:
+Measures, in one run, for ``amp=off`` (float32, contiguous tensors: "before") and ``amp=auto``
+(bf16 autocast + channels-last on a CPU with native bf16, as the fuse stage and the trainer run
+it: "after"; fp32 again on a CPU without native bf16):
 
 * inference latency per 480x640 pair (RGB visible, ``torch.inference_mode``), median of several
-  timed calls after warm-up;
+  timed calls after warm-up, and the speed-up of ``auto`` over ``off``;
 * throughput in pairs/s for a few batch sizes, and the best of them;
-* training throughput in images/s on 256x256 crops (fusion phase: forward, all losses,
-  backward, Adam step);
+* training throughput in images/s on 256x256 crops (fusion phase: forward, all losses (float32
+  in both cases), backward, Adam step);
 * the model's FLOPs per 480x640 pair (``torch.utils.flop_counter.FlopCounterMode``: convolutions
   and matrix products, 2 FLOPs per multiply-add; element-wise ops not counted), the achieved
-  GFLOP/s, and the GFLOP/s of a 2048x2048 float32 matmul measured in the same run (the ratio says
-  how close the network runs to the machine's dense-compute speed).
+  GFLOP/s, and the GFLOP/s of 2048x2048 float32 and bfloat16 matmuls measured in the same run
+  (the ratios say how close the network runs to the machine's dense-compute speed);
+* how far the bf16 output is from the fp32 output (mean and max absolute difference, in grey
+  levels of 255) on the benchmark's input.
 
 Usage: ``python -m benchmarks.bench_sspfusion [--quick]``. Prints a rich table and writes
 ``results/benchmarks/sspfusion-<date>.json``.
@@ -20,32 +24,31 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.common import (
+    AMPS,
+    figure,
+    gflops_figures,
+    machine_info,
+    matmul_rates,
+    precision_of,
+    rate_figures,
+    timed,
+)
+from fusion import runtime
 from fusion.sspfusion import SSPFusion
 
 H, W = 480, 640
 CROP = 256
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _median_time(fn, reps: int, warmup: int = 1) -> float:
-    """Median seconds of ``fn()`` over ``reps`` calls after ``warmup`` (see benchmarks.common.timed)."""
-    from benchmarks.common import timed
-
-    return timed(fn, repeats=reps, warmup=warmup).median
-
-
-def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
-    """GFLOP/s of an n x n float32 matmul (2 n^3 FLOPs), median time."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    sec = _median_time(lambda: a @ b, reps, 2)
-    return 2 * n ** 3 / sec / 1e9
+CPU = torch.device("cpu")
+#: issue #13's baseline, measured on the 2-core development machine before bf16 autocast
+BASELINE_MS = 257.0
 
 
 def count_flops(model: torch.nn.Module, ir: torch.Tensor, vi: torch.Tensor) -> int:
@@ -55,95 +58,141 @@ def count_flops(model: torch.nn.Module, ir: torch.Tensor, vi: torch.Tensor) -> i
     return int(counter.get_total_flops())
 
 
-def run(quick: bool = False) -> dict:
-    """Run the benchmark; returns the result dict (also written as JSON)."""
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    model = SSPFusion().eval()
-    n_params = sum(p.numel() for p in model.parameters())
-    ir, vi = torch.rand(1, 1, H, W), torch.rand(1, 3, H, W)
+def _scene(b: int = 1, h: int = H, w: int = W) -> tuple[torch.Tensor, torch.Tensor]:
+    """A smooth synthetic pair (structure, so the edge maps are not noise), batch ``b``."""
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    ir = (0.5 + 0.3 * torch.sin(20 * xx) * torch.cos(15 * yy) + 0.05 * torch.rand(h, w, generator=g))
+    vi = torch.stack([0.3 + 0.5 * xx * yy, 0.4 * yy + 0.2, 0.6 - 0.3 * xx]) + 0.05 * torch.rand(3, h, w, generator=g)
+    return (ir.clamp(0, 1).expand(b, 1, h, w).contiguous(), vi.clamp(0, 1).expand(b, 3, h, w).contiguous())
+
+
+def _prepare(model: torch.nn.Module, amp: str):
+    """(model in ``amp``'s memory format, input converter, autocast factory) as fuse.py runs it."""
+    cl = precision_of(amp)["channels_last"]
+    model = model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+    def conv(*xs):
+        return [runtime.to_memory_format(x, cl) for x in xs]
+
+    return model, conv, (lambda: runtime.autocast(CPU, amp)) if amp != "off" else nullcontext
+
+
+def measure(amp: str, quick: bool, flops: int) -> dict:
+    """Inference latency, batch throughput and training speed under ``amp``."""
     reps, warm = (3, 1) if quick else (7, 2)
-
-    flops = count_flops(model, ir, vi)
-    mm = matmul_gflops(reps=3 if quick else 7)
-
+    torch.manual_seed(0)
+    model, conv, ctx = _prepare(SSPFusion().eval(), amp)
+    ir, vi = conv(*_scene())
     with torch.inference_mode():
-        lat = _median_time(lambda: model(ir, vi), reps, warm)
-        per_batch = {}
-        for bs in ((1, 2) if quick else (1, 2, 4, 8)):
-            irb, vib = ir.expand(bs, -1, -1, -1).contiguous(), vi.expand(bs, -1, -1, -1).contiguous()
-            sec = _median_time(lambda irb=irb, vib=vib: model(irb, vib), max(2, reps // 2), 1)
-            per_batch[bs] = bs / sec
-    best_bs = max(per_batch, key=per_batch.get)
+        def infer(a=ir, b=vi):
+            with ctx():
+                return model(a, b)
 
-    train_model = SSPFusion().train()
+        lat = timed(infer, repeats=reps, warmup=warm).median
+        out = infer().float()
+        per_batch = {}
+        for bs in ((1, 2) if quick else (1, 2, 4)):
+            irb, vib = conv(*_scene(bs))
+            sec = timed(lambda a=irb, b=vib: infer(a, b), repeats=max(2, reps // 2), warmup=1).median
+            per_batch[bs] = bs / sec
+    best = max(per_batch, key=per_batch.get)
+
+    torch.manual_seed(0)
+    train_model, conv, ctx = _prepare(SSPFusion().train(), amp)
     opt = torch.optim.Adam(train_model.parameters(), lr=2e-4)
     tb = 2 if quick else 4
     g = torch.Generator().manual_seed(0)
-    cir, cvi = torch.rand(tb, 1, CROP, CROP, generator=g), torch.rand(tb, 1, CROP, CROP, generator=g)
+    cir, cvi = conv(torch.rand(tb, 1, CROP, CROP, generator=g), torch.rand(tb, 1, CROP, CROP, generator=g))
 
     def step():
-        loss, _ = train_model.training_losses(cir, cvi, "fusion")
+        with ctx():
+            loss, _ = train_model.training_losses(cir, cvi, "fusion")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    train_sec = _median_time(step, max(2, reps // 2), 1)
+    train_sec = timed(step, repeats=max(2, reps // 2), warmup=1).median
+    return {"amp": amp, **precision_of(amp), "inference_ms_per_pair": lat * 1e3,
+            "achieved_gflops_per_s": flops / lat / 1e9,
+            "pairs_per_s_by_batch": {str(k): v for k, v in per_batch.items()}, "best_batch": best,
+            "best_pairs_per_s": per_batch[best], "train_batch": tb, "train_images_per_s": tb / train_sec,
+            "_output": out}
 
-    achieved = flops / lat / 1e9
+
+def run(quick: bool = False) -> dict:
+    """Run the benchmark; returns the result dict (also written as JSON)."""
+    torch.manual_seed(0)
+    model = SSPFusion().eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    flops = count_flops(model, *_scene())
+    rates_before = matmul_rates(repeats=3 if quick else 5)
+    by_amp = {amp: measure(amp, quick, flops) for amp in AMPS}
+    rates_after = matmul_rates(repeats=3 if quick else 5)
+    rates = {p: (rates_before[p] + rates_after[p]) / 2 for p in rates_before}
+    off, auto = by_amp["off"], by_amp["auto"]
+    diff = (auto.pop("_output") - off.pop("_output")).abs() * 255
+    for r in by_amp.values():
+        r["achieved_over_fp32_matmul"] = r["achieved_gflops_per_s"] / rates["fp32"]
+        r["achieved_over_bf16_matmul"] = r["achieved_gflops_per_s"] / rates["bf16"]
     result = {
         "benchmark": "sspfusion",
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "quick": quick,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpu_count": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__},
+        "machine": {**machine_info(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
         "model": {"kwargs": SSPFusion().init_kwargs, "parameters": n_params},
-        "input": {"height": H, "width": W, "visible": "RGB", "device": "cpu", "dtype": "float32"},
+        "input": {"height": H, "width": W, "visible": "RGB", "device": "cpu"},
         "flops_per_pair": flops,
         "gflops_per_pair": flops / 1e9,
-        "inference_ms_per_pair": lat * 1e3,
-        "pairs_per_s_by_batch": {str(k): v for k, v in per_batch.items()},
-        "best_batch": best_bs,
-        "best_pairs_per_s": per_batch[best_bs],
         "train_crop": CROP,
-        "train_batch": tb,
-        "train_images_per_s": tb / train_sec,
-        "achieved_gflops_per_s": achieved,
-        "matmul_2048_gflops_per_s": mm,
-        "achieved_over_matmul": achieved / mm,
+        "matmul_2048_gflops_per_s": rates,
+        "matmul_2048_gflops_per_s_before_after": {"before": rates_before, "after": rates_after},
+        "by_amp": by_amp,
+        "speedup_inference": off["inference_ms_per_pair"] / auto["inference_ms_per_pair"],
+        "speedup_training": auto["train_images_per_s"] / off["train_images_per_s"],
+        "bf16_vs_fp32_grey_levels": {"mean": float(diff.mean()), "max": float(diff.max())},
+        "baseline_ms_per_pair": BASELINE_MS,
+        "inference_vs_baseline": BASELINE_MS / auto["inference_ms_per_pair"],
     }
     out_dir = REPO / "results" / "benchmarks"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"sspfusion-{dt.date.today().isoformat()}.json"
-    path.write_text(json.dumps(result, indent=2))
+    from fusion.data.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(result, indent=2))
     result["json_path"] = str(path)
     return result
 
 
-def _print(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"SSPFusion on CPU ({result['machine']['torch_threads']} threads), "
-                        f"{H}x{W} pairs, default kwargs")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    table.add_row("parameters", f"{result['model']['parameters']:,}")
-    table.add_row("GFLOP per pair", f"{result['gflops_per_pair']:.2f}")
-    table.add_row("inference ms per pair (batch 1, median)", f"{result['inference_ms_per_pair']:.1f}")
-    for bs, v in result["pairs_per_s_by_batch"].items():
-        table.add_row(f"pairs/s at batch {bs}", f"{v:.2f}")
-    table.add_row("best batch", str(result["best_batch"]))
-    table.add_row(f"training images/s ({CROP}x{CROP}, batch {result['train_batch']})",
-                  f"{result['train_images_per_s']:.2f}")
-    table.add_row("achieved GFLOP/s (batch 1)", f"{result['achieved_gflops_per_s']:.1f}")
-    table.add_row("2048x2048 fp32 matmul GFLOP/s", f"{result['matmul_2048_gflops_per_s']:.1f}")
-    table.add_row("achieved / matmul", f"{result['achieved_over_matmul']:.2f}")
-    Console().print(table)
-    Console().print(f"written: {result['json_path']}")
+def figures(r: dict) -> list[dict]:
+    """The rows of ``python -m benchmarks`` (both precisions, the matmul rates next to them)."""
+    sec = "SSPFusion"
+    rates = r["matmul_2048_gflops_per_s"]
+    out = [figure(sec, "GFLOP per 480x640 pair", r["gflops_per_pair"], "GFLOP")] + rate_figures(sec, rates)
+    for amp, m in r["by_amp"].items():
+        tag = f"amp={amp} ({m['precision']}{', channels-last' if m['channels_last'] else ''})"
+        out += [figure(sec, f"{tag} inference 480x640, batch 1", m["inference_ms_per_pair"], "ms/pair", "median"),
+                figure(sec, f"{tag} inference best batch ({m['best_batch']})", m["best_pairs_per_s"], "pairs/s"),
+                figure(sec, f"{tag} training {r['train_crop']}^2 crops, batch {m['train_batch']}",
+                       m["train_images_per_s"], "img/s", "fusion phase: forward, losses, backward, Adam")]
+        out += gflops_figures(sec, f"{tag} achieved (batch 1 inference)", m["achieved_gflops_per_s"], rates)
+    out += [figure(sec, "inference speed-up auto / off", r["speedup_inference"], "x"),
+            figure(sec, "training speed-up auto / off", r["speedup_training"], "x"),
+            figure(sec, f"inference vs issue #13 baseline ({r['baseline_ms_per_pair']:g} ms)",
+                   r["inference_vs_baseline"], "x", "target >= 2.5"),
+            figure(sec, "bf16 - fp32 output, mean |diff|", r["bf16_vs_fp32_grey_levels"]["mean"], "grey levels"),
+            figure(sec, "bf16 - fp32 output, max |diff|", r["bf16_vs_fp32_grey_levels"]["max"], "grey levels")]
+    return out
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and batch sizes")
-    _print(run(quick=parser.parse_args().quick))
+    from rich.console import Console
+
+    from benchmarks.common import figures_table
+
+    res = run(quick=parser.parse_args().quick)
+    Console(width=120).print(figures_table(figures(res), f"SSPFusion on CPU ({res['machine']['torch_threads']} "
+                                                         "threads)"))
+    Console().print(f"written: {res['json_path']}")

@@ -228,3 +228,50 @@ def config_values(config: str, section: str, fallback: dict) -> dict:
         if isinstance(node, dict):
             out.update({k: node[k] for k in out if k in node})
     return out
+
+
+# ---------------------------------------------------------------- compute rates and precisions
+#: The precisions a benchmark compares: ``amp=off`` (fp32, contiguous tensors: what every CPU
+#: step ran in before bf16 autocast, i.e. "before") and ``amp=auto`` (bf16 autocast + channels-last
+#: on a CPU with native bf16, fp32 on one without; "after").
+AMPS = ("off", "auto")
+
+
+def matmul_rates(n: int = 2048, repeats: int = 5, device=None) -> dict[str, float]:
+    """GFLOP/s of an ``n x n`` matmul (``2 n^3`` FLOPs, median of ``repeats`` after 2 warm-ups)
+    in float32 and in bfloat16, measured now: every GFLOP/s figure of a benchmark is shown
+    next to both, so a reader sees how much of the machine the benchmark got."""
+    import torch
+
+    device = device or "cpu"
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        sec = timed(lambda a=a, b=b: a @ b, repeats=repeats, warmup=2, device=device).median
+        out[name] = 2 * n ** 3 / sec / 1e9
+    return out
+
+
+def rate_figures(section: str, rates: dict[str, float], n: int = 2048) -> list[dict]:
+    """The two rows "fp32 / bf16 matmul n^2" that go next to a section's GFLOP/s figures."""
+    return [figure(section, f"{p} matmul {n}x{n} (this run)", rates[p], "GFLOP/s",
+                   "median; the machine's dense-compute speed in that precision")
+            for p in ("fp32", "bf16") if p in rates]
+
+
+def gflops_figures(section: str, name: str, gflops: float, rates: dict[str, float]) -> list[dict]:
+    """A GFLOP/s figure and its fractions of the fp32 and bf16 matmul rates of the same run."""
+    note = ", ".join(f"{p} matmul {rates[p]:.0f}" for p in ("fp32", "bf16") if p in rates)
+    out = [figure(section, name, gflops, "GFLOP/s", f"same run: {note} GFLOP/s")]
+    for p in ("fp32", "bf16"):
+        if rates.get(p):
+            out.append(figure(section, f"  {name} / {p} matmul", gflops / rates[p], "ratio"))
+    return out
+
+
+def precision_of(amp: str) -> dict:
+    """``fusion.runtime.precision_record`` on the CPU for ``amp``."""
+    from fusion.runtime import precision_record
+
+    return precision_record("cpu", amp)

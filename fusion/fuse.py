@@ -127,11 +127,23 @@ def _to_tensor(imgs: list[np.ndarray]) -> torch.Tensor:
     return x.float().div_(255.0)
 
 
+def method_amp(method, amp: str) -> str:
+    """The ``amp`` setting a method runs under: ``amp`` for a learned method (an ``nn.Module``
+    with parameters), ``'off'`` for a classical one (its filters are not networks: they keep
+    float32/float64 and the outputs stay exactly those of the reference formulas)."""
+    learned = isinstance(method, nn.Module) and next(iter(method.parameters()), None) is not None
+    return amp if learned else "off"
+
+
 def _run(method, ir: list[np.ndarray], vi: list[np.ndarray], device: torch.device, amp: str,
          name: str = "fusion method") -> np.ndarray:
     """Fuse a batch of same-size pairs -> (B, H, W) or (B, H, W, 3) uint8."""
-    ir_t = _to_tensor(ir).to(device)
-    vi_t = _to_tensor(vi).to(device)
+    amp = method_amp(method, amp)
+    channels_last = runtime.precision_record(device, amp)["channels_last"]
+    if channels_last and isinstance(method, nn.Module):
+        method.to(memory_format=torch.channels_last)
+    ir_t = runtime.to_memory_format(_to_tensor(ir).to(device), channels_last)
+    vi_t = runtime.to_memory_format(_to_tensor(vi).to(device), channels_last)
     with torch.inference_mode():
         with runtime.autocast(device, amp):
             out = method(ir_t, vi_t)
@@ -277,8 +289,9 @@ def fuse_folder(method, ir_dir: Path | str, vi_dir: Path | str, out_dir: Path | 
     """Fuse every pair of ``ir_dir``/``vi_dir`` (paired by stem) into ``out_dir/STEM.png``.
 
     Pairs of the same size and channel count are fused in batches of up to ``batch_size``
-    (folders may mix sizes); inference runs under ``torch.inference_mode`` and, on CUDA,
-    autocast. Outputs already present are skipped when ``skip_existing``. Decoding happens in
+    (folders may mix sizes); inference runs under ``torch.inference_mode`` and autocast in the
+    precision ``amp`` resolves to (:func:`fusion.runtime.resolve_precision`: bf16 on CUDA and on a
+    CPU with native bf16, channels-last with bf16 on a CPU). Outputs already present are skipped when ``skip_existing``. Decoding happens in
     ``workers`` DataLoader processes (0: in this process); memory does not grow with the folder
     size. ``out_dir`` may not be, contain or lie inside ``ir_dir``/``vi_dir``; it records the
     method and checkpoint that made its images (``.fuseseg-fuse.json``), and images of another

@@ -27,8 +27,10 @@ Ctrl-C (SIGINT) stops at the next step boundary and writes ``last.pt`` for that 
 re-raised after printing how to resume. A non-finite loss stops the run with a FusesegError
 naming phase, epoch, step and the loss components; ``last.pt`` keeps the last good epoch.
 
-Devices: CUDA when present (``device='auto'``), autocast (bf16, or fp16 with a GradScaler),
-optional channels_last and ``torch.compile``. Multi-GPU / multi-process with ``torchrun
+Devices: CUDA when present (``device='auto'``), autocast (``amp``, :func:`fusion.runtime.resolve_precision`:
+bf16, or fp16 with a GradScaler, on CUDA; bf16 on a CPU with native bf16; losses stay float32),
+channels_last (always with bf16 on a CPU) and optional ``torch.compile``; the precision used is
+stored in every checkpoint (``precision``). Multi-GPU / multi-process with ``torchrun
 --nproc_per_node=K``: each process trains on ``batch_size / K`` samples of every global batch of
 ``batch_size`` (so results do not depend on K, up to float rounding and batch-norm statistics,
 which stay per process), gradients are averaged by DistributedDataParallel, and only rank 0
@@ -331,12 +333,13 @@ def _train(cfg: FusionTrainConfig, out_dir: Path, resume: bool, progress: bool,
     dataset, sampler, loader, steps_per_epoch = _build_data(cfg, out_dir, device, rank, world)
     phases = [(p, cfg.structure_epochs if p == "structure" else cfg.epochs) for p in model.phases]
     st = _State.resume_from(ckpt, cfg, last_path)
+    precision = runtime.precision_record(device, cfg.amp, cfg.channels_last)
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         import yaml
         atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         console.print(f"training {cfg.method} on {len(dataset)} pairs, {world} process(es) on {device}, "
-                      f"global batch {cfg.batch_size}, {steps_per_epoch} steps/epoch, phases "
+                      f"global batch {cfg.batch_size}, {precision['precision']}, {steps_per_epoch} steps/epoch, phases "
                       + ", ".join(f"{p} x{n}" for p, n in phases) + f" -> {out_dir}")
 
     def save(path: Path, pi: int, ep: int, step: int, opt=None, sched=None, scaler=None, acc=None) -> None:
@@ -376,7 +379,7 @@ def _train(cfg: FusionTrainConfig, out_dir: Path, resume: bool, progress: bool,
                     for step in range(step0, steps_per_epoch):
                         position = (f"phase {phase!r}, epoch {ep + 1}/{n_epochs}, "
                                     f"step {step + 1}/{steps_per_epoch}")
-                        ir, vi_y = _to_device(next(batches), device, cfg.channels_last)
+                        ir, vi_y = _to_device(next(batches), device, precision["channels_last"])
                         opt.zero_grad(set_to_none=True)
                         with runtime.autocast(device, cfg.amp):
                             loss, comps = loss_fn(ir, vi_y, phase)
@@ -473,7 +476,7 @@ def _build_model(cfg: FusionTrainConfig, ckpt: dict | None, device: torch.device
     model = create_method(cfg.method, **cfg.method_kwargs)
     _check_trainable(model, cfg.method)
     model.to(device)
-    if cfg.channels_last:
+    if runtime.precision_record(device, cfg.amp, cfg.channels_last)["channels_last"]:
         model.to(memory_format=torch.channels_last)
     if ckpt is not None:
         runtime.load_state_dict_checked(model, ckpt["state_dict"], last_path)
@@ -533,7 +536,9 @@ def _payload(cfg, model, init_kwargs, phases, st: _State, pi, ep, step, opt=None
             "scaler": scaler.state_dict() if scaler else None,
             "rng": {"runtime": runtime.get_rng_state(),
                     "sampler": {"seed": cfg.seed, "phase_index": pi, "epoch": ep, "step": step}},
-            "epoch_acc": acc, "log": st.rows, "complete": False, "versions": _versions()}
+            "epoch_acc": acc, "log": st.rows, "complete": False, "versions": _versions(),
+            "precision": runtime.precision_record(next(runtime.unwrap(model).parameters()).device,
+                                                  cfg.amp, cfg.channels_last)}
 
 
 def _progress_bar(console):
@@ -687,7 +692,7 @@ def report_verdict(v: dict[str, Any], out_dir: Path, console) -> None:
 def _final_payload(ckpt: dict) -> dict:
     """The trained model's checkpoint: self-describing, without optimiser/scheduler state."""
     keep = ("kind", "method", "kwargs", "config", "phase", "phase_index", "epoch", "global_step",
-            "state_dict", "log", "versions", "verdict")
+            "state_dict", "log", "versions", "verdict", "precision")
     out = {k: ckpt[k] for k in keep if k in ckpt}
     out["complete"] = True
     return out

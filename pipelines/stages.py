@@ -42,6 +42,38 @@ from pipelines.runstate import (
 STAGES = ("data", "train_fusion", "fuse", "metrics", "segment", "report")
 
 
+def _fusion_amp(cfg: ExperimentConfig, m: FusionMethodConfig) -> str:
+    """The ``amp`` setting of method ``m``: ``fusion_train.amp`` (or its own ``train: {amp: ...}``)
+    for a learned method, ``'off'`` for a classical one or a folder (see fusion.fuse.method_amp)."""
+    from fusion.registry import get_entry
+
+    if m.type != "registered" or not (m.checkpoint or get_entry(m.method).trainable):
+        return "off"
+    return {**to_dict(cfg.fusion_train), **m.train}.get("amp", "auto")
+
+
+def _precision(device, amp: str) -> str:
+    """What ``amp`` resolves to on ``device`` (``'fp32'``, ``'bf16'``, ``'fp16'``)."""
+    from fusion.runtime import resolve_device, resolve_precision
+
+    return resolve_precision(resolve_device(device) if isinstance(device, str) else device, amp)
+
+
+def precision_summary(cfg: ExperimentConfig, device) -> dict:
+    """The arithmetic of each computing stage on ``device``, for environment.json."""
+    from fusion.runtime import cpu_bf16_supported, precision_record, resolve_device
+
+    dev = resolve_device(device) if isinstance(device, str) else device
+    out = {m.name: precision_record(dev, _fusion_amp(cfg, m), bool({**to_dict(cfg.fusion_train),
+                                                                     **m.train}.get("channels_last")))
+           for m in cfg.fusion}
+    out = {"fusion": out, "segmentation": precision_record(dev, cfg.segmentation.amp)}
+    if dev.type == "cpu":
+        native, what = cpu_bf16_supported()
+        out["cpu_bf16"] = {"native": native, "instructions": what}
+    return out
+
+
 @dataclasses.dataclass
 class Plan:
     """What this invocation runs: stage selection, forced stages, variant selection; and the
@@ -257,7 +289,7 @@ def stage_train_fusion(cfg: ExperimentConfig, run_dir: Path, plan: Plan, m: Fusi
     if not entry.trainable:
         return None, fingerprint("static", data_fp, source, m.method, m.kwargs)
     tcfg = _method_train_cfg(cfg, m, data_root, cfg.device)
-    fp = fingerprint("train", data_fp, source, to_dict(tcfg))
+    fp = fingerprint("train", data_fp, source, to_dict(tcfg), _precision(cfg.device, tcfg.amp))
     out = run_dir / "train_fusion" / m.name
     with _Stage(run_dir, f"train_fusion/{m.name}", fp, plan, "train_fusion") as st:
         if not st.skip:
@@ -304,7 +336,8 @@ def _check_folder_method(cfg: ExperimentConfig, m: FusionMethodConfig, data_root
 def stage_fuse(cfg: ExperimentConfig, run_dir: Path, plan: Plan, m: FusionMethodConfig, data_root: Path,
                ckpt: Path | None, train_fp: str, device) -> tuple[dict[str, Path], str]:
     """Fuse the train and test splits with method ``m``. Returns ({split: folder}, fp)."""
-    fp = fingerprint("fuse", train_fp, m.type, m.method, m.kwargs, str(m.folder), cfg.data.ir16)
+    fp = fingerprint("fuse", train_fp, m.type, m.method, m.kwargs, str(m.folder), cfg.data.ir16,
+                     _precision(device, _fusion_amp(cfg, m)))
     if m.type == "folder":
         out = {}
         with _Stage(run_dir, f"fuse/{m.name}", fp, plan, "fuse") as st:
@@ -327,7 +360,7 @@ def stage_fuse(cfg: ExperimentConfig, run_dir: Path, plan: Plan, m: FusionMethod
             for split, out in dirs.items():
                 p = split_paths(cfg, data_root, split)
                 fuse_folder(method, p["ir"], p["vi"], out, device, batch_size=cfg.fuse_batch_size,
-                            skip_existing=True, ir16=cfg.data.ir16)
+                            skip_existing=True, ir16=cfg.data.ir16, amp=_fusion_amp(cfg, m))
     return dirs, fp
 
 
@@ -373,7 +406,7 @@ def stage_segment(cfg: ExperimentConfig, run_dir: Path, plan: Plan, data_root: P
 
     seg_cfg = from_dict(type(cfg.segmentation), {**to_dict(cfg.segmentation), "seed": seed, "device": device},
                         "segmentation")
-    fp = fingerprint("segment", upstream_fp, to_dict(seg_cfg))
+    fp = fingerprint("segment", upstream_fp, to_dict(seg_cfg), _precision(device, seg_cfg.amp))
     out = run_dir / "segment" / variant / f"seed{seed}"
     with _Stage(run_dir, f"segment/{variant}/seed{seed}", fp, plan, "segment") as st:
         if not st.skip:
@@ -392,14 +425,14 @@ def stage_segment(cfg: ExperimentConfig, run_dir: Path, plan: Plan, data_root: P
                 ck = train_segmenter(images["train"], tr["labels"], seg_cfg, out, resume=resume)
             res = evaluate_segmenter(ck, images["test"], te["labels"], device=device,
                                      save_predictions=out / "predictions",
-                                     convention=seg_cfg.miou_convention)
+                                     convention=seg_cfg.miou_convention, amp=seg_cfg.amp)
             buf = io.BytesIO()
             np.save(buf, res.per_image_confusion)
             atomic_write_bytes(out / "per_image_confusion.npy", buf.getvalue())
             ev = {"variant": variant, "seed": seed, "per_class_iou": res.per_class_iou_list(),
                   "miou": res.miou, "pixel_accuracy": res.pixel_accuracy,
                   "confusion": np.asarray(res.confusion).tolist(), "images": res.image_names,
-                  "protocol": fingerprint(protocol_of(cfg)[0])}
+                  "precision": res.precision, "protocol": fingerprint(protocol_of(cfg, device)[0])}
             from fusion.data.io import atomic_write_text
 
             atomic_write_text(out / "eval.json", json.dumps(ev, indent=2))
@@ -408,17 +441,21 @@ def stage_segment(cfg: ExperimentConfig, run_dir: Path, plan: Plan, data_root: P
 
 
 # ---------------------------------------------------------------- stage 6: report
-def protocol_of(cfg: ExperimentConfig) -> tuple[dict, str]:
-    """The segmentation protocol that makes two mIoU tables comparable, as a dict and a line."""
+def protocol_of(cfg: ExperimentConfig, device=None) -> tuple[dict, str]:
+    """The segmentation protocol that makes two mIoU tables comparable, as a dict and a line.
+
+    It includes the precision the segmenters compute in (``segmentation.amp`` resolved on
+    ``device``, default ``cfg.device``): bf16 and fp32 runs are different protocols."""
     s = cfg.segmentation
     keys = {f.name: to_dict(getattr(s, f.name)) for f in dataclasses.fields(s)
             if f.name not in ("device", "workers", "seed", "amp")}
+    keys["precision"] = _precision(cfg.device if device is None else device, s.amp)
     keys["data"] = str(cfg.data.root) if cfg.data.root else f"synthetic {to_dict(cfg.data.synthetic)}"
     keys["seg_seeds"] = list(cfg.seg_seeds)
     text = (f"DeepLabV3+ ({s.encoder}, weights={s.encoder_weights}), Dice+CE, SGD lr {s.lr} cosine, "
             f"{s.frozen_epochs} frozen-encoder epochs at batch {s.frozen_batch_size} + "
             f"{s.epochs - s.frozen_epochs} at batch {s.batch_size}, crop {s.crop_size}, "
-            f"mIoU convention '{s.miou_convention}' (one confusion matrix over the test set), "
+            f"{keys['precision']}, mIoU convention '{s.miou_convention}' (one confusion matrix over the test set), "
             f"seeds {list(cfg.seg_seeds)}, data {keys['data']}")
     fusion_text = _fusion_protocol(cfg)
     if fusion_text:
@@ -604,6 +641,7 @@ def run_experiment(cfg: ExperimentConfig, plan: Plan | None = None) -> Path:
         _remove_stray_temporaries(run_dir)
 
         plan.environment = environment_record(str(device), cfg.seed)
+        plan.environment["precision"] = precision_summary(cfg, device)
         # bad inputs fail here, before anything in the run folder is rewritten
         data_root, data_fp = stage_data(cfg, run_dir, plan)
         needed = [m for m in cfg.fusion if m.name in variants or plan.variants is None]

@@ -22,7 +22,14 @@ from fusion.data.pairs import IGNORE_INDEX, MSRS_CLASSES
 from fusion.data.paths import check_disjoint
 from fusion.errors import ConfigError
 from fusion.progress import make_progress
-from fusion.runtime import OOMGuard, autocast, dist_info, resolve_device
+from fusion.runtime import (
+    OOMGuard,
+    autocast,
+    dist_info,
+    precision_record,
+    resolve_device,
+    to_memory_format,
+)
 from segmentation.data import LabelledFolder, normalise
 from segmentation.metrics import CONVENTIONS, confusion_matrix, iou_from_confusion, miou, pixel_accuracy
 from segmentation.model import model_from_checkpoint, output_stride
@@ -53,6 +60,7 @@ class SegResult:
     num_images: int = 0
     image_names: list[str] = field(default_factory=list)
     per_image_confusion: np.ndarray | None = None  # (N, C, C) int64, summing to ``confusion``
+    precision: dict | None = None  # fusion.runtime.precision_record of the evaluation
     iou: np.ndarray = field(init=False)
     miou: float = field(init=False)
     miou_all: float = field(init=False)
@@ -88,7 +96,7 @@ class SegResult:
                 "miou_exclude_background": _nan_to_none(self.miou_exclude_background),
                 "pixel_accuracy": _nan_to_none(self.pixel_accuracy),
                 "num_images": self.num_images, "images": list(self.image_names),
-                "per_class": self.per_class(),
+                "per_class": self.per_class(), "precision": self.precision,
                 "confusion": self.confusion.tolist()}
 
 
@@ -108,8 +116,10 @@ def predict(model: torch.nn.Module, x: torch.Tensor, amp: str = "auto") -> torch
     """Class map (B, H, W) int64 for a normalised batch (B, C, H, W) of any size (padded to the
     output stride, logits cropped back). ``model`` must be in eval mode on ``x``'s device."""
     h, w = x.shape[-2:]
+    x = to_memory_format(pad_to_multiple(x, output_stride(model)),
+                         precision_record(x.device, amp)["channels_last"])
     with autocast(x.device, amp):
-        logits = model(pad_to_multiple(x, output_stride(model)))
+        logits = model(x)
     return logits[..., :h, :w].argmax(dim=1)
 
 
@@ -125,6 +135,8 @@ def confusion_over(model: torch.nn.Module, dataset: LabelledFolder, device: torc
     image size, batch 1. Optionally writes colour prediction PNGs named by stem, and appends
     each image's (C, C) numpy matrix to ``per_image``."""
     model.eval()
+    if precision_record(device, amp)["channels_last"]:
+        model.to(memory_format=torch.channels_last)
     c = dataset.num_classes
     cm = torch.zeros(c, c, dtype=torch.int64, device=device)
     idx = list(range(len(dataset))) if indices is None else list(indices)
@@ -184,4 +196,5 @@ def evaluate_segmenter(checkpoint: Path | str, images_dir: Path | str, labels_di
                         if save_predictions is not None else None, progress=progress,
                         per_image=per_image)
     return SegResult(cm.cpu().numpy(), class_names(kwargs["classes"]), convention, len(ds),
-                     list(ds.stems), np.stack(per_image).astype(np.int64))
+                     list(ds.stems), np.stack(per_image).astype(np.int64),
+                     precision=precision_record(dev, amp))

@@ -69,10 +69,12 @@ from fusion.runtime import (
     load_checkpoint,
     load_state_dict_checked,
     needs_grad_scaler,
+    precision_record,
     resolve_device,
     save_checkpoint,
     seed_everything,
     set_rng_state,
+    to_memory_format,
     unwrap,
 )
 from segmentation.config import SegConfig
@@ -229,6 +231,9 @@ def train_segmenter(images_dir: Path | str, labels_dir: Path | str, cfg: SegConf
     if world > 1 and device.type == "cuda":
         model = to_sync_batchnorm(model)  # statistics over the global batch (module docstring)
     model = model.to(device)
+    precision = precision_record(device, cfg.amp)
+    if precision["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
     criterion = DiceCELoss(cfg.ce_weight, cfg.dice_weight)
     scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(device, cfg.amp))
     optimizer, cur_phase, start_epoch, start_step, global_step, rows = None, None, 0, 0, 0, []
@@ -278,6 +283,7 @@ def train_segmenter(images_dir: Path | str, labels_dir: Path | str, cfg: SegConf
             "class_names": class_names(cfg.num_classes),
             "data": {"images": str(images_dir), "labels": str(labels_dir)},
             "val_confusion": None if val_cm is None else val_cm.cpu().numpy().astype(np.int64),
+            "precision": precision,
         }
 
     net = model
@@ -338,7 +344,7 @@ def train_segmenter(images_dir: Path | str, labels_dir: Path | str, cfg: SegConf
                     lr = cosine_lr(global_step, total_steps, cfg.lr, cfg.min_lr)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
-                    x = x.to(device, non_blocking=True)
+                    x = to_memory_format(x.to(device, non_blocking=True), precision["channels_last"])
                     y = y.to(device, non_blocking=True)
                     with autocast(device, cfg.amp):
                         logits = net(x)

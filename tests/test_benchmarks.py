@@ -79,12 +79,57 @@ def test_only_parsing_and_failure_is_reported_not_raised(monkeypatch):
 
 
 def test_old_module_adapter_maps_results_to_figures():
-    r = {"inference_ms_per_pair": 10.0, "best_batch": 4, "best_pairs_per_s": 3.0, "train_crop": 256,
-         "train_batch": 4, "train_images_per_s": 2.0, "gflops_per_pair": 33.7, "achieved_over_matmul": 0.1}
-    figs = figures_of("sspfusion", object(), r)
-    by = {f["figure"]: f for f in figs}
-    assert by["training 256^2 crops, batch 4"]["value"] == 2.0
-    assert by["training 256^2 crops, batch 4"]["unit"] == "img/s"
+    r = {"seconds_for_1000": 11.4, "size": [240, 320], "render_ms_median": 3.0,
+         "make_synthetic": {"2": {"pairs_per_s": 90.0, "pairs": 200}}}
+    by = {f["figure"]: f for f in figures_of("synthetic", object(), r)}
+    assert by["1000 pairs with all cores"]["value"] == 11.4
+    assert by["make_synthetic, 2 worker(s)"]["unit"] == "pairs/s"
+
+
+def test_gflops_figures_sit_next_to_both_matmul_rates():
+    rates = {"fp32": 300.0, "bf16": 1800.0}
+    figs = common.gflops_figures("s", "net", 90.0, rates)
+    assert [f["figure"] for f in figs] == ["net", "  net / fp32 matmul", "  net / bf16 matmul"]
+    assert figs[1]["value"] == pytest.approx(0.3) and figs[2]["value"] == pytest.approx(0.05)
+    assert "fp32 matmul 300" in figs[0]["note"] and "bf16 matmul 1800" in figs[0]["note"]
+    assert [f["value"] for f in common.rate_figures("s", rates)] == [300.0, 1800.0]
+
+
+def _prec(amp):
+    return {"precision": "fp32" if amp == "off" else "bf16", "channels_last": amp != "off"}
+
+
+def test_sspfusion_and_segmentation_figures_show_both_precisions_and_rates():
+    from benchmarks import bench_segmentation, bench_sspfusion
+
+    rates = {"fp32": 300.0, "bf16": 1800.0}
+    by_amp = {amp: {"amp": amp, **_prec(amp), "inference_ms_per_pair": ms, "best_batch": 2,
+                    "best_pairs_per_s": 1000 / ms, "train_batch": 4, "train_images_per_s": ips,
+                    "achieved_gflops_per_s": 33.7 / ms * 1e3}
+              for amp, ms, ips in (("off", 250.0, 4.0), ("auto", 100.0, 10.0))}
+    r = {"gflops_per_pair": 33.7, "train_crop": 256, "matmul_2048_gflops_per_s": rates, "by_amp": by_amp,
+         "speedup_inference": 2.5, "speedup_training": 2.5, "baseline_ms_per_pair": 257.0,
+         "inference_vs_baseline": 2.57, "bf16_vs_fp32_grey_levels": {"mean": 0.5, "max": 9.0}}
+    by = {f["figure"]: f for f in bench_sspfusion.figures(r)}
+    assert by["amp=off (fp32) inference 480x640, batch 1"]["value"] == 250.0
+    assert by["amp=auto (bf16, channels-last) inference 480x640, batch 1"]["value"] == 100.0
+    # 33.7 GFLOP in 0.1 s = 337 GFLOP/s = 337/1800 of the bf16 matmul
+    ratio = by["  amp=auto (bf16, channels-last) achieved (batch 1 inference) / bf16 matmul"]["value"]
+    assert ratio == pytest.approx(337 / 1800, rel=1e-4)
+    assert by["fp32 matmul 2048x2048 (this run)"]["value"] == 300.0
+    assert by["bf16 matmul 2048x2048 (this run)"]["value"] == 1800.0
+
+    row = {"encoder": "e", "role": "reference 192^2 b8", "train_crop": 192, "train_batch": 8,
+           "frozen_batch": 16, "train_full_images_per_s": 52.0, "train_gflops_per_s": 180.0,
+           "train_frozen_images_per_s": None, "infer_480x640_images_per_s": None}
+    seg = {"matmul_2048_gflops_per_s": rates, "reference_speedup": 2.5, "reference_vs_baseline": 2.5,
+           "baseline_images_per_s": 20.8,
+           "encoders": [{**row, "amp": a, **_prec(a)} for a in ("off", "auto")]}
+    figs = bench_segmentation.figures(seg)
+    names = [f["figure"] for f in figs]
+    assert "  e (reference 192^2 b8) amp=auto (bf16) train achieved / bf16 matmul" in names
+    assert "  e (reference 192^2 b8) amp=off (fp32) train achieved / fp32 matmul" in names
+    assert names[:2] == ["fp32 matmul 2048x2048 (this run)", "bf16 matmul 2048x2048 (this run)"]
 
 
 def test_loading_verdict_share():
@@ -118,3 +163,22 @@ def test_saved_tensor_count_matches_hand_count():
         return (h * h).sum()  # mul saves h twice (one storage, 5x3x4 = 60 B)
 
     assert saved_tensor_bytes(step, [w]) == 80 + 60
+
+
+def test_e2e_reports_every_stage_at_both_precisions():
+    from benchmarks.bench_e2e import figures
+
+    def one(name, scale, overrides):
+        stages = [{"key": "train_fusion/sspfusion", "seconds": 100.0 * scale, "peak_rss_mib": 900.0},
+                  {"key": "segment/ir/seed0", "seconds": 60.0 * scale, "peak_rss_mib": 1200.0}]
+        return {"quick": False, "wall_s": 200.0 * scale, "cpu_user_s": 1.0, "cpu_sys_s": 0.0,
+                "max_process_rss_mib": 1200.0, "peak_tree_rss_mib": 1300.0, "overrides": overrides,
+                "seconds_by_kind": {"train_fusion": 100.0 * scale, "segment": 60.0 * scale}, "stages": stages}
+
+    runs = {"default": one("default", 1.0, []), "fp32": one("fp32", 2.0, ["fusion_train.amp=off"]),
+            "auto": one("auto", 1.0, ["fusion_train.amp=auto"])}
+    by = {f["figure"]: f for f in figures({**runs["default"], "by_precision": runs})}
+    assert by["train_fusion/sspfusion [fp32]"]["value"] == 200.0
+    assert by["train_fusion/sspfusion [auto]"]["value"] == 100.0
+    assert by["segment/ir/seed0 [fp32]"]["value"] == 120.0 and by["[fp32] wall time"]["value"] == 400.0
+    assert by["[default] wall time"]["note"] == "config as is"
