@@ -163,7 +163,7 @@ def test_fuse_with_a_crafted_checkpoint_runs_no_code(tmp_path, make_pairs, capsy
     pairs = make_pairs(2)
     rc = main(["fuse", "--checkpoint", str(path), "--ir", str(pairs / "ir"), "--vi", str(pairs / "vi"),
                "--out", str(tmp_path / "out"), "--device", "cpu", "--no-progress"])
-    out = flat(capsys.readouterr().out)
+    out = flat(capsys.readouterr().err)
     assert rc != 0 and not marker.exists()
     assert f"checkpoint {path} holds Python objects other than tensors and plain data" in out
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.png"))
