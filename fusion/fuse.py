@@ -135,25 +135,72 @@ def method_amp(method, amp: str) -> str:
     return amp if learned else "off"
 
 
-def _run(method, ir: list[np.ndarray], vi: list[np.ndarray], device: torch.device, amp: str,
-         name: str = "fusion method") -> np.ndarray:
-    """Fuse a batch of same-size pairs -> (B, H, W) or (B, H, W, 3) uint8."""
-    amp = method_amp(method, amp)
-    channels_last = runtime.precision_record(device, amp)["channels_last"]
-    if channels_last and isinstance(method, nn.Module):
-        method.to(memory_format=torch.channels_last)
-    ir_t = runtime.to_memory_format(_to_tensor(ir).to(device), channels_last)
-    vi_t = runtime.to_memory_format(_to_tensor(vi).to(device), channels_last)
+TILE = 1024        # pairs with a side above this are fused in overlapping tiles (bounded memory, any size)
+TILE_MARGIN = 64   # context on each side of a tile, cropped off again: seams match the untiled result
+
+
+def _spans(n: int, tile: int, margin: int) -> list[tuple[int, int]]:
+    """Core intervals [a, b) covering 0..n: one when n <= tile, else cores of tile - 2 margin."""
+    if n <= tile:
+        return [(0, n)]
+    core = max(1, tile - 2 * margin)
+    return [(a, min(n, a + core)) for a in range(0, n, core)]
+
+
+def _call(method, ir_t: torch.Tensor, vi_t: torch.Tensor, device: torch.device, amp: str,
+          name: str) -> torch.Tensor:
+    """One call of ``method`` under the contract's checks -> uint8 (B, C, h, w) on the CPU."""
     with torch.inference_mode():
-        with runtime.autocast(device, amp):
-            out = method(ir_t, vi_t)
+        try:
+            with runtime.autocast(device, amp):
+                out = method(ir_t, vi_t)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            if "can't allocate memory" in str(exc):
+                raise
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise FusesegError(f"{name} failed on a batch of visible shape {tuple(vi_t.shape)} "
+                               f"({type(exc).__name__}: {first}); a plug-in must follow the fusion "
+                               "contract of fusion/registry.py.") from exc
         if not torch.is_tensor(out) or tuple(out.shape) != tuple(vi_t.shape):
             got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
             raise FusesegError(f"{name} returned {got} for visible input {tuple(vi_t.shape)}; the "
                                "fusion contract (fusion/registry.py) needs a (B, C, H, W) tensor "
                                "with the visible's shape.")
-        out = out.float().clamp(0, 1).mul(255.0).round().to(torch.uint8).cpu()
-    out = out[:, 0] if out.shape[1] == 1 else out.permute(0, 2, 3, 1)
+        bad = ~torch.isfinite(out)
+        if bad.any():
+            raise FusesegError(f"{name} returned {int(bad.sum())} non-finite value(s) (NaN or inf) for a "
+                               f"batch of visible shape {tuple(vi_t.shape)}; nothing was written for it. "
+                               "Fix the method (the contract needs values in [0, 1]).")
+        return out.float().clamp(0, 1).mul(255.0).round().to(torch.uint8).cpu()
+
+
+def _run(method, ir: list[np.ndarray], vi: list[np.ndarray], device: torch.device, amp: str,
+         name: str = "fusion method", tile: int = TILE, margin: int = TILE_MARGIN) -> np.ndarray:
+    """Fuse a batch of same-size pairs -> (B, H, W) or (B, H, W, 3) uint8.
+
+    Pairs with a side above ``tile`` are fused tile by tile: each core tile is fused with
+    ``margin`` pixels of context on every side, which are cropped off again, so memory is bounded
+    whatever the image size and the result matches the untiled one wherever a method's receptive
+    field fits in the margin."""
+    amp = method_amp(method, amp)
+    channels_last = runtime.precision_record(device, amp)["channels_last"]
+    if channels_last and isinstance(method, nn.Module):
+        method.to(memory_format=torch.channels_last)
+    ir_t = _to_tensor(ir)
+    vi_t = _to_tensor(vi)
+    b, c, h, w = vi_t.shape
+    out = torch.empty((b, c, h, w), dtype=torch.uint8)
+    for y0, y1 in _spans(h, tile, margin):
+        for x0, x1 in _spans(w, tile, margin):
+            ya, yb, xa, xb = (max(0, y0 - margin), min(h, y1 + margin), max(0, x0 - margin), min(w, x1 + margin)) \
+                if (h > tile or w > tile) else (0, h, 0, w)
+            part = _call(method, runtime.to_memory_format(ir_t[..., ya:yb, xa:xb].to(device), channels_last),
+                         runtime.to_memory_format(vi_t[..., ya:yb, xa:xb].to(device), channels_last),
+                         device, amp, name)
+            out[..., y0:y1, x0:x1] = part[..., y0 - ya:y1 - ya, x0 - xa:x1 - xa]
+    out = out[:, 0] if c == 1 else out.permute(0, 2, 3, 1)
     return out.numpy()
 
 
@@ -285,7 +332,7 @@ def _claim_output(out_dir: Path, source: dict, stems: list[str], skip_existing: 
 def fuse_folder(method, ir_dir: Path | str, vi_dir: Path | str, out_dir: Path | str,
                 device: str | torch.device = "auto", batch_size: int = 4, skip_existing: bool = True,
                 progress: bool = True, ir16: str = "minmax", *, amp: str = "auto", workers: int = 0,
-                name: str | None = None) -> FuseSummary:
+                name: str | None = None, tile: int = TILE) -> FuseSummary:
     """Fuse every pair of ``ir_dir``/``vi_dir`` (paired by stem) into ``out_dir/STEM.png``.
 
     Pairs of the same size and channel count are fused in batches of up to ``batch_size``
@@ -295,9 +342,13 @@ def fuse_folder(method, ir_dir: Path | str, vi_dir: Path | str, out_dir: Path | 
     ``workers`` DataLoader processes (0: in this process); memory does not grow with the folder
     size. ``out_dir`` may not be, contain or lie inside ``ir_dir``/``vi_dir``; it records the
     method and checkpoint that made its images (``.fuseseg-fuse.json``), and images of another
-    method are refused, or replaced when not ``skip_existing``. Returns a :class:`FuseSummary`."""
+    method are refused, or replaced when not ``skip_existing``. Pairs with a side above
+    ``tile`` pixels are fused in overlapping tiles (see :func:`_run`), so any image size fits in
+    memory. Returns a :class:`FuseSummary`."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if workers < 0:
+        raise ConfigError(f"workers must be >= 0 (0: decode in this process), got {workers}")
     device = runtime.resolve_device(device) if not isinstance(device, torch.device) else device
     name = name or getattr(method, "name", None) or type(method).__name__
     check_disjoint(out_dir, {"--ir": ir_dir, "--vi": vi_dir}, "--out")
@@ -324,7 +375,7 @@ def fuse_folder(method, ir_dir: Path | str, vi_dir: Path | str, out_dir: Path | 
                                   "the fuse batch size", batch_size,
                                   advice=f"lower the fuse batch size (now {batch_size}): fuse_batch_size "
                                   "in an experiment config, --batch-size for `fuseseg fuse`"):
-                fused = _run(method, [b[1] for b in batch], [b[2] for b in batch], device, amp, name)
+                fused = _run(method, [b[1] for b in batch], [b[2] for b in batch], device, amp, name, tile)
             for (stem, _, _), img in zip(batch, fused, strict=True):
                 write_image(out_dir / f"{stem}.png", img)
             written += len(batch)

@@ -302,8 +302,8 @@ class Triplet:
             raise DataError(f"VIF needs images of at least {VIF_MIN_SIDE}x{VIF_MIN_SIDE} px (4 scales of "
                             f"'valid' Gaussian filtering); got {h}x{w}. The reference code silently "
                             "returns meaningless numbers (scipy swaps the operands) and MATLAB returns "
-                            "empty scales, so no value is given: leave VIF out (metrics=[...]) for "
-                            "images this small.")
+                            "empty scales, so no value is given: leave VIF out for images this small "
+                            "(`fuseseg metrics --metrics EN,SD,...`; in an experiment metrics.names=[...]).")
         levels = {1: (self.F, self.A, self.B)}
         for s in range(2, 5):  # scale s: valid Gaussian filter of scale s, then rows/columns 0, 2, 4, ...
             levels[s] = tuple(_K.decimate(x, _VIF_WINDOWS[s]) for x in levels[s - 1])

@@ -96,7 +96,7 @@ def create_method(name: str, **kwargs):
     entry = get_entry(name)
     try:
         return entry.factory(**kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"fusion method {name!r} rejected its settings {kwargs}: {exc}. "
                           "Check the method's keyword arguments in the config.") from exc
 

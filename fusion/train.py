@@ -136,6 +136,9 @@ class FusionTrainConfig:
             lo, hi = getattr(self, key)
             if not 0 < lo <= hi:
                 raise ValueError(f"{key} must be [low, high] with 0 < low <= high, got {[lo, hi]}")
+        if self.structure_epochs + self.epochs == 0:
+            raise ValueError("structure_epochs=0 and epochs=0 train nothing (final.pt would hold an untrained "
+                             "model); give at least one epoch")
         if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
 

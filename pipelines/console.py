@@ -6,6 +6,7 @@ from rich.console import Console
 from fusion.progress import make_progress as _make_progress
 
 console = Console(stderr=False)
+err_console = Console(stderr=True)   # error lines (the CLI's one top-level handler, pipelines/cli.py)
 
 
 def make_progress(*extra_columns, transient: bool = False):

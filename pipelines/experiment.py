@@ -38,6 +38,11 @@ class DataConfig:
     num_classes: int = 9
     validate: bool = True                  # read and check every file once before training
 
+    def __post_init__(self):
+        if not 2 <= self.num_classes <= 255:
+            raise ConfigError(f"data.num_classes={self.num_classes}: give 2..255 classes (label files are "
+                              "8-bit and 255 means ignore); MSRS has 9.")
+
 
 @dataclass
 class FusionMethodConfig:
@@ -76,12 +81,30 @@ class MetricsStageConfig:
     # tables); tang: Tang's MATLAB toolbox (bits, AG / (M-1)(N-1), MSE on [0,1], PSNR with peak 1)
     convention: Literal["reference", "sspfusion", "tang"] = "reference"
     workers: int | None = None                  # None: all cores
+    names: list[str] | None = None              # a subset of the metrics, e.g. [EN, SD, MI]; None: all 13
+
+    def __post_init__(self):
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"metrics.workers={self.workers}: give at least 1 thread, or null for all cores.")
+        if self.names is not None:
+            from fusion.metrics import resolve_metrics
+
+            try:
+                resolve_metrics(self.names)
+            except ValueError as exc:
+                raise ConfigError(f"metrics.names: {exc}") from None
 
 
 @dataclass
 class ReportConfig:
     bootstrap: int = 2000                       # paired bootstrap resamples for the mIoU-gain CI
     figure_scenes: int = 4                      # test scenes in the figure grid
+
+    def __post_init__(self):
+        if self.bootstrap < 1:
+            raise ConfigError(f"report.bootstrap={self.bootstrap}: give at least 1 resample (2000 is usual).")
+        if self.figure_scenes < 0:
+            raise ConfigError(f"report.figure_scenes={self.figure_scenes}: give 0 (no figure) or more scenes.")
 
 
 def _default_methods() -> list[FusionMethodConfig]:
@@ -125,6 +148,10 @@ class ExperimentConfig:
                 raise ConfigError(f"variants: unknown variant(s) {unknown}; valid: ir, vi, {', '.join(names)}.")
         if not self.seg_seeds:
             raise ConfigError("seg_seeds: give at least one segmentation seed, e.g. [0].")
+        if self.fuse_batch_size < 1:
+            raise ConfigError(f"fuse_batch_size={self.fuse_batch_size}: give at least 1 pair per batch.")
+        if self.gpus < 1:
+            raise ConfigError(f"gpus={self.gpus}: give at least 1 process.")
 
     @property
     def run_dir(self) -> Path:

@@ -50,7 +50,9 @@ def bootstrap_gain(per_image: dict[str, np.ndarray], fused: str, singles: tuple[
     observed = miou_from_confusion(a.sum(0), convention) - miou_from_confusion(b.sum(0), convention)
     return {"variant": fused, "baseline": base, "gain": observed, "ci_low": float(lo), "ci_high": float(hi),
             "level": level, "n_boot": n_boot, "n_images": int(n),
-            "p_gain_le_0": float(np.mean(gains <= 0))}
+            # the share of resamples whose gain is <= 0: a description of the bootstrap
+            # distribution, not a p-value (no null hypothesis was resampled)
+            "frac_resamples_gain_le_0": float(np.mean(gains <= 0))}
 
 
 # ---------------------------------------------------------------- tables
@@ -122,11 +124,11 @@ def write_miou_tables(out_dir: Path, rows: list[dict], class_names: list[str], p
     md = miou_markdown(rows, class_names, protocol)
     if gains:
         md += "\nmIoU gain over the better single modality (paired bootstrap over test images):\n\n"
-        md += "| variant | baseline | gain | CI | P(gain <= 0) |\n|---|---|---:|---|---:|\n"
+        md += "| variant | baseline | gain | CI | resamples with gain <= 0 |\n|---|---|---:|---|---:|\n"
         for g in gains:
             md += (f"| {g['variant']} | {g['baseline']} | {g['gain']:+.4f} | "
                    f"[{g['ci_low']:+.4f}, {g['ci_high']:+.4f}] ({int(g['level'] * 100)}%, {g['n_boot']} resamples, "
-                   f"{g['n_images']} images) | {g['p_gain_le_0']:.3f} |\n")
+                   f"{g['n_images']} images) | {g['frac_resamples_gain_le_0']:.3f} |\n")
     atomic_write_text(paths["md"], md)
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -311,8 +313,11 @@ def compare_runs(run_dirs: list[Path], force: bool = False) -> tuple[list[dict],
     """Merge the mIoU tables of several runs. Runs whose protocols differ are refused (with the
     differing keys) unless ``force``. Returns (rows with variant names prefixed by the run name
     when they clash, the shared protocol, warnings)."""
-    tables = []
-    for d in run_dirs:
+    tables, unique = [], []
+    for d in run_dirs:   # a run folder given twice (or by two spellings of its path) is merged once
+        if Path(d).resolve() not in {Path(u).resolve() for u in unique}:
+            unique.append(d)
+    for d in unique:
         p = Path(d) / "tables" / "miou.json"
         if not p.is_file():
             raise FusesegError(f"{d} has no tables/miou.json: it is not a finished fuseseg run folder "

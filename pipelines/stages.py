@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from fusion.data.io import atomic_write_bytes, atomic_write_text
-from fusion.data.pairs import MSRS_CLASSES, find_pairs, list_images, load_split, match_stems
+from fusion.data.pairs import MSRS_CLASSES, day_or_night, find_pairs, list_images, load_split, match_stems
 from fusion.data.paths import ensure_inside
 from fusion.errors import CheckpointError, ConfigError, DataError, FusesegError
 from fusion.pretrained import resolve_checkpoint
@@ -37,6 +37,7 @@ from pipelines.runstate import (
     mark_stage_done,
     source_digest,
     stage_is_current,
+    stage_record,
 )
 
 STAGES = ("data", "train_fusion", "fuse", "metrics", "segment", "report")
@@ -206,6 +207,11 @@ def _distributed(cfg: ExperimentConfig) -> bool:
     return cfg.launcher == "torchrun" and cfg.gpus > 1
 
 
+def _world_size(cfg: ExperimentConfig) -> int:
+    """Processes per training stage (batch sizes are global; BatchNorm statistics are not)."""
+    return cfg.gpus if _distributed(cfg) else 1
+
+
 def _torchrun(cfg: ExperimentConfig, args: list[str]) -> None:
     """Run one training command under ``torchrun --nproc_per_node=gpus`` (DDP; rank 0 writes)."""
     import subprocess
@@ -246,7 +252,8 @@ def stage_data(cfg: ExperimentConfig, run_dir: Path, plan: Plan) -> tuple[Path, 
                 for split in ("train", "test"):
                     pairs = load_split(root, split, d.layout, require_labels=True)
                     summ = validate_pairset(pairs, d.num_classes, d.ir16)
-                    st.info[split] = {"pairs": summ.pairs, "day": summ.day, "night": summ.night}
+                    st.info[split] = {"pairs": summ.pairs, "day": summ.day, "night": summ.night,
+                                      "min_side": min((min(hw) for hw in summ.sizes), default=None)}
     return root, fp
 
 
@@ -378,7 +385,7 @@ def stage_metrics(cfg: ExperimentConfig, run_dir: Path, plan: Plan, data_root: P
             p = split_paths(cfg, data_root, "test")
             res = score_folders(p["ir"], p["vi"], {k: v[0] for k, v in fused.items()},
                                 out_dir=run_dir / "metrics", workers=cfg.metrics.workers,
-                                conventions=cfg.metrics.convention)
+                                conventions=cfg.metrics.convention, metrics=cfg.metrics.names)
             from fusion.data.io import atomic_write_text
             from pipelines.report import metrics_markdown
 
@@ -406,7 +413,8 @@ def stage_segment(cfg: ExperimentConfig, run_dir: Path, plan: Plan, data_root: P
 
     seg_cfg = from_dict(type(cfg.segmentation), {**to_dict(cfg.segmentation), "seed": seed, "device": device},
                         "segmentation")
-    fp = fingerprint("segment", upstream_fp, to_dict(seg_cfg), _precision(device, seg_cfg.amp))
+    fp = fingerprint("segment", upstream_fp, to_dict(seg_cfg), _precision(device, seg_cfg.amp),
+                     _world_size(cfg))
     out = run_dir / "segment" / variant / f"seed{seed}"
     with _Stage(run_dir, f"segment/{variant}/seed{seed}", fp, plan, "segment") as st:
         if not st.skip:
@@ -452,9 +460,11 @@ def protocol_of(cfg: ExperimentConfig, device=None) -> tuple[dict, str]:
     keys["precision"] = _precision(cfg.device if device is None else device, s.amp)
     keys["data"] = str(cfg.data.root) if cfg.data.root else f"synthetic {to_dict(cfg.data.synthetic)}"
     keys["seg_seeds"] = list(cfg.seg_seeds)
+    keys["world_size"] = world = _world_size(cfg)
     text = (f"DeepLabV3+ ({s.encoder}, weights={s.encoder_weights}), Dice+CE, SGD lr {s.lr} cosine, "
             f"{s.frozen_epochs} frozen-encoder epochs at batch {s.frozen_batch_size} + "
-            f"{s.epochs - s.frozen_epochs} at batch {s.batch_size}, crop {s.crop_size}, "
+            f"{s.epochs - s.frozen_epochs} at batch {s.batch_size} (global batches, {world} "
+            f"process{'es' if world > 1 else ''}), crop {s.crop_size}, "
             f"{keys['precision']}, mIoU convention '{s.miou_convention}' (one confusion matrix over the test set), "
             f"seeds {list(cfg.seg_seeds)}, data {keys['data']}")
     fusion_text = _fusion_protocol(cfg)
@@ -554,9 +564,9 @@ def _figure_rows(cfg, run_dir, data_root, variants, fused):
     te = split_paths(cfg, data_root, "test")
     pairs = find_pairs(te["ir"], te["vi"], te["labels"])
     # prefer a mix of day and night scenes
-    stems = sorted(pairs.stems, key=lambda s: (s[-1:], s))
-    night = [s for s in stems if s.endswith("N")]
-    day = [s for s in stems if not s.endswith("N")]
+    stems = sorted(pairs.stems)
+    night = [s for s in stems if day_or_night(s) == "night"]
+    day = [s for s in stems if day_or_night(s) != "night"]
     chosen = [x for pair in zip(night, day) for x in pair][: cfg.report.figure_scenes] or stems[: cfg.report.figure_scenes]
     rows = []
     seed = cfg.seg_seeds[0]
@@ -582,6 +592,20 @@ def _remove_stray_temporaries(run_dir: Path) -> None:
     for tmp in run_dir.rglob(".*.tmp"):
         if tmp.is_file():
             tmp.unlink(missing_ok=True)
+
+
+def _check_metric_sizes(cfg: ExperimentConfig, run_dir: Path) -> None:
+    """Test images under VIF's minimum size fail now, before training, not in the metrics stage."""
+    from fusion.metrics import METRICS, VIF_MIN_SIDE, resolve_metrics
+
+    if not cfg.metrics.enabled or "VIF" not in resolve_metrics(cfg.metrics.names):
+        return
+    side = ((stage_record(run_dir, "data") or {}).get("test") or {}).get("min_side")
+    if side is not None and side < VIF_MIN_SIDE:
+        others = ",".join(m for m in METRICS if m != "VIF")
+        raise ConfigError(f"metrics: the test images of {cfg.data.root or 'the synthetic data set'} have a side "
+                          f"of {side} px, under VIF's minimum of {VIF_MIN_SIDE} px; leave VIF out "
+                          f"(metrics.names=[{others}]) or turn the metrics off (metrics.enabled=false).")
 
 
 def _check_fusion_methods(methods: list[FusionMethodConfig]) -> None:
@@ -638,12 +662,18 @@ def run_experiment(cfg: ExperimentConfig, plan: Plan | None = None) -> Path:
             raise ConfigError(f"--variants: unknown variant(s) {unknown}; valid: {', '.join(cfg.all_variants())}")
         console.print(f"[bold]fuseseg run[/] {cfg.name}: run folder {run_dir}, device {device}, "
                       f"variants {', '.join(variants)}")
+        if plan.runs("segment") and cfg.segmentation.random_frozen_encoder_warning():
+            from pipelines.console import err_console
+
+            err_console.print(f"[yellow]warning:[/] {cfg.segmentation.random_frozen_encoder_warning()}",
+                              highlight=False, soft_wrap=True)
         _remove_stray_temporaries(run_dir)
 
         plan.environment = environment_record(str(device), cfg.seed)
         plan.environment["precision"] = precision_summary(cfg, device)
         # bad inputs fail here, before anything in the run folder is rewritten
         data_root, data_fp = stage_data(cfg, run_dir, plan)
+        _check_metric_sizes(cfg, run_dir)
         needed = [m for m in cfg.fusion if m.name in variants or plan.variants is None]
         _check_fusion_methods(needed)
         dump_config(cfg, run_dir / "config.yaml")

@@ -8,6 +8,7 @@ frozen_batch_size: 8`` with the same optimiser settings.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,10 +39,11 @@ class SegConfig:
         rescale factors applied before padding/cropping.
     val_every: validate every N epochs when a validation folder is given (0 = never).
     max_steps_per_epoch: cap on optimiser steps per epoch (tiny runs); None = full epochs.
-    batch_size / frozen_batch_size: images **per process**. Under ``torchrun --nproc_per_node=K``
-        the global batch is ``K x batch_size`` and an epoch has ``floor(floor(N / K) / batch_size)``
-        steps, so changing K changes the optimisation (scale ``batch_size`` by 1/K, and possibly
-        ``lr``, to keep it). The paper's values are for one GPU.
+    batch_size / frozen_batch_size: the **global** batch, as for the fusion trainer. Under
+        ``torchrun --nproc_per_node=K`` each process takes ``batch_size / K`` images (K must divide
+        it), so an epoch has ``floor(floor(N / K) / (batch_size / K))`` steps and the optimisation
+        does not depend on K (up to BatchNorm statistics, see below). The paper's values are for
+        one GPU.
     BatchNorm under DDP: on CUDA all BatchNorm layers are converted to SyncBatchNorm, so the
         batch statistics are those of the global batch, as in one process; on CPU (gloo) PyTorch
         does not support SyncBatchNorm, so statistics stay per process there (see
@@ -96,7 +98,9 @@ class SegConfig:
         lo, hi = self.scale_range
         if not 0 < lo <= hi:
             raise bad("scale_range", "needs 0 < low <= high, e.g. [0.5, 2.0]")
-        if not 0 <= self.min_lr <= self.lr:
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise bad("lr", "must be a positive number, e.g. 7e-3")
+        if not (math.isfinite(self.min_lr) and 0 <= self.min_lr <= self.lr):
             raise bad("min_lr", f"must lie in 0..lr ({self.lr})")
         if self.val_every < 0:
             raise bad("val_every", "must be >= 0 (0 = no validation)")
@@ -104,6 +108,15 @@ class SegConfig:
             raise bad("max_steps_per_epoch", "must be >= 1 or null")
         if self.workers < 0:
             raise bad("workers", "must be >= 0")
+
+    def random_frozen_encoder_warning(self) -> str | None:
+        """A one-line warning when the frozen phase would freeze a randomly initialised encoder
+        (the decoder then trains on features of random weights), else None."""
+        if self.frozen_epochs and self.encoder_weights in (None, "", "none", "null"):
+            return (f"segmentation: the first {self.frozen_epochs} epoch(s) freeze a randomly initialised "
+                    f"encoder ({self.encoder}, encoder_weights: null), so the decoder trains on random "
+                    "features; set encoder_weights: imagenet (or a local weights file), or frozen_epochs: 0.")
+        return None
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

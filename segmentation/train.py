@@ -27,8 +27,9 @@ kept). Loader workers ignore SIGINT, so Ctrl-C in a terminal reaches only the tr
 
 Distributed (``torchrun --nproc_per_node=K``, WORLD_SIZE > 1): the model is wrapped in
 DistributedDataParallel (gradients averaged over processes), the data are sharded by
-DistributedSampler, ``batch_size`` / ``frozen_batch_size`` are **per process** (the global batch
-is K x batch_size; steps per epoch = floor(floor(N / K) / batch_size)), and only rank 0 writes
+DistributedSampler, ``batch_size`` / ``frozen_batch_size`` are the **global** batch, as for the
+fusion trainer (each process takes batch_size / K of it, so K must divide it; steps per epoch =
+floor(floor(N / K) / (batch_size / K))), and only rank 0 writes
 files and prints. BatchNorm: on CUDA every BatchNorm layer (timm's BatchNormAct2d included) is
 converted to a synchronised one (:func:`to_sync_batchnorm`, NCCL), so the batch statistics are
 those of the global batch, as in one process. On CPU (gloo) PyTorch's SyncBatchNorm is
@@ -103,7 +104,21 @@ def phase_of(epoch: int, cfg: SegConfig) -> str:
 
 
 def batch_size_of(phase: str, cfg: SegConfig) -> int:
+    """The global batch of ``phase`` (the config's value)."""
     return cfg.frozen_batch_size if phase == "frozen" else cfg.batch_size
+
+
+def per_process_batch(phase: str, cfg: SegConfig, world: int, device: torch.device) -> int:
+    """Each of ``world`` processes' share of the global batch of ``phase``; ConfigError when the
+    processes cannot split it evenly (or, off CUDA, into at least 2 samples each: the ASPP
+    image-pooling BatchNorm needs 2 and is synchronised only on CUDA)."""
+    key = "frozen_batch_size" if phase == "frozen" else "batch_size"
+    total = batch_size_of(phase, cfg)
+    need = 1 if device.type == "cuda" else 2
+    if total % world or total // world < need:
+        raise ConfigError(f"segmentation.{key}={total} is the global batch; {world} processes need a multiple "
+                          f"of {world} of at least {need * world} (e.g. {key}={max(need, -(-total // world)) * world}).")
+    return total // world
 
 
 def steps_per_epoch(n_images: int, batch_size: int, world: int, cap: int | None) -> int:
@@ -196,7 +211,7 @@ def train_segmenter(images_dir: Path | str, labels_dir: Path | str, cfg: SegConf
     ``images_dir``/``labels_dir``: images (grey or RGB) and class-id labels paired by stem.
     ``val_*_dir``: an optional labelled folder validated every ``cfg.val_every`` epochs (and
     after the last), mIoU under ``cfg.miou_convention`` logged. Under torchrun, data are
-    sharded with DistributedSampler, ``batch_size`` is per process, BatchNorm is synchronised on
+    sharded with DistributedSampler, ``batch_size`` is the global batch, BatchNorm is synchronised on
     CUDA, validation confusion matrices are summed over ranks, and only rank 0 writes files (see
     the module docstring). Ctrl-C saves the exact position and raises KeyboardInterrupt."""
     out_dir = Path(out_dir)
@@ -223,8 +238,10 @@ def train_segmenter(images_dir: Path | str, labels_dir: Path | str, cfg: SegConf
     if val_images_dir is not None:
         val_ds = LabelledFolder(val_images_dir, val_labels_dir, cfg.num_classes, None,
                                 cfg.normalisation, cfg.in_channels)
-    n_steps = {ph: steps_per_epoch(len(train_ds), batch_size_of(ph, cfg), world,
-                                   cfg.max_steps_per_epoch) for ph in ("frozen", "full")}
+    phases = ("frozen", "full") if cfg.frozen_epochs else ("full",)
+    per_batch = {ph: per_process_batch(ph, cfg, world, device) for ph in phases}
+    n_steps = {ph: steps_per_epoch(len(train_ds), per_batch[ph], world, cfg.max_steps_per_epoch)
+               for ph in phases}
     total_steps = sum(n_steps[phase_of(e, cfg)] for e in range(cfg.epochs))
 
     model = build_model(cfg.model_kwargs(), cfg.encoder_weights)
@@ -305,11 +322,11 @@ def train_segmenter(images_dir: Path | str, labels_dir: Path | str, cfg: SegConf
                 if world > 1 and net is model:  # (re)wrap: DDP registers the trainable parameters
                     net = torch.nn.parallel.DistributedDataParallel(
                         model, device_ids=[device.index] if device.type == "cuda" else None)
-                bs = batch_size_of(phase, cfg)
+                bs = per_batch[phase]   # this process's share of the global batch
                 oom.where = (f"training the segmenter (epoch {epoch + 1}, phase {phase}, crop "
                              f"{cfg.crop_size}, on {device})")
                 oom.key, oom.value = ("segmentation.frozen_batch_size" if phase == "frozen" else
-                                      "segmentation.batch_size"), bs
+                                      "segmentation.batch_size"), batch_size_of(phase, cfg)
                 step0 = start_step if epoch == start_epoch else 0
                 train_ds.set_epoch(epoch)
                 sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,

@@ -17,7 +17,10 @@ from fusion.data.colour import rgb_to_ycbcr
 from fusion.errors import ConfigError
 from fusion.registry import create_method, list_methods, register_method
 
-METHODS = list_methods()
+# The built-in methods only (registered by fusion's own modules): the registry also holds whatever
+# plug-ins other test modules imported before this one was collected, and the parametrisation
+# must not depend on test order (test_method_list_does_not_depend_on_test_order).
+METHODS = [n for n in list_methods() if registry.get_entry(n).module.startswith("fusion.")]
 SIZES = [(37, 53), (64, 80)]
 
 
@@ -44,6 +47,23 @@ def inputs(b: int, c: int, h: int, w: int, seed: int = 0) -> tuple[torch.Tensor,
 
 def test_builtin_methods_are_registered():
     assert {"mean", "max", "laplacian", "gff", "gtf"} <= set(METHODS), METHODS
+
+
+def test_method_list_does_not_depend_on_test_order():
+    """A fresh interpreter that first imports another test module's plug-in (as an earlier test
+    module does) builds the same parametrisation as a bare one."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    code = ("import sys; sys.path[:0] = [{t!r}, {r!r}]; {pre}import test_fusion_contract as t; "
+            "print(','.join(t.METHODS))")
+    out = [subprocess.run([sys.executable, "-c", code.format(t=str(here), r=str(here.parent), pre=pre)],
+                          capture_output=True, text=True, check=True).stdout.strip()
+           for pre in ("", "import fusion_tiny; ")]
+    assert out[0] == out[1] == ",".join(METHODS), out
+    assert "tiny-trainable" not in METHODS
 
 
 @pytest.mark.parametrize("name", METHODS)

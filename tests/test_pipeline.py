@@ -108,6 +108,24 @@ def test_run_end_to_end_skip_and_selective_rerun(workspace, monkeypatch):
     assert sorted(p.name for p in (run_dir / "fused" / "mean" / "test").glob("*.png")) == \
         sorted(p.name for p in (workspace / "data" / "test" / "ir").glob("*.png"))
 
+    # the headline gain: mIoU(fused) - mIoU(better single), recomputed from the per-image matrices
+    import numpy as np
+
+    def np_miou(cm):
+        inter = np.diag(cm).astype(float)
+        union = cm.sum(0) + cm.sum(1) - inter
+        return float(np.mean(inter[union > 0] / union[union > 0]))
+
+    cms = {v: np.load(run_dir / "segment" / v / "seed0" / "per_image_confusion.npy") for v in variants}
+    assert all(cms[v].shape == (4, 9, 9) for v in variants)        # 4 test images
+    single = {v: np_miou(cms[v].sum(0)) for v in ("ir", "vi")}
+    best = max(single, key=single.get)
+    for g in table["gains"]:
+        assert g["baseline"] == best
+        assert g["gain"] == pytest.approx(np_miou(cms[g["variant"]].sum(0)) - single[best], abs=1e-9)
+    row = {r["variant"]: r for r in table["rows"]}
+    assert row["mean"]["miou"][0] == pytest.approx(np_miou(cms["mean"].sum(0)), abs=1e-9)
+
     # second run: every stage skipped, nothing rewritten
     assert main(["run", str(cfg)]) == 0
     assert records(run_dir) == first
@@ -136,7 +154,11 @@ def test_run_end_to_end_skip_and_selective_rerun(workspace, monkeypatch):
     tj["protocol"]["epochs"] = 340
     (other / "tables" / "miou.json").write_text(json.dumps(tj))
     assert main(["compare", str(run_dir), str(run_dir)]) == 0
-    assert main(["compare", str(run_dir), str(other)]) == 2
+    from pipelines.report import compare_runs
+
+    rows, _, _ = compare_runs([run_dir, run_dir, workspace / "results" / ".." / "results" / "tiny"])
+    assert [r["variant"] for r in rows] == variants        # one run given three times: listed once
+    assert main(["compare", str(run_dir), str(other)]) == 1
     assert main(["compare", str(run_dir), str(other), "--force", "--out", str(workspace / "merged")]) == 0
     merged = (workspace / "merged" / "miou.md").read_text()
     assert "PROTOCOLS DIFFER" in merged and "other:ir" in merged
@@ -158,18 +180,18 @@ def test_run_config_errors(workspace, monkeypatch, capsys):
     monkeypatch.chdir(workspace)
     cfg = write_config(workspace, name="bad")
     assert main(["run", str(cfg), "segmentation.epochz=3"]) == 2
-    err = capsys.readouterr().out
+    err = capsys.readouterr().err
     assert "epochz" in err and "Valid keys" in err
     assert main(["run", str(cfg), "segmentation.epochs=many"]) == 2
-    assert "expected an integer" in capsys.readouterr().out
+    assert "expected an integer" in capsys.readouterr().err
     bad = write_config(workspace, name="bad2", fusion=[{"name": "no_such_method"}])
     assert main(["run", str(bad)]) == 2
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "unknown fusion method 'no_such_method'" in out and "laplacian" in out
     (workspace / "broken_plugin.py").write_text("raise RuntimeError('plugin exploded')\n")
     bad = write_config(workspace, name="bad3", plugins=["broken_plugin"])
     assert main(["run", str(bad)]) == 2
-    assert "plugin exploded" in capsys.readouterr().out
+    assert "plugin exploded" in capsys.readouterr().err
 
 
 def test_folder_method_validation(workspace, monkeypatch):
@@ -209,6 +231,35 @@ def test_lock_refuses_second_run(workspace):
     with RunLock(lock):
         assert json.loads(lock.read_text())["pid"] == __import__("os").getpid()
     assert lock.read_text() == ""   # released: the file (not the lock) stays, naming nobody
+
+
+def test_protocol_states_world_size_and_global_batch():
+    from pipelines.config import load_config
+    from pipelines.experiment import ExperimentConfig
+    from pipelines.runstate import fingerprint
+    from pipelines.stages import protocol_of
+
+    one = load_config(ExperimentConfig, None, [])
+    four = load_config(ExperimentConfig, None, ["launcher=torchrun", "gpus=4"])
+    (k1, t1), (k4, t4) = protocol_of(one), protocol_of(four)
+    assert k1["world_size"] == 1 and k4["world_size"] == 4 and fingerprint(k1) != fingerprint(k4)
+    assert "(global batches, 1 process)" in t1 and "(global batches, 4 processes)" in t4
+    assert f"at batch {one.segmentation.batch_size} (global" in t1
+
+
+def test_paper_config_freezes_a_pretrained_encoder():
+    from pipelines.config import load_config
+    from pipelines.experiment import REPO_CONFIGS, ExperimentConfig
+
+    paper = load_config(ExperimentConfig, REPO_CONFIGS / "msrs.yaml")
+    assert paper.segmentation.frozen_epochs == 100 and paper.segmentation.encoder_weights == "imagenet"
+    assert paper.segmentation.random_frozen_encoder_warning() is None
+    random = load_config(ExperimentConfig, REPO_CONFIGS / "msrs.yaml", ["segmentation.encoder_weights=null"])
+    warning = random.segmentation.random_frozen_encoder_warning()
+    assert "freeze a randomly initialised encoder" in warning and "encoder_weights: imagenet" in warning
+    assert "\n" not in warning
+    assert load_config(ExperimentConfig, None, ["segmentation.frozen_epochs=0"]) \
+        .segmentation.random_frozen_encoder_warning() is None
 
 
 def test_config_validation_messages():

@@ -180,8 +180,8 @@ def test_interrupt_kill_concurrent_run_and_resume_equal_uninterrupted_run(ws, re
     try:
         before = snapshot(run_dir)
         capsys.readouterr()
-        assert main(["run", str(cfg)]) == 2
-        err = flat(capsys.readouterr().out)
+        assert main(["run", str(cfg)]) == 1
+        err = flat(capsys.readouterr().err)
         assert f"run folder {run_dir} is in use by another fuseseg process (pid {proc.pid}" in err
         assert "Wait for it to finish, or use another experiment name (name=...)" in err
         assert snapshot(run_dir) == before
@@ -286,8 +286,8 @@ def test_bad_data_fails_fast_and_leaves_a_finished_run_untouched(ws, reference, 
     before = snapshot(reference)
     cfg = write_config(ws, tiny_config(ws, "ref", data={"root": str(root)}), "bad.yaml")
     capsys.readouterr()
-    assert main(["run", str(cfg)]) == 2
-    out = flat(capsys.readouterr().out)
+    assert main(["run", str(cfg)]) == 1
+    out = flat(capsys.readouterr().err)
     assert "error:" in out and "Traceback" not in out
     for text in expected:
         assert text in out, (text, out)
@@ -317,7 +317,7 @@ def test_16bit_infrared_is_accepted_and_ir16_is_checked(ws, reference, capsys):
     before = snapshot(reference)
     capsys.readouterr()
     assert main(["run", str(cfg), "name=ref", "data.ir16=linear"]) == 2
-    out = flat(capsys.readouterr().out)
+    out = flat(capsys.readouterr().err)
     assert "data.ir16" in out and "minmax" in out and "scale" in out
     assert snapshot(reference) == before
 
@@ -357,8 +357,8 @@ def test_bad_fusion_checkpoint_is_refused_before_the_run_folder_changes(ws, refe
     cfg = tiny_config(ws, "ref", fusion=[{"name": "sspfusion", "kwargs": kwargs or TINY_SSP,
                                           "checkpoint": str(path)}])
     capsys.readouterr()
-    assert main(["run", str(write_config(ws, cfg, "badckpt.yaml"))]) == 2
-    out = flat(capsys.readouterr().out)
+    assert main(["run", str(write_config(ws, cfg, "badckpt.yaml"))]) == 1
+    out = flat(capsys.readouterr().err)
     assert "fusion[sspfusion].checkpoint:" in out and str(path) in out
     for text in expected:
         assert text in out, (text, out)
@@ -379,7 +379,7 @@ def test_bad_config_file_names_the_key(ws, reference, change, expected, capsys):
     cfg.update(change)
     capsys.readouterr()
     assert main(["run", str(write_config(ws, cfg, "badcfg.yaml"))]) == 2
-    out = flat(capsys.readouterr().out)
+    out = flat(capsys.readouterr().err)
     for text in expected:
         assert text in out, (text, out)
     assert snapshot(reference) == before

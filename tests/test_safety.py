@@ -163,7 +163,7 @@ def test_fuse_with_a_crafted_checkpoint_runs_no_code(tmp_path, make_pairs, capsy
     pairs = make_pairs(2)
     rc = main(["fuse", "--checkpoint", str(path), "--ir", str(pairs / "ir"), "--vi", str(pairs / "vi"),
                "--out", str(tmp_path / "out"), "--device", "cpu", "--no-progress"])
-    out = flat(capsys.readouterr().out)
+    out = flat(capsys.readouterr().err)
     assert rc != 0 and not marker.exists()
     assert f"checkpoint {path} holds Python objects other than tensors and plain data" in out
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.png"))
@@ -219,7 +219,7 @@ def test_a_run_name_that_is_not_a_plain_name_is_refused_and_nothing_is_deleted(t
     (tmp_path / "x" / "data" / "keep").write_text("hi")
     cfg = tiny_run_config(tmp_path, "victim", results_dir=str(tmp_path / "x" / "results"))
     rc = main(["run", str(cfg), f"name={bad}", "--only", "data"])
-    out = flat(capsys.readouterr().out)
+    out = flat(capsys.readouterr().err)
     assert rc == 2
     assert f"name: {bad!r} is not a plain name" in out and "no '/', no '..'" in out
     assert (tmp_path / "x" / "data" / "keep").read_text() == "hi"
@@ -236,7 +236,7 @@ def test_a_fusion_variant_name_that_is_not_a_plain_name_is_refused(tmp_path, bad
     cfg = tiny_run_config(tmp_path, "run", fusion=[{"name": "mean"}, {"name": name, "method": "mean"}],
                           variants=None)
     rc = main(["run", str(cfg)])
-    out = flat(capsys.readouterr().out)
+    out = flat(capsys.readouterr().err)
     assert rc == 2 and f"fusion[1].name: {name!r} is not a plain name" in out
     assert (victim / "keep").read_text() == "hi"
     assert not (tmp_path / "results").exists()
@@ -256,7 +256,7 @@ def test_a_stage_folder_fuseseg_did_not_make_is_never_deleted(tmp_path, capsys):
     (data / "keep").write_text("hi")
     cfg = tiny_run_config(tmp_path, "mine")
     rc = main(["run", str(cfg), "--only", "data"])
-    out = flat(capsys.readouterr().out)
+    out = flat(capsys.readouterr().err)
     assert rc != 0
     assert f"{data} exists but fuseseg did not make it (no .fingerprint file in it)" in out
     assert (data / "keep").read_text() == "hi"
@@ -299,7 +299,7 @@ def test_a_run_folder_whose_subfolder_links_elsewhere_is_refused(tmp_path, capsy
     run.mkdir(parents=True)
     (run / "tables").symlink_to(outside, target_is_directory=True)
     rc = main(["run", str(tiny_run_config(tmp_path, "linked")), "--only", "data"])
-    out = flat(capsys.readouterr().out)
+    out = flat(capsys.readouterr().err)
     assert rc != 0 and "outside the run folder" in out and str(run / "tables") in out
     assert [p.name for p in outside.iterdir()] == ["keep"]
 
@@ -321,7 +321,7 @@ def test_fuse_never_writes_into_its_inputs(make_pairs, where, how, capsys):
     pairs = make_pairs(2)
     before = _tree(pairs)
     rc = _fuse(pairs, pairs / where, "--overwrite")
-    out = flat(capsys.readouterr().out)
+    out = flat(capsys.readouterr().err)
     assert rc == 2 and f"--out {pairs / where} {how}" in out and "Give --out a folder of its own" in out
     assert _tree(pairs) == before
 
@@ -336,7 +336,7 @@ def test_fuse_into_the_folder_of_jpg_inputs_adds_no_png(make_pairs, capsys):
         p.unlink()
     before = _tree(pairs)
     assert _fuse(pairs, pairs / "ir") == 2
-    assert "is the input --ir" in flat(capsys.readouterr().out)
+    assert "is the input --ir" in flat(capsys.readouterr().err)
     assert _tree(pairs) == before
 
 
@@ -350,7 +350,7 @@ def test_a_fuse_folder_records_its_method_and_refuses_another(make_pairs, tmp_pa
     capsys.readouterr()
     # another method into the same folder: refused, the mean images kept as they are
     assert _fuse(pairs, out, method="max") == 2
-    msg = flat(capsys.readouterr().out)
+    msg = flat(capsys.readouterr().err)
     assert f"output folder {out} already holds images fused by method 'mean'" in msg
     assert "not by method 'max'" in msg and "--overwrite" in msg
     assert _tree(out) == mean_images
@@ -374,7 +374,7 @@ def test_images_in_a_fuse_folder_without_a_record_are_not_kept_silently(make_pai
     stem = sorted((pairs / "ir").glob("*.png"))[0].name
     (out / stem).write_bytes((pairs / "vi" / stem).read_bytes())   # somebody else's image
     assert _fuse(pairs, out) == 2
-    msg = flat(capsys.readouterr().out)
+    msg = flat(capsys.readouterr().err)
     assert "that fuseseg has no record of making" in msg and stem in msg
     assert (out / stem).read_bytes() == (pairs / "vi" / stem).read_bytes()
     assert _fuse(pairs, out, "--overwrite") == 0
@@ -409,7 +409,7 @@ def test_segment_eval_never_writes_into_its_inputs(seg_run, option, where, capsy
     rc = main(["segment", "eval", "--checkpoint", str(seg_run / "model" / "final.pt"), "--images",
                str(seg_run / "images"), "--labels", str(seg_run / "labels"), option, str(seg_run / where),
                "--device", "cpu", "--no-progress"])
-    out = flat(capsys.readouterr().out)
+    out = flat(capsys.readouterr().err)
     assert rc == 2 and f"{option} {seg_run / where}" in out and "Give " in out
     assert (_tree(seg_run / "labels"), _tree(seg_run / "images")) == before
 
@@ -418,7 +418,7 @@ def test_segment_train_never_writes_into_its_inputs(seg_run, capsys):
     before = _tree(seg_run / "labels")
     rc = main(["segment", "train", "--images", str(seg_run / "images"), "--labels", str(seg_run / "labels"),
                "--out", str(seg_run / "labels"), "--no-progress", *SEG_SETTINGS])
-    assert rc == 2 and "--out" in flat(capsys.readouterr().out)
+    assert rc == 2 and "--out" in flat(capsys.readouterr().err)
     assert _tree(seg_run / "labels") == before
 
 
@@ -427,7 +427,7 @@ def test_train_fusion_never_writes_into_its_inputs(make_pairs, capsys):
     before = _tree(pairs)
     rc = main(["train-fusion", f"data_root={pairs}", "method=sspfusion", "epochs=1", "device=cpu",
                "--out", str(pairs / "vi"), "--no-progress"])
-    assert rc == 2 and f"--out {pairs / 'vi'} is the input vi" in flat(capsys.readouterr().out)
+    assert rc == 2 and f"--out {pairs / 'vi'} is the input vi" in flat(capsys.readouterr().err)
     assert _tree(pairs) == before
 
 
@@ -447,7 +447,7 @@ def test_compare_never_writes_into_a_run_folder(tmp_path, inside, capsys):
     before = _tree(tmp_path / "results")
     out = (run / inside) if inside else run
     rc = main(["compare", str(run), "--out", str(out)])
-    assert rc == 2 and f"the input run folder 1 {run}" in flat(capsys.readouterr().out)
+    assert rc == 2 and f"the input run folder 1 {run}" in flat(capsys.readouterr().err)
     assert _tree(tmp_path / "results") == before
     assert main(["compare", str(run), "--out", str(tmp_path / "merged")]) == 0   # a folder of its own
 
@@ -458,7 +458,7 @@ def test_metrics_never_writes_into_its_inputs(make_pairs, tmp_path, capsys):
     before = _tree(tmp_path / "fused")
     rc = main(["metrics", "--ir", str(pairs / "ir"), "--vi", str(pairs / "vi"), "--fused",
                f"mean={tmp_path / 'fused'}", "--out", str(tmp_path / "fused"), "--metrics", "EN"])
-    assert rc == 2 and "is the input --fused mean" in flat(capsys.readouterr().out)
+    assert rc == 2 and "is the input --fused mean" in flat(capsys.readouterr().err)
     assert _tree(tmp_path / "fused") == before
 
 
@@ -585,7 +585,7 @@ def test_a_second_training_into_the_same_folder_is_refused(tmp_path, make_pairs,
         _wait_for_lock(out / ".lock", proc, log)
         capsys.readouterr()
         assert main(second) != 0
-        msg = capsys.readouterr().out
+        msg = "\n".join(ln for ln in capsys.readouterr().err.splitlines() if not ln.startswith("warning: "))
         assert len(msg.strip().splitlines()) == 1, msg
         assert f"output folder {out} is in use by another fuseseg process (pid {proc.pid}," in flat(msg)
         assert f"Wait for it to finish, or give `fuseseg {command} --out` another folder" in flat(msg)

@@ -138,11 +138,11 @@ def test_cli_metrics_command(dataset, tmp_path, capsys):
 
     rc = main(["metrics", "--ir", str(dataset / "ir"), "--vi", str(dataset / "vi"), "--fused", "nodir"])
     assert rc == 2
-    assert "--fused 'nodir': expected NAME=DIR" in capsys.readouterr().out
+    assert "--fused 'nodir': expected NAME=DIR" in capsys.readouterr().err
     rc = main(["metrics", "--ir", str(dataset / "ir"), "--vi", str(dataset / "vi"),
                "--fused", f"m={dataset / 'mean'}", "--metrics", "MI,XYZ"])
     assert rc == 2
-    assert "unknown metric 'XYZ'" in capsys.readouterr().out
+    assert "unknown metric 'XYZ'" in capsys.readouterr().err
 
 
 def test_identical_images_psnr_inf_is_null_in_json(tmp_path):

@@ -233,6 +233,20 @@ def test_resume_without_checkpoint_and_bad_labels(run, tmp_path):
     assert seg_train.steps_per_epoch(9, 2, 2, None) == 2 and seg_train.steps_per_epoch(9, 2, 1, 3) == 3
 
 
+def test_batch_sizes_are_global_under_ddp():
+    """One rule for both trainers: the configured batch is the global one, split over processes."""
+    cfg = SegConfig(batch_size=8, frozen_batch_size=6, epochs=2, frozen_epochs=1, crop_size=32)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert seg_train.per_process_batch("full", cfg, 1, cpu) == 8
+    assert seg_train.per_process_batch("full", cfg, 4, cpu) == 2
+    assert seg_train.per_process_batch("frozen", cfg, 3, cpu) == 2
+    assert seg_train.per_process_batch("full", cfg, 8, cuda) == 1            # SyncBatchNorm on CUDA
+    with pytest.raises(ConfigError, match=r"segmentation.frozen_batch_size=6 is the global batch; 4 processes"):
+        seg_train.per_process_batch("frozen", cfg, 4, cpu)
+    with pytest.raises(ConfigError, match=r"segmentation.batch_size=8 .* at least 16 \(e.g. batch_size=16\)"):
+        seg_train.per_process_batch("full", cfg, 8, cpu)
+
+
 def test_loader_workers_do_not_change_the_result(run, tmp_path):
     """Augmentation draws are a function of (seed, epoch, index): 0 or 2 worker processes train
     the same model."""

@@ -253,5 +253,5 @@ def test_cli_make_synthetic(tmp_path, capsys):
     assert "3 train + 2 test pairs" in " ".join(capsys.readouterr().out.split())
     rc = main(["make-synthetic", str(tmp_path / "e"), "--train", "0", "--test", "0"])
     assert rc == 2
-    out = " ".join(capsys.readouterr().out.split())          # rich wraps long lines
+    out = " ".join(capsys.readouterr().err.split())          # rich wraps long lines
     assert "--train 0 --test 0" in out and "at least one pair" in out

@@ -6,6 +6,7 @@ the extension may differ between folders (``a.png`` pairs with ``a.jpg``).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,14 @@ from fusion.errors import DataError
 MSRS_CLASSES = ("unlabelled", "car", "person", "bike", "curve", "car_stop", "guardrail",
                 "color_cone", "bump")
 IGNORE_INDEX = 255
+_MSRS_STEM = re.compile(r"\d+([DN])")
+
+
+def day_or_night(stem: str) -> str | None:
+    """``'day'`` or ``'night'`` for an MSRS-style name (digits then D or N: ``00001D``, ``00417N``);
+    None for any other name (``ten`` is not a night scene)."""
+    m = _MSRS_STEM.fullmatch(stem)
+    return None if m is None else ("day" if m.group(1) == "D" else "night")
 
 
 @dataclass
@@ -38,6 +47,9 @@ def list_images(folder: Path | str, role: str = "image") -> dict[str, Path]:
                         "line) at an existing folder.")
     found: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
+        if p.is_symlink() and not p.exists():
+            raise DataError(f"{role} folder {folder}: {p.name} is a dangling symbolic link (its target "
+                            f"{p.readlink()} does not exist); restore the target or delete the link.")
         if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."):
             if p.stem in found:
                 raise DataError(f"{role} folder {folder} has two files with the stem {p.stem!r}: "

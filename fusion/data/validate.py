@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fusion.data.io import read_infrared, read_label, read_visible
-from fusion.data.pairs import IGNORE_INDEX, PairSet
+from fusion.data.pairs import IGNORE_INDEX, PairSet, day_or_night
 from fusion.errors import DataError
 
 MAX_REPORTED = 10
@@ -27,7 +27,7 @@ class SplitSummary:
     sizes: Counter = field(default_factory=Counter)      # (H, W) -> count
     day: int = 0
     night: int = 0
-    other: int = 0                                        # names without a D/N suffix
+    other: int = 0                                        # names not of MSRS's form (digits, then D or N)
     visible_grey: int = 0
     class_pixels: np.ndarray | None = None                # (num_classes + 1,), last = ignore
     labelled: bool = False
@@ -91,10 +91,10 @@ def validate_pairset(pairs: PairSet, num_classes: int = 9, ir16: str = "minmax",
             summary.visible_grey += int(grey)
             if counts is not None:
                 summary.class_pixels += counts
-            tag = stem[-1:].upper()
-            if tag == "D":
+            tag = day_or_night(stem)
+            if tag == "day":
                 summary.day += 1
-            elif tag == "N":
+            elif tag == "night":
                 summary.night += 1
             else:
                 summary.other += 1

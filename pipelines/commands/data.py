@@ -7,6 +7,7 @@ from rich.table import Table
 
 from fusion.data.pairs import MSRS_CLASSES, Layout, detect_splits, load_split
 from fusion.data.validate import validate_pairset
+from fusion.errors import ConfigError
 from pipelines.console import console, make_progress
 
 
@@ -35,6 +36,9 @@ def check_data(root: Path, num_classes: int = 9, ir16: str = "minmax", layout: L
 
 
 def run(args) -> int:
+    if not 2 <= args.num_classes <= 255:
+        raise ConfigError(f"--num-classes {args.num_classes}: give 2..255 classes (label files are 8-bit "
+                          "and 255 means ignore); MSRS has 9.")
     summaries = check_data(args.root, args.num_classes, args.ir16)
     table = Table(title=f"data set {args.root}")
     for col in ("split", "pairs", "sizes (HxW)", "day", "night", "other", "grey visible", "labels"):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fusion.data.paths import check_disjoint
 from fusion.errors import ConfigError
+from pipelines.commands.common import count, out_folder
 from pipelines.config import load_section_config, parse_overrides
 from pipelines.console import console
 from pipelines.runstate import folder_lock
@@ -38,7 +39,7 @@ def _train(args) -> int:
     if config is not None and "=" in config and not Path(config).is_file():
         overrides.insert(0, config)  # `fuseseg train-fusion key=value` without a config file
         config = None
-    out = Path(args.out)
+    out = out_folder(args.out)
     if config is None and args.resume and (out / "config.yaml").is_file():
         config = out / "config.yaml"
     if config is None and not overrides:
@@ -58,6 +59,7 @@ def _fuse(args) -> int:
     from fusion.fuse import fuse_folder, load_fusion_method
     from fusion.pretrained import describe, has_shipped
 
+    out_folder(args.out)
     kwargs = parse_overrides(args.kwargs) if args.kwargs else None
     if args.checkpoint is None and has_shipped(args.method):
         console.print(describe(args.method) + "; --checkpoint FILE uses other weights", highlight=False)
@@ -100,9 +102,9 @@ def register(subparsers) -> None:
     f.add_argument("--ir", required=True, help="infrared folder")
     f.add_argument("--vi", required=True, help="visible folder")
     f.add_argument("--out", required=True, help="output folder")
-    f.add_argument("--batch-size", type=int, default=4)
+    f.add_argument("--batch-size", type=count(1), default=4)
     f.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    f.add_argument("--workers", type=int, default=0, help="image-decoding worker processes")
+    f.add_argument("--workers", type=count(0), default=0, help="image-decoding worker processes")
     f.add_argument("--ir16", default="minmax", choices=["minmax", "scale"],
                    help="mapping of 16-bit infrared to 8 bits")
     f.add_argument("--kwargs", nargs="*", metavar="KEY=VALUE", help="method settings")

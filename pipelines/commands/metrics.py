@@ -55,8 +55,10 @@ def parse_fused(items: list[str]) -> dict[str, Path]:
 def run(args: argparse.Namespace) -> int:
     from fusion.metrics import Convention
     from fusion.scoring import results_table, score_folders
+    from pipelines.commands.common import out_folder
     from pipelines.console import console, make_progress
 
+    out_folder(args.out)
     fused = parse_fused(args.fused)
     check_disjoint(args.out, {"--ir": args.ir, "--vi": args.vi, **{f"--fused {k}": v for k, v in fused.items()}},
                    "--out")

@@ -72,7 +72,9 @@ def run(args) -> int:
 
 def compare(args) -> int:
     from pipelines import report as rep
+    from pipelines.commands.common import out_folder
 
+    out_folder(args.out)
     check_disjoint(args.out, {f"run folder {i + 1}": r for i, r in enumerate(args.runs)}, "--out")
     rows, proto, warnings = rep.compare_runs(args.runs, force=args.force)
     for w in warnings:

@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 
 from rich.table import Table
 
 from fusion.data.paths import check_disjoint
+from pipelines.commands.common import out_file, out_folder
 from pipelines.config import load_section_config
 from pipelines.console import console
 from pipelines.runstate import folder_lock
@@ -39,10 +41,15 @@ def _train(args) -> int:
     from segmentation.train import train_segmenter
 
     config = args.config
-    out = Path(args.out)
+    out = out_folder(args.out)
     if config is None and args.resume and (out / "config.yaml").is_file():
         config = out / "config.yaml"
     cfg = load_seg_config(config, list(args.overrides))
+    warning = cfg.random_frozen_encoder_warning()
+    if warning and os.environ.get("RANK", "0") == "0":
+        from pipelines.console import err_console
+
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     check_disjoint(out, {"--images": args.images, "--labels": args.labels, "--val-images": args.val_images,
                          "--val-labels": args.val_labels}, "--out")
     with folder_lock(out, "fuseseg segment train --out"):
@@ -81,6 +88,8 @@ def _eval(args) -> int:
     from fusion.data.io import atomic_write_text
     from segmentation.evaluate import evaluate_segmenter
 
+    out_file(args.json, "--json")
+    out_folder(args.save_predictions, "--save-predictions")
     inputs = {"--images": args.images, "--labels": args.labels}
     check_disjoint(args.json, inputs, "--json")
     check_disjoint(args.save_predictions, inputs, "--save-predictions")  # before its lock file
