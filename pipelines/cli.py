@@ -17,6 +17,7 @@ COMMANDS = [
     "pipelines.commands.fusion",
     "pipelines.commands.segment",
     "pipelines.commands.run",
+    "pipelines.commands.status",
     "pipelines.commands.bench",
 ]
 
