@@ -447,7 +447,7 @@ class JobExecutor(Executor):
 
         rec = stage_record(run_dir, key) or {}
         ref = ref_of_record(rec) if rec.get("status") == "submitted" else None
-        attempt = int(rec.get("attempt", 0))
+        attempt = int(rec.get("attempt", 0)) if ref is not None and rec.get("fingerprint") == fp else 0
         if ref is not None and rec.get("fingerprint") != fp:
             st = job_state(ref)
             if st.state in ("queued", "running"):   # a job of another configuration: obsolete
@@ -462,9 +462,9 @@ class JobExecutor(Executor):
             ref = self._live_job_in(out / "slurm")   # submitted, but the submitter died before recording it
         slot = None
         try:
+            slot = self._acquire_slot()   # a job picked up holds a slot too (local: --jobs at once)
             if ref is None:
                 prepare()
-                slot = self._acquire_slot()
                 attempt += 1
                 ref = self._submit(run_dir, key, fp, out, job, attempt, slot)
             else:

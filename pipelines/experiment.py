@@ -126,6 +126,9 @@ class ExperimentConfig:
                 raise ConfigError(f"variants: unknown variant(s) {unknown}; valid: ir, vi, {', '.join(names)}.")
         if not self.seg_seeds:
             raise ConfigError("seg_seeds: give at least one segmentation seed, e.g. [0].")
+        if self.executor.kind != "inprocess" and self.launcher == "torchrun":
+            raise ConfigError(f"launcher: torchrun and executor.kind: {self.executor.kind} do not combine; give the "
+                              "GPUs of each job with executor.gpus_per_job (2 or more runs torchrun inside the job).")
 
     @property
     def run_dir(self) -> Path:

@@ -12,6 +12,8 @@ run of the same config (fused image bytes, checkpoints, eval.json, mIoU table, m
   failed (with the log); ``fuseseg run`` again picks the jobs up, resubmits the cancelled one,
   which resumes from its checkpoint, and ends with the same results; one SLURM job per training,
   each known to SLURM under its stage's name;
+* a pre-empted job (SIGUSR2, what SLURM sends before a time limit or on pre-emption) is requeued
+  under the same job id and resumes where it stopped;
 * a job whose node cannot see the run folder fails saying so.
 
 The SLURM tests need a SLURM that answers ``srun hostname``: ``scripts/slurm-local.sh`` (as
@@ -31,6 +33,7 @@ import time
 from pathlib import Path
 
 import pytest
+from executor_jobs import CountingJob
 from test_reliability import assert_same_results, flat, tiny_config, write_config
 
 from fusion.errors import ConfigError, FusesegError
@@ -76,7 +79,7 @@ def job_env(ws, monkeypatch, one_torch_thread):
     """What the jobs inherit: one thread (results comparable with the in-process run), this source tree."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.setenv(var, "1")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("COLUMNS", "1000")
     monkeypatch.chdir(ws)
     return dict(os.environ)
@@ -131,6 +134,8 @@ def test_executor_settings_and_errors(tmp_path, capsys):
         load_config(ExperimentConfig, None, ["executor.kind=cloud"])
     with pytest.raises(ConfigError, match="executor.gpus_per_job"):
         load_config(ExperimentConfig, None, ["executor.gpus_per_job=-1"])
+    with pytest.raises(ConfigError, match="gpus_per_job"):
+        load_config(ExperimentConfig, None, ["executor.kind=slurm", "launcher=torchrun", "gpus=2"])
     assert main(["status", str(tmp_path)]) == 2
     assert "not a fuseseg run folder" in capsys.readouterr().out
 
@@ -241,16 +246,7 @@ def test_a_job_whose_node_cannot_see_the_run_folder_fails_saying_so(tmp_path, sl
     out = run_dir / "segment" / "x"
     out.mkdir(parents=True)
     ex = SlurmExecutor(ExecutorConfig(kind="slurm", poll_s=0.2, extra={"hold": True}))
-    result: dict = {}
-
-    def submit_and_wait():
-        try:
-            ex.run(run_dir, "segment/x", "fp", out, _NoopJob(out), prepare=lambda: None)
-        except FusesegError as exc:
-            result["error"] = str(exc)
-
-    t = threading.Thread(target=submit_and_wait)
-    t.start()
+    t, result = _in_thread(lambda: ex.run(run_dir, "segment/x", "fp", out, _NoopJob(out), lambda: None))
     rec = wait_until(lambda: (run_dir / "stages" / "segment__x.json").is_file()
                      and json.loads((run_dir / "stages" / "segment__x.json").read_text()), "the job submitted")
     shutil.rmtree(out / "slurm")    # the node sees no such folder: what a node-local results_dir looks like
@@ -258,3 +254,41 @@ def test_a_job_whose_node_cannot_see_the_run_folder_fails_saying_so(tmp_path, sl
     t.join(120)
     ex.__exit__(None, None, None)
     assert "cannot see the run folder" in result.get("error", "") and "shared with the nodes" in result["error"]
+
+
+def _in_thread(fn) -> tuple[threading.Thread, dict]:
+    result: dict = {}
+
+    def go():
+        try:
+            result["value"] = fn()
+        except FusesegError as exc:
+            result["error"] = str(exc)
+
+    t = threading.Thread(target=go)
+    t.start()
+    return t, result
+
+
+@pytest.mark.slurm
+def test_a_preempted_job_is_requeued_and_resumes(tmp_path, slurm, job_env):
+    run_dir = tmp_path / "run"
+    out = run_dir / "train_fusion" / "count"
+    out.mkdir(parents=True)
+    ex = SlurmExecutor(ExecutorConfig(kind="slurm", poll_s=0.2))
+    t, result = _in_thread(lambda: ex.run(run_dir, "train_fusion/count", "fp", out, CountingJob(out), lambda: None))
+    rec_path = run_dir / "stages" / "train_fusion__count.json"
+    wait_until(lambda: (out / "count").is_file() and int((out / "count").read_text()) >= 5, "the job counting")
+    job = json.loads(rec_path.read_text())["job_id"]
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    # requeued: SLURM holds a requeued job back for a while (BeginTime); let it start now
+    wait_until(lambda: subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True,
+                                      text=True).stdout.strip() == "PENDING", "the job requeued", timeout=60)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    t.join(180)
+    ex.__exit__(None, None, None)
+    info = result.get("value") or pytest.fail(f"no result: {result}")
+    assert info["job_id"] == job and info["attempt"] == 1          # the same job, not a resubmission
+    assert info["count"] == 60 and info["starts"] == 2 and info["first"] >= 5   # resumed where it stopped
+    rec = json.loads(rec_path.read_text())
+    assert rec["status"] == "submitted" and rec["job_id"] == job
