@@ -24,8 +24,9 @@ the attempt and the log path; once its result is collected it gets ``status: don
 same job id (``fuseseg status RUN_DIR`` reads them).
 
 Crash safety: a pre-empted or timed-out job is signalled by SLURM (USR2, ``signal_delay_s``
-before its time limit), writes nothing more and is requeued by submitit (``StageJob.checkpoint``);
-the requeued job resumes from the trainer's last checkpoint (``last.pt``). A job that is killed
+before its time limit), stops (every file it wrote is complete: atomic writes) and is requeued
+under the same job id by submitit (``StageJob.checkpoint``); the requeued job resumes from the
+trainer's last checkpoint (``last.pt``, written after every epoch). A job that is killed
 (``scancel``, node failure) or fails is reported with its log path and resubmitted once per
 ``fuseseg run``; it resumes from its last checkpoint as well. A job that fails with a fuseseg
 error (a bad setting, a non-finite loss) is reported with that message and not resubmitted.

@@ -34,7 +34,14 @@ from pathlib import Path
 
 import pytest
 from executor_jobs import CountingJob
-from test_reliability import assert_same_results, flat, tiny_config, write_config
+from test_reliability import (  # noqa: F401 - the fixtures ws (the tiny data set) and wide_console
+    assert_same_results,
+    flat,
+    tiny_config,
+    wide_console,
+    write_config,
+    ws,
+)
 
 from fusion.errors import ConfigError, FusesegError
 from pipelines.cli import main
@@ -50,22 +57,6 @@ def exec_config(ws: Path, name: str) -> dict:
 
 def records(run_dir: Path) -> dict[str, dict]:
     return {json.loads(p.read_text())["key"]: json.loads(p.read_text()) for p in (run_dir / "stages").glob("*.json")}
-
-
-@pytest.fixture(autouse=True)
-def wide_console(monkeypatch):
-    from pipelines.console import console
-
-    monkeypatch.setattr(console, "_width", 10_000)
-
-
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    from fusion.data.synthetic import make_synthetic
-
-    ws = tmp_path_factory.mktemp("executor")
-    make_synthetic(ws / "data", 6, 4, size=(48, 64), seed=3, workers=1, progress=False)
-    return ws
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +185,7 @@ def test_slurm_kill_scancel_status_and_pickup(ws, reference, slurm, job_env, cap
     # the segmentation job runs and has written a checkpoint; another job is queued meanwhile
     wait_until(lambda: rows().get("segment/ir/seed0", {}).get("state") == "running"
                and (target / "last.pt").is_file() and "queued" in seen,
-               "segment/ir/seed0 running with a checkpoint", proc=proc, log=log)
+               "segment/ir/seed0 running with a checkpoint", timeout=600, proc=proc, log=log)
     proc.send_signal(signal.SIGKILL)   # the submitting process dies ...
     proc.wait()
     job = records(run_dir)["segment/ir/seed0"]["job_id"]
