@@ -18,6 +18,7 @@ COMMANDS = [
     "pipelines.commands.fusion",
     "pipelines.commands.segment",
     "pipelines.commands.run",
+    "pipelines.commands.status",
     "pipelines.commands.bench",
 ]
 

@@ -14,6 +14,7 @@ from fusion.data.pairs import Layout
 from fusion.data.paths import check_plain_name
 from fusion.errors import ConfigError
 from fusion.train import FusionTrainConfig
+from pipelines.executor import ExecutorConfig
 from segmentation.config import SegConfig
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -121,6 +122,7 @@ class ExperimentConfig:
     plugins: list[str] = field(default_factory=list)   # modules that register fusion methods
     launcher: Literal["none", "torchrun"] = "none"     # torchrun: each training stage runs under DDP
     gpus: int = 1                                       # processes per training stage with torchrun
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)   # inprocess | local | slurm jobs
     data: DataConfig = field(default_factory=DataConfig)
     fusion: list[FusionMethodConfig] = field(default_factory=_default_methods)
     fusion_train: FusionTrainConfig = field(default_factory=FusionTrainConfig)
@@ -152,6 +154,9 @@ class ExperimentConfig:
             raise ConfigError(f"fuse_batch_size={self.fuse_batch_size}: give at least 1 pair per batch.")
         if self.gpus < 1:
             raise ConfigError(f"gpus={self.gpus}: give at least 1 process.")
+        if self.executor.kind != "inprocess" and self.launcher == "torchrun":
+            raise ConfigError(f"launcher: torchrun and executor.kind: {self.executor.kind} do not combine; give the "
+                              "GPUs of each job with executor.gpus_per_job (2 or more runs torchrun inside the job).")
 
     @property
     def run_dir(self) -> Path:

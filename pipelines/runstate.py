@@ -94,6 +94,13 @@ def mark_stage_done(run_dir: Path, key: str, fp: str, seconds: float, **info: An
     atomic_write_text(_record_path(run_dir, key), json.dumps(rec, indent=2, default=str))
 
 
+def mark_stage_submitted(run_dir: Path, key: str, fp: str, **info: Any) -> None:
+    """Record that stage ``key`` was handed to a job (``pipelines.executor``): job id, log, attempt."""
+    rec = {"key": key, "fingerprint": fp, "status": "submitted",
+           "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
+    atomic_write_text(_record_path(run_dir, key), json.dumps(rec, indent=2, default=str))
+
+
 def clear_stage(run_dir: Path, key: str) -> None:
     _record_path(run_dir, key).unlink(missing_ok=True)
 

@@ -2,6 +2,10 @@
 
     data -> train_fusion[m] -> fuse[m] -> metrics -> segment[variant, seed] -> report
 
+The training stages (train_fusion, segment) hand their body (a picklable ``StageJob``) to the
+run's executor (``pipelines.executor``): in process by default, or each as its own local or
+SLURM job, submitted as soon as what it needs is done.
+
 Each stage records a fingerprint of its configuration and of the stages it reads
 (``pipelines.runstate``); a rerun skips a stage whose fingerprint is unchanged and redoes the
 ones that changed and everything downstream of them. Everything is written inside the run
@@ -26,6 +30,7 @@ from fusion.errors import CheckpointError, ConfigError, DataError, FusesegError
 from fusion.pretrained import resolve_checkpoint
 from pipelines.config import dump_config, to_dict
 from pipelines.console import console
+from pipelines.executor import Executor, StageJob, make_executor, ref_of_record
 from pipelines.experiment import ExperimentConfig, FusionMethodConfig
 from pipelines.runstate import (
     RunLock,
@@ -196,28 +201,29 @@ class _Stage:
                 self.info.setdefault("gpu_peak_mib", round(gpu, 1))
             if self.plan.environment is not None:
                 self.info.setdefault("environment", self.plan.environment)
-            mark_stage_done(self.run_dir, self.key, self.fp, secs, peak_rss_mib=round(_peak_rss_mib(), 1),
-                            **self.info)
+            # a job's own figures (peak RSS on its node) take precedence over this process's
+            info = {"peak_rss_mib": round(_peak_rss_mib(), 1), **self.info}
+            mark_stage_done(self.run_dir, self.key, self.fp, secs, **info)
             self.plan.record_environment(self.run_dir)
             console.print(f"[green]  done[/] {self.key} in {secs:.1f} s")
         return False
 
 
-def _distributed(cfg: ExperimentConfig) -> bool:
-    return cfg.launcher == "torchrun" and cfg.gpus > 1
-
-
 def _world_size(cfg: ExperimentConfig) -> int:
-    """Processes per training stage (batch sizes are global; BatchNorm statistics are not)."""
-    return cfg.gpus if _distributed(cfg) else 1
+    """Processes per training (batch sizes are global; BatchNorm statistics are not): the GPUs of
+    each job under a job executor (``executor.gpus_per_job`` > 1 runs torchrun in the job), else
+    ``gpus`` under ``launcher: torchrun``, else 1."""
+    if cfg.executor.kind != "inprocess":
+        return max(1, cfg.executor.gpus_per_job or 1)
+    return cfg.gpus if cfg.launcher == "torchrun" and cfg.gpus > 1 else 1
 
 
-def _torchrun(cfg: ExperimentConfig, args: list[str]) -> None:
-    """Run one training command under ``torchrun --nproc_per_node=gpus`` (DDP; rank 0 writes)."""
+def _torchrun(nproc: int, args: list[str]) -> None:
+    """Run one training command under ``torchrun --nproc_per_node=nproc`` (DDP; rank 0 writes)."""
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.gpus}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "pipelines.cli", *args]
     console.print(f"[dim]  $ {' '.join(cmd)}[/]")
     rc = subprocess.call(cmd)
@@ -277,8 +283,31 @@ def _method_train_cfg(cfg: ExperimentConfig, m: FusionMethodConfig, data_root: P
     return from_dict(FusionTrainConfig, base, f"fusion[{m.name}].train")
 
 
+@dataclasses.dataclass
+class TrainFusionJob(StageJob):
+    """The body of stage train_fusion/<method>: train into ``out`` (resuming from its last.pt)."""
+
+    tcfg: object            # fusion.train.FusionTrainConfig
+    out: Path
+    nproc: int = 1          # >1: under torchrun (DDP)
+
+    def run(self) -> dict:
+        from fusion.train import train_fusion
+
+        out = Path(self.out)
+        resume = (out / "last.pt").is_file()
+        if self.nproc > 1:
+            dump_config(self.tcfg, out / "requested.yaml")
+            _torchrun(self.nproc, ["train-fusion", str(out / "requested.yaml"), "--out", str(out)]
+                      + (["--resume"] if resume else []))
+            final = out / "final.pt"
+        else:
+            final = train_fusion(self.tcfg, out, resume=resume)
+        return {"checkpoint": str(final)}
+
+
 def stage_train_fusion(cfg: ExperimentConfig, run_dir: Path, plan: Plan, m: FusionMethodConfig,
-                       data_root: Path, data_fp: str) -> tuple[Path | None, str]:
+                       data_root: Path, data_fp: str, ex: Executor | None = None) -> tuple[Path | None, str]:
     """Train a trainable registered method (or take its given checkpoint). Returns (checkpoint, fp)."""
     from fusion.registry import get_entry
 
@@ -298,19 +327,12 @@ def stage_train_fusion(cfg: ExperimentConfig, run_dir: Path, plan: Plan, m: Fusi
     tcfg = _method_train_cfg(cfg, m, data_root, cfg.device)
     fp = fingerprint("train", data_fp, source, to_dict(tcfg), _precision(cfg.device, tcfg.amp))
     out = run_dir / "train_fusion" / m.name
+    ex = ex or Executor()
     with _Stage(run_dir, f"train_fusion/{m.name}", fp, plan, "train_fusion") as st:
         if not st.skip:
-            from fusion.train import train_fusion
-
-            resume = _prepare_dir(out, fp, run_dir, st.key, fresh=st.forced) and (out / "last.pt").is_file()
-            if _distributed(cfg):
-                dump_config(tcfg, out / "requested.yaml")
-                _torchrun(cfg, ["train-fusion", str(out / "requested.yaml"), "--out", str(out)]
-                          + (["--resume"] if resume else []))
-                final = out / "final.pt"
-            else:
-                final = train_fusion(tcfg, out, resume=resume)
-            st.info["checkpoint"] = str(final)
+            job = TrainFusionJob(tcfg, out, ex.nproc(cfg.launcher, cfg.gpus))
+            prepare = lambda: _prepare_dir(out, fp, run_dir, st.key, fresh=st.forced)  # noqa: E731
+            st.info.update(ex.run(run_dir, st.key, fp, out, job, prepare))
     ck = out / "final.pt"
     if not ck.is_file() and plan.runs("fuse"):
         raise FusesegError(f"fusion method {m.name!r} has no trained checkpoint ({ck}); run the "
@@ -406,45 +428,68 @@ def variant_images(cfg: ExperimentConfig, data_root: Path, variant: str, fused: 
     return dirs
 
 
+@dataclasses.dataclass
+class SegmentJob(StageJob):
+    """The body of stage segment/<variant>/seed<k>: train (resuming from its last.pt), evaluate on
+    the test split, write eval.json and the per-image confusion matrices into ``out``."""
+
+    seg_cfg: object         # segmentation.config.SegConfig
+    out: Path
+    images: dict            # {"train": Path, "test": Path}
+    labels: dict            # {"train": Path, "test": Path}
+    variant: str
+    seed: int
+    protocol: str
+    nproc: int = 1
+
+    def run(self) -> dict:
+        from fusion.data.io import atomic_write_text
+        from segmentation.evaluate import evaluate_segmenter
+        from segmentation.train import train_segmenter
+
+        out, cfg = Path(self.out), self.seg_cfg
+        resume = (out / "last.pt").is_file()
+        if self.nproc > 1:
+            dump_config(cfg, out / "requested.yaml")
+            _torchrun(self.nproc, ["segment", "train", "--images", str(self.images["train"]), "--labels",
+                                   str(self.labels["train"]), "--out", str(out), "--config",
+                                   str(out / "requested.yaml")] + (["--resume"] if resume else []))
+            ck = out / "final.pt"
+        else:
+            ck = train_segmenter(self.images["train"], self.labels["train"], cfg, out, resume=resume)
+        res = evaluate_segmenter(ck, self.images["test"], self.labels["test"], device=cfg.device,
+                                 save_predictions=out / "predictions", convention=cfg.miou_convention,
+                                 amp=cfg.amp)
+        buf = io.BytesIO()
+        np.save(buf, res.per_image_confusion)
+        atomic_write_bytes(out / "per_image_confusion.npy", buf.getvalue())
+        ev = {"variant": self.variant, "seed": self.seed, "per_class_iou": res.per_class_iou_list(),
+              "miou": res.miou, "pixel_accuracy": res.pixel_accuracy,
+              "confusion": np.asarray(res.confusion).tolist(), "images": res.image_names,
+              "precision": res.precision, "protocol": self.protocol}
+        atomic_write_text(out / "eval.json", json.dumps(ev, indent=2))
+        return {"miou": res.miou}
+
+
 def stage_segment(cfg: ExperimentConfig, run_dir: Path, plan: Plan, data_root: Path, variant: str,
-                  seed: int, images: dict[str, Path], upstream_fp: str, device: str) -> tuple[Path, str]:
+                  seed: int, images: dict[str, Path], upstream_fp: str, device: str,
+                  ex: Executor | None = None) -> tuple[Path, str]:
     """Train one segmenter on ``variant``'s images and evaluate it on the test split."""
     from pipelines.config import from_dict
 
-    seg_cfg = from_dict(type(cfg.segmentation), {**to_dict(cfg.segmentation), "seed": seed, "device": device},
-                        "segmentation")
+    ex = ex or Executor()
+    seg_cfg = from_dict(type(cfg.segmentation), {**to_dict(cfg.segmentation), "seed": seed,
+                                                 "device": ex.job_device(cfg.device, device)}, "segmentation")
     fp = fingerprint("segment", upstream_fp, to_dict(seg_cfg), _precision(device, seg_cfg.amp),
                      _world_size(cfg))
     out = run_dir / "segment" / variant / f"seed{seed}"
     with _Stage(run_dir, f"segment/{variant}/seed{seed}", fp, plan, "segment") as st:
         if not st.skip:
-            from segmentation.evaluate import evaluate_segmenter
-            from segmentation.train import train_segmenter
-
-            resume = _prepare_dir(out, fp, run_dir, st.key, fresh=st.forced) and (out / "last.pt").is_file()
             tr, te = split_paths(cfg, data_root, "train"), split_paths(cfg, data_root, "test")
-            if _distributed(cfg):
-                dump_config(seg_cfg, out / "requested.yaml")
-                _torchrun(cfg, ["segment", "train", "--images", str(images["train"]), "--labels",
-                                str(tr["labels"]), "--out", str(out), "--config", str(out / "requested.yaml")]
-                          + (["--resume"] if resume else []))
-                ck = out / "final.pt"
-            else:
-                ck = train_segmenter(images["train"], tr["labels"], seg_cfg, out, resume=resume)
-            res = evaluate_segmenter(ck, images["test"], te["labels"], device=device,
-                                     save_predictions=out / "predictions",
-                                     convention=seg_cfg.miou_convention, amp=seg_cfg.amp)
-            buf = io.BytesIO()
-            np.save(buf, res.per_image_confusion)
-            atomic_write_bytes(out / "per_image_confusion.npy", buf.getvalue())
-            ev = {"variant": variant, "seed": seed, "per_class_iou": res.per_class_iou_list(),
-                  "miou": res.miou, "pixel_accuracy": res.pixel_accuracy,
-                  "confusion": np.asarray(res.confusion).tolist(), "images": res.image_names,
-                  "precision": res.precision, "protocol": fingerprint(protocol_of(cfg, device)[0])}
-            from fusion.data.io import atomic_write_text
-
-            atomic_write_text(out / "eval.json", json.dumps(ev, indent=2))
-            st.info["miou"] = res.miou
+            job = SegmentJob(seg_cfg, out, dict(images), {"train": tr["labels"], "test": te["labels"]}, variant,
+                             seed, fingerprint(protocol_of(cfg, device)[0]), ex.nproc(cfg.launcher, cfg.gpus))
+            prepare = lambda: _prepare_dir(out, fp, run_dir, st.key, fresh=st.forced)  # noqa: E731
+            st.info.update(ex.run(run_dir, st.key, fp, out, job, prepare))
     return out, fp
 
 
@@ -588,9 +633,18 @@ def _figure_rows(cfg, run_dir, data_root, variants, fused):
 # ---------------------------------------------------------------- the whole experiment
 def _remove_stray_temporaries(run_dir: Path) -> None:
     """Delete the temporary files (``.NAME.*.tmp``) that a killed run left behind: every file is
-    written to one and renamed, so under the run lock any such file is an unfinished write."""
+    written to one and renamed, so under the run lock any such file is an unfinished write --
+    except in the folders of submitted jobs, which may still be running (a job cleans its own)."""
+    from pipelines.runstate import stage_record
+
+    jobs = []
+    for rec_path in (run_dir / "stages").glob("*.json"):
+        rec = stage_record(run_dir, rec_path.stem.replace("__", "/")) or {}
+        ref = ref_of_record(rec) if rec.get("status") == "submitted" else None
+        if ref is not None:
+            jobs.append(ref.folder.parent)
     for tmp in run_dir.rglob(".*.tmp"):
-        if tmp.is_file():
+        if tmp.is_file() and not any(tmp.is_relative_to(j) for j in jobs):
             tmp.unlink(missing_ok=True)
 
 
@@ -677,21 +731,41 @@ def run_experiment(cfg: ExperimentConfig, plan: Plan | None = None) -> Path:
         needed = [m for m in cfg.fusion if m.name in variants or plan.variants is None]
         _check_fusion_methods(needed)
         dump_config(cfg, run_dir / "config.yaml")
-        fused: dict[str, tuple[dict[str, Path], str]] = {}
-        for m in needed:
-            ckpt, tfp = stage_train_fusion(cfg, run_dir, plan, m, data_root, data_fp)
-            dirs, ffp = stage_fuse(cfg, run_dir, plan, m, data_root, ckpt, tfp, device)
-            fused[m.name] = (dirs, ffp)
-        metrics_fp = stage_metrics(cfg, run_dir, plan, data_root,
-                                   {k: (v[0]["test"], v[1]) for k, v in fused.items()})
-        seg_fps = {}
-        for v in variants:
-            images = variant_images(cfg, data_root, v, fused)
-            upstream = data_fp if v in ("ir", "vi") else fused[v][1]
-            for seed in cfg.seg_seeds:
-                _, sfp = stage_segment(cfg, run_dir, plan, data_root, v, seed, images,
-                                       fingerprint(upstream, data_fp, v), str(device))
-                seg_fps[f"{v}/{seed}"] = sfp
+        with make_executor(cfg.executor) as ex:
+            seg_fps, metrics_fp, fused = _train_fuse_segment(cfg, run_dir, plan, ex, needed, variants,
+                                                             data_root, data_fp, device)
         stage_report(cfg, run_dir, plan, data_root, cfg.variants or cfg.all_variants(), seg_fps,
                      metrics_fp, fused)
     return run_dir
+
+
+def _train_fuse_segment(cfg: ExperimentConfig, run_dir: Path, plan: Plan, ex: Executor,
+                        needed: list[FusionMethodConfig], variants: list[str], data_root: Path, data_fp: str,
+                        device) -> tuple[dict[str, str], str | None, dict]:
+    """train_fusion -> fuse per method, metrics, segment per variant and seed, as chains on the
+    executor: in process they run in this order one after the other; with a job executor every
+    chain runs at once and each training is submitted as soon as what it reads exists."""
+
+    def train_and_fuse(m: FusionMethodConfig):
+        ckpt, tfp = stage_train_fusion(cfg, run_dir, plan, m, data_root, data_fp, ex)
+        return stage_fuse(cfg, run_dir, plan, m, data_root, ckpt, tfp, device)
+
+    def segment(v: str, seed: int) -> str:
+        fused_v = {} if v in ("ir", "vi") else {v: fusing[v].result()}
+        images = variant_images(cfg, data_root, v, fused_v)
+        upstream = data_fp if v in ("ir", "vi") else fused_v[v][1]
+        return stage_segment(cfg, run_dir, plan, data_root, v, seed, images,
+                             fingerprint(upstream, data_fp, v), str(device), ex)[1]
+
+    fusing = {m.name: ex.spawn(train_and_fuse, m) for m in needed}
+    segs = {f"{v}/{seed}": ex.spawn(segment, v, seed) for v in variants for seed in cfg.seg_seeds}
+    fused, errors = ex.gather(fusing)
+    metrics_fp = None
+    if not errors:
+        metrics_fp = stage_metrics(cfg, run_dir, plan, data_root,
+                                   {k: (v[0]["test"], v[1]) for k, v in fused.items()})
+    seg_fps, seg_errors = ex.gather(segs)
+    errors += [e for e in seg_errors if e not in errors]
+    if errors:
+        raise FusesegError(f"{len(errors)} stage(s) failed:\n  " + "\n  ".join(errors))
+    return seg_fps, metrics_fp, fused

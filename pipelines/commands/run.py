@@ -27,6 +27,13 @@ def register(sub) -> None:
                    help="torchrun: run every training stage under torchrun with --gpus processes (DDP); "
                    "same as the config keys launcher/gpus")
     p.add_argument("--gpus", type=int, default=None, help="processes (GPUs) per training stage with --launcher torchrun")
+    p.add_argument("--executor", choices=["inprocess", "local", "slurm"], default=None,
+                   help="where the trainings run: here one after the other (default), as local subprocesses "
+                   "(--jobs at once), or each as its own SLURM job; same as the config key executor.kind")
+    p.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                   help="executor setting (partition, gpus_per_job, cpus_per_job, mem_gb, time_min, ...); "
+                   "other keys are passed to sbatch (e.g. account=lab, qos=high); repeatable")
+    p.add_argument("--jobs", type=int, default=None, help="--executor local: most trainings at once")
     p.set_defaults(func=run)
 
     c = sub.add_parser("compare", help="merge the mIoU tables of several runs (refuses differing protocols)")
@@ -34,6 +41,26 @@ def register(sub) -> None:
     c.add_argument("--force", action="store_true", help="merge even when the protocols differ (marked)")
     c.add_argument("--out", type=Path, help="write the merged table as Markdown/CSV/JSON into this folder")
     c.set_defaults(func=compare)
+
+
+def executor_overrides(kind: str | None, settings: list[str], jobs: int | None) -> list[str]:
+    """``--executor``, ``--slurm KEY=VALUE`` and ``--jobs`` as ``executor.*`` overrides; a key that
+    is not an executor setting goes to ``executor.extra`` (an sbatch option)."""
+    import dataclasses
+
+    from pipelines.executor import ExecutorConfig
+
+    fields = {f.name for f in dataclasses.fields(ExecutorConfig)}
+    out = [f"executor.kind={kind}"] if kind else []
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--slurm {item!r} is not of the form KEY=VALUE (e.g. --slurm partition=gpu)")
+        key = key.strip()
+        out.append(f"executor.{key}={value}" if key in fields else f"executor.extra.{key}={value}")
+    if jobs is not None:
+        out.append(f"executor.jobs={jobs}")
+    return out
 
 
 def load_experiment(config: str | None, overrides: list[str]):
@@ -57,6 +84,7 @@ def run(args) -> int:
         overrides.append(f"launcher={args.launcher}")
     if args.gpus is not None:
         overrides.append(f"gpus={args.gpus}")
+    overrides += executor_overrides(args.executor, args.slurm, args.jobs)
     cfg = load_experiment(args.config, overrides)
     only = set(_split_list(args.only) or []) or None
     forced: set[str] = set()
