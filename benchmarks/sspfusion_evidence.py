@@ -38,13 +38,14 @@ CONVENTION = "sspfusion"
 
 
 def fuse_reproducibly(method, ir: Path, vi: Path, out: Path) -> None:
-    """Fuse with one torch thread and batch 1 (bit-reproducible PNGs on this CPU)."""
+    """Fuse in fp32 (amp off: the shipped metrics were made so) with one torch thread and batch 1
+    (bit-reproducible PNGs on this CPU)."""
     from fusion.fuse import fuse_folder
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        fuse_folder(method, ir, vi, out, "cpu", batch_size=1, progress=False)
+        fuse_folder(method, ir, vi, out, "cpu", batch_size=1, progress=False, amp="off")
     finally:
         torch.set_num_threads(n)
 
