@@ -239,10 +239,11 @@ def test_a_job_whose_node_cannot_see_the_run_folder_fails_saying_so(tmp_path, sl
     ex = SlurmExecutor(ExecutorConfig(kind="slurm", poll_s=0.2, extra={"hold": True}))
     t, result = _in_thread(lambda: ex.run(run_dir, "segment/x", "fp", out, _NoopJob(out), lambda: None))
     rec = wait_until(lambda: (run_dir / "stages" / "segment__x.json").is_file()
-                     and json.loads((run_dir / "stages" / "segment__x.json").read_text()), "the job submitted")
+                     and json.loads((run_dir / "stages" / "segment__x.json").read_text()), "the job submitted",
+                     timeout=600)
     shutil.rmtree(out / "slurm")    # the node sees no such folder: what a node-local results_dir looks like
     subprocess.run(["scontrol", "release", rec["job_id"]], check=True)
-    t.join(120)
+    t.join(600)
     ex.__exit__(None, None, None)
     assert "cannot see the run folder" in result.get("error", "") and "shared with the nodes" in result["error"]
 
@@ -269,14 +270,15 @@ def test_a_preempted_job_is_requeued_and_resumes(tmp_path, slurm, job_env):
     ex = SlurmExecutor(ExecutorConfig(kind="slurm", poll_s=0.2))
     t, result = _in_thread(lambda: ex.run(run_dir, "train_fusion/count", "fp", out, CountingJob(out), lambda: None))
     rec_path = run_dir / "stages" / "train_fusion__count.json"
-    wait_until(lambda: (out / "count").is_file() and int((out / "count").read_text()) >= 5, "the job counting")
+    wait_until(lambda: (out / "count").is_file() and int((out / "count").read_text()) >= 5, "the job counting",
+               timeout=600)   # the SLURM node may be busy with other test runs' jobs
     job = json.loads(rec_path.read_text())["job_id"]
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     # requeued: SLURM holds a requeued job back for a while (BeginTime); let it start now
     wait_until(lambda: subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True,
-                                      text=True).stdout.strip() == "PENDING", "the job requeued", timeout=60)
+                                      text=True).stdout.strip() == "PENDING", "the job requeued", timeout=120)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
-    t.join(180)
+    t.join(600)
     ex.__exit__(None, None, None)
     info = result.get("value") or pytest.fail(f"no result: {result}")
     assert info["job_id"] == job and info["attempt"] == 1          # the same job, not a resubmission
