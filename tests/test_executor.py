@@ -128,7 +128,7 @@ def test_executor_settings_and_errors(tmp_path, capsys):
     with pytest.raises(ConfigError, match="gpus_per_job"):
         load_config(ExperimentConfig, None, ["executor.kind=slurm", "launcher=torchrun", "gpus=2"])
     assert main(["status", str(tmp_path)]) == 2
-    assert "not a fuseseg run folder" in capsys.readouterr().out
+    assert "not a fuseseg run folder" in capsys.readouterr().err   # the CLI's error line (stderr)
 
 
 def test_job_state_from_result_files(tmp_path):
