@@ -26,6 +26,7 @@ phases in a ``phases`` class attribute. User plug-ins are modules listed in a co
 from __future__ import annotations
 
 import importlib
+import re
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,11 +57,21 @@ def register_method(name: str, *, trainable: bool = False, description: str | No
             prev = _REGISTRY[name]
             raise ValueError(f"fusion method {name!r} is already registered (by {prev.module}); "
                              "choose another name for your method.")
-        doc = description or (factory.__doc__ or "").strip().split("\n")[0]
+        doc = description or _one_line(factory.__doc__ or "")
         _REGISTRY[name] = MethodEntry(name, factory, trainable, doc, getattr(factory, "__module__", "?"))
         return factory
 
     return decorator
+
+
+def _one_line(doc: str) -> str:
+    """The first sentence of a docstring's first paragraph, on one line."""
+    para = " ".join(doc.strip().split("\n\n")[0].split())
+    for m in re.finditer(r"\.\s", para):
+        word = para[:m.start()].split()[-1]
+        if word[0].islower() or word[-1] in ")]" or word[-1].isdigit():  # not "IEEE Trans."
+            return para[:m.start() + 1]
+    return para
 
 
 def _load_builtins() -> None:

@@ -20,7 +20,20 @@ COMMANDS = [
     "pipelines.commands.run",
     "pipelines.commands.status",
     "pipelines.commands.bench",
+    "pipelines.commands.info",
 ]
+
+
+def version_text() -> str:
+    """``fuseseg X.Y.Z`` (the installed distribution's version) and where it is imported from."""
+    from importlib.metadata import PackageNotFoundError, version
+    from pathlib import Path
+
+    try:
+        v = version("fuseseg")
+    except PackageNotFoundError:
+        v = "(not installed; running from a source tree)"
+    return f"fuseseg {v} ({Path(__file__).resolve().parent.parent})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Does this infrared-visible fusion method help segmentation? "
         "Train, fuse, segment and compare with one command.",
     )
+    parser.add_argument("--version", action="version", version=version_text())
     parser.add_argument("--traceback", action="store_true",
                         help="show the Python traceback of an unexpected error (accepted anywhere on the line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

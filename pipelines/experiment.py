@@ -17,7 +17,8 @@ from fusion.train import FusionTrainConfig
 from pipelines.executor import ExecutorConfig
 from segmentation.config import SegConfig
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"      # a checkout / editable install
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"         # a built wheel (see setup.py)
 
 
 @dataclass
@@ -166,6 +167,37 @@ class ExperimentConfig:
         return ["ir", "vi", *(m.name for m in self.fusion)]
 
 
+def shipped_configs_dir() -> Path:
+    """The folder of the configs that ship with fuseseg: ``pipelines/configs/`` inside an
+    installed wheel (copied there from ``configs/`` at build time), else ``configs/`` of the
+    source tree."""
+    return PACKAGED_CONFIGS if PACKAGED_CONFIGS.is_dir() else REPO_CONFIGS
+
+
+def shipped_config_names() -> list[str]:
+    """Names of the shipped configs (``default``, ``msrs``, ...)."""
+    return sorted(p.stem for p in shipped_configs_dir().glob("*.yaml"))
+
+
+def resolve_config(arg: str | Path | None) -> Path:
+    """A config argument as a path: an existing file as given; otherwise the name of a shipped
+    config (``default``, ``msrs``, with or without ``.yaml``, or ``configs/NAME.yaml`` as the
+    README writes it), so that ``fuseseg run configs/msrs.yaml`` works from any folder.
+    ``None`` is ``default``. A ConfigError names the shipped configs when nothing matches."""
+    if arg is None:
+        arg = "default"
+    path = Path(arg)
+    if path.is_file():
+        return path
+    name = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    if path.parent in (Path("."), Path("configs")):
+        candidate = shipped_configs_dir() / f"{name}.yaml"
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config {str(arg)!r}: no such file, and no shipped config of that name. Give a "
+                      f"YAML file, or one of the shipped configs: {', '.join(shipped_config_names())}.")
+
+
 def default_config_path() -> Path:
-    """``configs/default.yaml`` of the source tree."""
-    return REPO_CONFIGS / "default.yaml"
+    """The shipped ``default.yaml`` (see :func:`shipped_configs_dir`)."""
+    return shipped_configs_dir() / "default.yaml"

@@ -21,8 +21,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "metrics", help="score fused images with the fusion quality metrics (EN ... Nabf)",
         description="Score fused images against their infrared/visible sources with the 13 fusion "
-        "quality metrics (reference conventions of the CDDFuse evaluator by default; see "
-        "../shared/docs/metrics.md). Files are matched by name across all folders.")
+        "quality metrics (reference conventions of the CDDFuse evaluator by default; the formula "
+        "and convention of each metric: `python -m pydoc fusion.metrics`). Files are matched by name "
+        "across all folders.")
     p.add_argument("--ir", required=True, type=Path, metavar="DIR", help="infrared images")
     p.add_argument("--vi", required=True, type=Path, metavar="DIR", help="visible images")
     p.add_argument("--fused", required=True, action="append", metavar="NAME=DIR",

@@ -65,15 +65,12 @@ def executor_overrides(kind: str | None, settings: list[str], jobs: int | None) 
 
 def load_experiment(config: str | None, overrides: list[str]):
     from pipelines.config import load_config
-    from pipelines.experiment import ExperimentConfig, default_config_path
+    from pipelines.experiment import ExperimentConfig, resolve_config
 
     if config and "=" in config and not Path(config).exists():
         overrides = [config, *overrides]
         config = None
-    path = Path(config) if config else default_config_path()
-    if not config and not path.is_file():
-        raise ConfigError(f"no config given and {path} is missing; pass a config file.")
-    return load_config(ExperimentConfig, path, overrides)
+    return load_config(ExperimentConfig, resolve_config(config), overrides)
 
 
 def run(args) -> int:
