@@ -39,6 +39,7 @@ from benchmarks.common import (
     matmul_rates,
     precision_of,
     rate_figures,
+    seg_train_step,
     timed,
 )
 from fusion import runtime
@@ -77,15 +78,7 @@ def _train_step(encoder: str, crop: int, batch: int, phase: str, amp: str, decod
     x = runtime.to_memory_format(torch.randn(batch, 3, crop, crop), cl)
     y = torch.randint(0, cfg.num_classes, (batch, crop, crop))
 
-    def step():
-        with runtime.autocast(CPU, amp):
-            logits = model(x)
-        loss, _, _ = loss_fn(logits, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
+    return lambda: seg_train_step(model, opt, loss_fn, x, y, CPU, amp)
 
 
 def train_flops(encoder: str, crop: int, batch: int, phase: str, decoder_channels: int) -> int:

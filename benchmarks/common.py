@@ -270,6 +270,20 @@ def gflops_figures(section: str, name: str, gflops: float, rates: dict[str, floa
     return out
 
 
+def seg_train_step(net, opt, crit, x, y, device, amp: str = "auto"):
+    """One DeepLabV3+ optimiser step as ``segmentation.train`` runs it: forward under autocast
+    for ``amp``, Dice+CE in float32, backward, step. Returns the loss."""
+    from fusion.runtime import autocast
+
+    with autocast(device, amp):
+        logits = net(x)
+    loss, _, _ = crit(logits, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+
 def precision_of(amp: str) -> dict:
     """``fusion.runtime.precision_record`` on the CPU for ``amp``."""
     from fusion.runtime import precision_record

@@ -182,6 +182,13 @@ def _train_seg(ctx: Ctx, name: str, **kw) -> tuple[dict, dict, float]:
     return ck, {"last": last, "miou": res.miou, "eval_precision": res.precision, "losses": losses}, seconds
 
 
+def _seg_step(ctx: Ctx, net, opt, crit, x, y):
+    """One DeepLabV3+ optimiser step under ``amp=auto`` (benchmarks.common.seg_train_step)."""
+    from benchmarks.common import seg_train_step
+
+    return seg_train_step(net, opt, crit, x, y, ctx.device, "auto")
+
+
 def _expect_precision(ck: dict, precision: str, channels_last: bool | None = None) -> None:
     got = ck.get("precision") or {}
     if got.get("precision") != precision:
@@ -315,12 +322,7 @@ def check_ddp_nccl(ctx: Ctx) -> dict:
         y = torch.randint(0, 9, (4, 64, 64), device=ctx.device)
         crit = DiceCELoss()
         for _ in range(2):
-            with autocast(ctx.device, "auto"):
-                logits = seg(x)
-            sloss, _, _ = crit(logits, y)
-            sopt.zero_grad(set_to_none=True)
-            sloss.backward()
-            sopt.step()
+            sloss = _seg_step(ctx, seg, sopt, crit, x, y)
         if not (torch.isfinite(loss) and torch.isfinite(sloss)):
             raise AssertionError(f"non-finite DDP losses: fusion {loss}, segmentation {sloss}")
         return {"fusion_loss": round(float(loss), 4), "seg_loss": round(float(sloss), 4),
@@ -460,12 +462,7 @@ def check_paper_inference_and_memory(ctx: Ctx) -> dict:
         yb = torch.randint(0, 9, (batch, seg["crop_size"], seg["crop_size"]), device=ctx.device)
 
         def step(xb=xb, yb=yb, opt=opt):
-            with autocast(ctx.device, "auto"):
-                logits = net(xb)
-            loss, _, _ = crit(logits, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            _seg_step(ctx, net, opt, crit, xb, yb)
 
         _reset_peak(ctx)
         out[f"deeplab_train_{phase}_b{batch}_images_per_s"] = round(_per_s(ctx, step, batch, repeats=3, warmup=1), 1)
