@@ -9,14 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import require_shared
 
 import fusion.pretrained as pretrained
 from fusion.data.io import read_visible
 from fusion.errors import CheckpointError
 from fusion.fuse import fuse_folder, load_fusion_method
 from pipelines.cli import main
-
-from conftest import require_shared
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PT, JS = pretrained.shipped_files("sspfusion")
