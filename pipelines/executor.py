@@ -77,6 +77,11 @@ class ExecutorConfig:
                 raise ConfigError(f"executor.{name}: {v} is out of range; give a positive number.")
         if self.time_min < 1 or self.poll_s <= 0:
             raise ConfigError("executor.time_min and executor.poll_s must be positive.")
+        if not 0 < self.signal_delay_s < self.time_min * 60:
+            # USR2 at (limit - delay): a delay as long as the limit requeues every job at its start, forever
+            raise ConfigError(f"executor.signal_delay_s={self.signal_delay_s} must be positive and below the "
+                              f"time limit (executor.time_min={self.time_min}: {self.time_min * 60} s); "
+                              "lower it or raise time_min.")
 
 
 # ---------------------------------------------------------------- the job body

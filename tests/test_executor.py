@@ -1,19 +1,19 @@
 """`fuseseg run` with every training as its own job (issue 17): local subprocesses and a real SLURM.
 
 The tiny experiment of the reliability tests (6 + 4 scenes of 48x64, a tiny SSPFusion, segmenters
-on ``ir`` and ``sspfusion``), with 30 one-step segmentation epochs so that a segmentation job
-runs for a few seconds after its first checkpoint. Every run is compared with one in-process
-run of the same config (fused image bytes, checkpoints, eval.json, mIoU table, metrics):
+on ``ir`` and ``sspfusion``), with 4 one-step segmentation epochs. Every run is compared with one
+in-process run of the same config (fused image bytes, checkpoints, eval.json, mIoU table, metrics):
 
 * ``--executor local --jobs 2``: the same results; one job per training, two at once at most
   and at least once two together;
 * ``--executor slurm``: the submitting process is SIGKILLed while jobs are queued and running,
-  a running segmentation job is ``scancel``-ed; ``fuseseg status`` shows queued, running and
+  a running segmentation job is ``scancel``-ed while it waits after its checkpoint of epoch 2
+  (held there by ``tests/jobhooks``, so that the cancel never races the job's end); ``fuseseg status`` shows queued, running and
   failed (with the log); ``fuseseg run`` again picks the jobs up, resubmits the cancelled one,
   which resumes from its checkpoint, and ends with the same results; one SLURM job per training,
   each known to SLURM under its stage's name;
-* a pre-empted job (SIGUSR2, what SLURM sends before a time limit or on pre-emption) is requeued
-  under the same job id and resumes where it stopped;
+* a pre-empted job (SIGUSR2 from ``scancel``) and a job reaching its one-minute time limit
+  (SIGUSR2 from SLURM itself) are requeued under the same job id and resume where they stopped;
 * a job whose node cannot see the run folder fails saying so.
 
 The SLURM tests need a SLURM that answers ``srun hostname``: ``scripts/slurm-local.sh`` (as
@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,7 @@ from test_reliability import (  # noqa: F401 - the fixtures ws (the tiny data se
 )
 
 from fusion.errors import ConfigError, FusesegError
+from fusion.runtime import load_checkpoint
 from pipelines.cli import main
 from pipelines.executor import ExecutorConfig, JobRef, SlurmExecutor, StageJob, job_state, status_rows
 
@@ -51,8 +53,11 @@ REPO = Path(__file__).resolve().parents[1]
 TRAININGS = {"train_fusion/sspfusion", "segment/ir/seed0", "segment/sspfusion/seed0"}
 
 
+SEG_EPOCHS, HOLD_EPOCH = 4, 2
+
+
 def exec_config(ws: Path, name: str) -> dict:
-    return tiny_config(ws, name, segmentation={"epochs": 30})
+    return tiny_config(ws, name, segmentation={"epochs": SEG_EPOCHS})
 
 
 def records(run_dir: Path) -> dict[str, dict]:
@@ -127,6 +132,11 @@ def test_executor_settings_and_errors(tmp_path, capsys):
         load_config(ExperimentConfig, None, ["executor.gpus_per_job=-1"])
     with pytest.raises(ConfigError, match="gpus_per_job"):
         load_config(ExperimentConfig, None, ["executor.kind=slurm", "launcher=torchrun", "gpus=2"])
+    # USR2 comes signal_delay_s before the limit: not below it, every start would be requeued at once
+    with pytest.raises(ConfigError, match="signal_delay_s=120 must be positive and below the time limit"):
+        load_config(ExperimentConfig, None, executor_overrides("slurm", ["time_min=1"], None))
+    assert load_config(ExperimentConfig, None, executor_overrides("slurm", ["time_min=1", "signal_delay_s=50"],
+                                                                  None)).executor.signal_delay_s == 50
     assert main(["status", str(tmp_path)]) == 2
     assert "not a fuseseg run folder" in capsys.readouterr().err   # the CLI's error line (stderr)
 
@@ -163,21 +173,25 @@ def test_local_executor_jobs_2_gives_the_same_results(ws, reference, job_env):
 
 
 # ---------------------------------------------------------------------- a real SLURM
-@pytest.mark.skip(reason="known race (issue #17, open): on an idle machine the 30 one-step segmentation "
-                  "epochs finish inside scancel's SIGTERM->SIGKILL wait (submitit ignores SIGTERM), so the "
-                  "cancelled job writes final.pt; freezing it with `scancel --signal=STOP` first left it "
-                  "unreported for 60 s. Passed under load; needs a job that cannot finish before the cancel.")
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_slurm_kill_scancel_status_and_pickup(ws, reference, slurm, job_env, capsys):
+def test_slurm_kill_scancel_status_and_pickup(ws, reference, slurm, job_env, monkeypatch, capsys):
     cfg = write_config(ws, exec_config(ws, "slurm"))
     # a job takes the whole node: one runs, the others queue (deterministic states to observe)
     args = ["run", str(cfg), "executor.poll_s=0.2", "--executor", "slurm", "--slurm", f"cpus_per_job={slurm}"]
     run_dir, log = ws / "results" / "slurm", ws / "slurm-submitter.log"
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], cwd=ws, env=job_env,
+    target = run_dir / "segment" / "ir" / "seed0"
+    # segment/ir/seed0 stops after its checkpoint of epoch HOLD_EPOCH and waits there (jobhooks):
+    # it is cancelled in the middle of its training, never racing its end
+    hold, held = ws / "slurm-hold", ws / "slurm-held"
+    hold.touch()
+    held.unlink(missing_ok=True)
+    spec = {"dir": str(target), "epoch": HOLD_EPOCH, "hold": str(hold), "held": str(held)}
+    env = {**job_env, "FUSESEG_TEST_HOLD": json.dumps(spec),
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "jobhooks"), job_env["PYTHONPATH"]])}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], cwd=ws, env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
     seen: set[str] = set()
-    target = run_dir / "segment" / "ir" / "seed0"
 
     def rows() -> dict[str, dict]:
         if not (run_dir / "stages").is_dir():
@@ -186,25 +200,31 @@ def test_slurm_kill_scancel_status_and_pickup(ws, reference, slurm, job_env, cap
         seen.update(r["state"] for r in found.values())
         return found
 
-    # the segmentation job runs and has written a checkpoint; another job is queued meanwhile
-    wait_until(lambda: rows().get("segment/ir/seed0", {}).get("state") == "running"
-               and (target / "last.pt").is_file() and "queued" in seen,
-               "segment/ir/seed0 running with a checkpoint", timeout=600, proc=proc, log=log)
+    # the segmentation job runs, held after its checkpoint of epoch HOLD_EPOCH; another job queues
+    wait_until(lambda: held.is_file() and rows().get("segment/ir/seed0", {}).get("state") == "running"
+               and "queued" in seen, "segment/ir/seed0 running, held after a checkpoint, another job queued",
+               timeout=600, proc=proc, log=log)
     proc.send_signal(signal.SIGKILL)   # the submitting process dies ...
     proc.wait()
     job = records(run_dir)["segment/ir/seed0"]["job_id"]
     subprocess.run(["scancel", job], check=True)   # ... and the running segmentation job is cancelled
     failed = wait_until(lambda: rows().get("segment/ir/seed0", {}).get("state") == "failed"
-                        and rows()["segment/ir/seed0"], "the cancelled job reported failed", timeout=60)
-    assert not (target / "final.pt").exists()      # it was stopped in the middle of its training
+                        and rows()["segment/ir/seed0"], "the cancelled job reported failed", timeout=120)
     assert {"queued", "running", "failed"} <= seen
     assert failed["job"] == job and Path(failed["log"]).is_file() and "CANCELLED" in failed["detail"]
     capsys.readouterr()
     assert main(["status", str(run_dir)]) == 0
     table = flat(capsys.readouterr().out)
     assert "segment/ir/seed0" in table and "failed" in table and failed["log"] in table
+    # stopped in the middle of its training: the checkpoint of epoch HOLD_EPOCH, no final one
+    assert not (target / "final.pt").exists() and len(held.read_text().split()) == 1
+    assert load_checkpoint(target / "last.pt")["epoch"] == HOLD_EPOCH
+    first_rows = (target / "log.csv").read_text().splitlines()
+    assert len(first_rows) == 1 + HOLD_EPOCH
 
     # `fuseseg run` again: waits for the others, resubmits the cancelled job, which resumes
+    hold.unlink()
+    monkeypatch.delenv("FUSESEG_TEST_HOLD", raising=False)
     assert main(args) == 0
     out = flat(capsys.readouterr().out)
     assert f"slurm job {job} failed (CANCELLED" in out and failed["log"] in out and "resubmitting it once" in out
@@ -214,8 +234,17 @@ def test_slurm_kill_scancel_status_and_pickup(ws, reference, slurm, job_env, cap
     trains = {k: recs[k] for k in TRAININGS}
     assert all(r["status"] == "done" and r["executor"] == "slurm" for r in trains.values())
     assert len({r["job_id"] for r in trains.values()}) == 3 and trains["segment/ir/seed0"]["job_id"] != job
-    assert trains["segment/ir/seed0"]["attempt"] == 2 and trains["segment/ir/seed0"]["resumed_from_epoch"] >= 1
-    # every recorded job is a SLURM job of that name
+    # the second attempt resumed from the checkpoint (not from scratch) and trained the rest only
+    again = trains["segment/ir/seed0"]
+    assert again["attempt"] == 2 and again["resumed_from_epoch"] == HOLD_EPOCH
+    assert "resumed_from_epoch" not in trains["segment/sspfusion/seed0"]
+    # its log holds the first attempt's rows of epochs 1..HOLD_EPOCH as they were (timings
+    # included: a run from scratch would rewrite them) and the rest of the epochs once
+    rows_now = (target / "log.csv").read_text().splitlines()
+    assert rows_now[:len(first_rows)] == first_rows
+    assert [int(r.split(",")[0]) for r in rows_now[1:]] == list(range(1, SEG_EPOCHS + 1))
+    # every recorded job is a SLURM job of that name (no accounting database here for sacct:
+    # squeue lists finished jobs for the controller's MinJobAge)
     listed = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i %j"], capture_output=True, text=True).stdout
     names = dict(line.split(" ", 1) for line in listed.splitlines())
     assert all(names.get(r["job_id"]) == f"fuseseg:{k}" for k, r in trains.items())
@@ -266,26 +295,70 @@ def _in_thread(fn) -> tuple[threading.Thread, dict]:
     return t, result
 
 
-@pytest.mark.slurm
-def test_a_preempted_job_is_requeued_and_resumes(tmp_path, slurm, job_env):
+def _squeue_state(job: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+
+
+def _requeued_job_resumes(tmp_path: Path, cfg: ExecutorConfig, signal_it: Callable[[str], None] | None) -> tuple:
+    """Run a CountingJob that holds at count 5 as a SLURM job; ``signal_it(job id)`` (or SLURM
+    itself, at its time limit) makes it checkpoint and requeue; once it is requeued, let it go on.
+    Returns (the executor's result, the stage record, the job's log text)."""
     run_dir = tmp_path / "run"
     out = run_dir / "train_fusion" / "count"
     out.mkdir(parents=True)
-    ex = SlurmExecutor(ExecutorConfig(kind="slurm", poll_s=0.2))
-    t, result = _in_thread(lambda: ex.run(run_dir, "train_fusion/count", "fp", out, CountingJob(out), lambda: None))
+    hold = tmp_path / "hold"
+    hold.touch()
+    ex = SlurmExecutor(cfg)
+    job_body = CountingJob(out, n=10, step_s=0.05, hold_at=5, hold=hold)
+    t, result = _in_thread(lambda: ex.run(run_dir, "train_fusion/count", "fp", out, job_body, lambda: None))
     rec_path = run_dir / "stages" / "train_fusion__count.json"
-    wait_until(lambda: (out / "count").is_file() and int((out / "count").read_text()) >= 5, "the job counting",
-               timeout=600)   # the SLURM node may be busy with other test runs' jobs
+    # no timing assumptions: the job waits at count 5 however busy the node is
+    wait_until(lambda: (out / "held").is_file(), "the job held at count 5", timeout=600)
     job = json.loads(rec_path.read_text())["job_id"]
-    subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    # requeued: SLURM holds a requeued job back for a while (BeginTime); let it start now
-    wait_until(lambda: subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True,
-                                      text=True).stdout.strip() == "PENDING", "the job requeued", timeout=120)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
-    t.join(600)
+    if signal_it is not None:
+        signal_it(job)
+    # requeued (checkpointed by submitit): it starts again, or SLURM holds it back for a while
+    wait_until(lambda: _squeue_state(job) == "PENDING" or len((out / "starts").read_text().split()) > 1,
+               "the job requeued", timeout=600)
+    hold.unlink()
+    # SLURM holds a requeued job back (cred_expire, 120 s) so that its new start cannot reuse the
+    # old start's revoked credential, revoked at a 1 s resolution: a start in the same second
+    # as the requeue fails ("Job credential revoked"). Let it start now, but 2 s after it was
+    # seen pending (again, should it be signalled again).
+    pending_since = None
+    while t.is_alive():
+        if _squeue_state(job) != "PENDING":
+            pending_since = None
+        elif pending_since is None:
+            pending_since = time.monotonic()
+        elif time.monotonic() - pending_since > 2.0:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+        t.join(0.5)
     ex.__exit__(None, None, None)
     info = result.get("value") or pytest.fail(f"no result: {result}")
-    assert info["job_id"] == job and info["attempt"] == 1          # the same job, not a resubmission
-    assert info["count"] == 60 and info["starts"] == 2 and info["first"] >= 5   # resumed where it stopped
-    rec = json.loads(rec_path.read_text())
-    assert rec["status"] == "submitted" and rec["job_id"] == job
+    return info, json.loads(rec_path.read_text()), (out / "slurm" / f"{job}_0_log.out").read_text()
+
+
+@pytest.mark.slurm
+def test_a_preempted_job_is_requeued_and_resumes(tmp_path, slurm, job_env):
+    """Pre-emption: SLURM sends USR2 (``scancel --signal=USR2`` here); submitit checkpoints the job
+    (StageJob.checkpoint) and requeues it under the same job id; it resumes where it stopped."""
+    info, rec, log = _requeued_job_resumes(
+        tmp_path, ExecutorConfig(kind="slurm", poll_s=0.2),
+        lambda job: subprocess.run(["scancel", "--signal=USR2", job], check=True))
+    assert info["job_id"] == rec["job_id"] and info["attempt"] == 1     # the same job, not a resubmission
+    assert info["count"] == 10 and info["starts"] == [0, 5]              # resumed where it stopped
+    assert rec["status"] == "submitted" and rec["attempt"] == 1
+    assert "this job is preempted" in log and "Requeued job" in log       # submitit's own account
+
+
+@pytest.mark.slurm
+def test_a_job_reaching_its_time_limit_is_requeued_and_resumes(tmp_path, slurm, job_env):
+    """Time-out: a one-minute job gets USR2 from SLURM itself ``signal_delay_s`` before its limit
+    (SLURM checks time limits every 30 s, so here within 30 s of its start); submitit sees it has
+    used its time, checkpoints and requeues it; it resumes where it stopped."""
+    info, rec, log = _requeued_job_resumes(
+        tmp_path, ExecutorConfig(kind="slurm", poll_s=0.2, time_min=1, signal_delay_s=50), None)
+    assert info["job_id"] == rec["job_id"] and info["attempt"] == 1
+    assert info["count"] == 10 and info["starts"][:2] == [0, 5]
+    assert "this job is timed-out" in log and "Requeued job" in log
