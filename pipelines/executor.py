@@ -514,8 +514,13 @@ class SlurmExecutor(JobExecutor):
     def _make_submitit(self, folder: Path, key: str, slot):
         import submitit
 
-        c = self.cfg
         ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=1000)
+        ex.update_parameters(**self.sbatch_params(key))
+        return ex
+
+    def sbatch_params(self, key: str) -> dict[str, Any]:
+        """submitit.SlurmExecutor parameters (its sbatch options) of the job of stage ``key``."""
+        c = self.cfg
         params: dict[str, Any] = {"job_name": f"fuseseg:{key}", "time": c.time_min, "nodes": 1,
                                   "ntasks_per_node": 1, "stderr_to_stdout": True,
                                   "signal_delay_s": c.signal_delay_s}
@@ -531,8 +536,7 @@ class SlurmExecutor(JobExecutor):
             params["setup"] = list(c.setup)
         if c.extra:
             params["additional_parameters"] = {k.replace("_", "-"): v for k, v in c.extra.items()}
-        ex.update_parameters(**params)
-        return ex
+        return params
 
     def _states_for(self, ref: JobRef) -> dict:
         """One squeue call for every tracked job, at most every poll_s / 2."""

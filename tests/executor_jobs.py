@@ -69,3 +69,23 @@ def hold_segment_trainer(spec: str) -> None:
             _wait_while(Path(want["hold"]), Path(want["held"]))
 
     seg_train.save_checkpoint = save_then_hold
+
+
+@dataclasses.dataclass
+class FailingJob(StageJob):
+    """Appends a line to ``out/starts``, then dies (``crash``: the process exits without a result,
+    as a killed job does) or stops with a fuseseg error (a bad setting)."""
+
+    out: Path
+    crash: bool = True
+
+    def run(self) -> dict:
+        import os
+
+        from fusion.errors import ConfigError
+
+        with (Path(self.out) / "starts").open("a") as f:
+            f.write("start\n")
+        if self.crash:
+            os._exit(3)
+        raise ConfigError("segmentation.lr: -1 is out of range; give a positive number.")

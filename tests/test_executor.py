@@ -14,7 +14,10 @@ in-process run of the same config (fused image bytes, checkpoints, eval.json, mI
   each known to SLURM under its stage's name;
 * a pre-empted job (SIGUSR2 from ``scancel``) and a job reaching its one-minute time limit
   (SIGUSR2 from SLURM itself) are requeued under the same job id and resume where they stopped;
-* a job whose node cannot see the run folder fails saying so.
+* a job whose node cannot see the run folder fails saying so;
+* without a scheduler: a job that dies is resubmitted once, then its stage fails naming the log;
+  local jobs get their own GPUs; ``gpus_per_job: 2`` asks SLURM for 2 GPUs per job and runs each
+  training command under torchrun inside its job (the commands checked by running them here).
 
 The SLURM tests need a SLURM that answers ``srun hostname``: ``scripts/slurm-local.sh`` (as
 root) starts a single-node one, as ``.ci/run`` does; without it they are skipped with the reason.
@@ -47,7 +50,16 @@ from test_reliability import (  # noqa: F401 - the fixtures ws (the tiny data se
 from fusion.errors import ConfigError, FusesegError
 from fusion.runtime import load_checkpoint
 from pipelines.cli import main
-from pipelines.executor import ExecutorConfig, JobRef, SlurmExecutor, StageJob, job_state, status_rows
+from pipelines.executor import (
+    Executor,
+    ExecutorConfig,
+    JobExecutor,
+    JobRef,
+    SlurmExecutor,
+    StageJob,
+    job_state,
+    status_rows,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TRAININGS = {"train_fusion/sspfusion", "segment/ir/seed0", "segment/sspfusion/seed0"}
@@ -170,6 +182,118 @@ def test_local_executor_jobs_2_gives_the_same_results(ws, reference, job_env):
     spans = [(r["job_started"], r["job_ended"]) for r in recs.values()]
     overlap = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
     assert overlap == 2                                               # --jobs 2: never three at once
+
+
+def test_local_jobs_get_their_own_gpus(tmp_path, monkeypatch):
+    """``--executor local`` on a 4-GPU machine with 2 GPUs per job: two jobs at once, slot 0 sees
+    GPUs 0,1 and slot 1 GPUs 2,3 (submitit sets CUDA_VISIBLE_DEVICES to them); 2 GPUs per job
+    also means torchrun with 2 processes inside each job."""
+    import torch
+
+    from pipelines.executor import LocalExecutor
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    ex = LocalExecutor(ExecutorConfig(kind="local", gpus_per_job=2))
+    assert ex.slots == [0, 1] and ex.nproc("none", 1) == 2 and ex.job_device("auto", "cpu") == "cuda"
+    visible = [ex._make_submitit(tmp_path / str(k), "segment/x", k).parameters for k in ex.slots]
+    assert [(p["visible_gpus"], p["gpus_per_node"]) for p in visible] == [((0, 1), 2), ((2, 3), 2)]
+    one = LocalExecutor(ExecutorConfig(kind="local"))                 # default: one GPU per job
+    assert one.slots == [0, 1, 2, 3] and one.nproc("none", 1) == 1
+    assert one._make_submitit(tmp_path / "3", "segment/x", 3).parameters["visible_gpus"] == (3,)
+    with pytest.raises(ConfigError, match="gpus_per_job=8 but this machine has 4"):
+        LocalExecutor(ExecutorConfig(kind="local", gpus_per_job=8))
+    for e in (ex, one):
+        e.__exit__(None, None, None)
+
+
+def test_a_failed_job_is_resubmitted_once_and_a_fuseseg_error_not_at_all(tmp_path, job_env):
+    """A job that dies is reported with its log and resubmitted once; dying again, the stage fails
+    naming the log and the fix. A job that stops with a fuseseg error is not resubmitted."""
+    from executor_jobs import FailingJob
+
+    from pipelines.executor import LocalExecutor
+
+    for crash in (True, False):
+        run_dir = tmp_path / f"run-{crash}"
+        out = run_dir / "segment" / "x"
+        out.mkdir(parents=True)
+        ex = LocalExecutor(ExecutorConfig(kind="local", poll_s=0.2))
+        try:
+            with pytest.raises(FusesegError) as err:
+                ex.run(run_dir, "segment/x", "fp", out, FailingJob(out, crash=crash), lambda: None)
+        finally:
+            ex.__exit__(None, None, None)
+        rec = json.loads((run_dir / "stages" / "segment__x.json").read_text())
+        starts = len((out / "starts").read_text().split())
+        if crash:
+            assert starts == 2 and rec["attempt"] == 2 and rec["status"] == "submitted"
+            assert f"local job {rec['job_id']} failed (ENDED WITHOUT A RESULT); log: {rec['log']}" in str(err.value)
+            assert "Fix the cause, then run `fuseseg run` again" in str(err.value) and Path(rec["log"]).is_file()
+        else:
+            assert starts == 1 and rec["attempt"] == 1
+            assert str(err.value).startswith("segment/x: segmentation.lr: -1 is out of range")
+            assert rec["log"] in str(err.value)
+
+
+class _SlurmSettingsHere(SlurmExecutor):
+    """SLURM's settings for each job (GPUs, torchrun, sbatch options), its body run here, one
+    stage after the other: what a multi-GPU SLURM job would do, checked on a CPU machine."""
+
+    spawn, gather = Executor.spawn, Executor.gather
+
+    def __init__(self, cfg: ExecutorConfig):
+        JobExecutor.__init__(self, cfg)   # no sbatch needed
+        self.jobs: dict[str, StageJob] = {}
+        self.sbatch: dict[str, str] = {}
+
+    def run(self, run_dir, key, fp, out, job, prepare):
+        from submitit.slurm.slurm import _make_sbatch_string
+
+        prepare()
+        self.jobs[key] = job
+        self.sbatch[key] = _make_sbatch_string(command="python -m submitit.core._submit",
+                                               folder=str(out / "slurm"), **self.sbatch_params(key))
+        info = job()
+        assert "error" not in info, info
+        return info
+
+
+@pytest.mark.slow
+def test_gpus_per_job_2_runs_every_training_under_torchrun_in_its_job(ws, monkeypatch, one_torch_thread):
+    """``executor.gpus_per_job: 2``: each training's job asks SLURM for 2 GPUs and runs the training
+    command under ``torchrun --nproc_per_node=2``; here the command runs in one process (no GPUs),
+    which checks that it is a valid fuseseg command for that stage folder, resuming when it has a
+    checkpoint."""
+    import pipelines.stages as stages
+
+    calls: list[tuple[int, list[str]]] = []
+
+    def torchrun_here(nproc: int, args: list[str]) -> None:
+        calls.append((nproc, list(args)))
+        assert main(args) == 0
+
+    made: list[_SlurmSettingsHere] = []
+    monkeypatch.setattr(stages, "_torchrun", torchrun_here)
+    monkeypatch.setattr(stages, "make_executor", lambda c: made.append(_SlurmSettingsHere(c)) or made[-1])
+    cfg = write_config(ws, tiny_config(ws, "gpus2"))
+    assert main(["run", str(cfg), "--executor", "slurm", "--slurm", "gpus_per_job=2"]) == 0
+    ex, run_dir = made[0], ws / "results" / "gpus2"
+    assert set(ex.jobs) == TRAININGS and len(calls) == 3 and all(n == 2 for n, _ in calls)
+    assert all("#SBATCH --gpus-per-node=2" in text.splitlines() for text in ex.sbatch.values())
+    by_out = {args[args.index("--out") + 1]: args for _, args in calls}
+    fusion_out = str(run_dir / "train_fusion" / "sspfusion")
+    assert by_out[fusion_out] == ["train-fusion", f"{fusion_out}/requested.yaml", "--out", fusion_out]
+    for v in ("ir", "sspfusion"):
+        out = str(run_dir / "segment" / v / "seed0")
+        job = ex.jobs[f"segment/{v}/seed0"]
+        assert job.nproc == 2 and job.seg_cfg.device == "cpu"        # the configured device, not "auto"
+        assert by_out[out] == ["segment", "train", "--images", str(job.images["train"]), "--labels",
+                               str(job.labels["train"]), "--out", out, "--config", f"{out}/requested.yaml"]
+    assert json.loads((run_dir / "tables" / "miou.json").read_text())
+    # a requeued or resubmitted job finds the stage's checkpoint and resumes
+    ex.jobs["segment/ir/seed0"]()
+    assert calls[-1][1][-1] == "--resume" and calls[-1][1][:-1] == by_out[str(run_dir / "segment" / "ir" / "seed0")]
 
 
 # ---------------------------------------------------------------------- a real SLURM
