@@ -6,13 +6,15 @@ epoch per phase) three times -- the config as it is, every stage at ``amp=off`` 
 ``amp=auto`` (:data:`PRECISION_RUNS`) -- and reports, for the first:
 
 * each stage's ``seconds`` and ``peak_rss_mib`` from the run's ``stages/*.json`` records (the
-  latter is the running maximum RSS of the pipeline process and of its finished children up to
-  the end of that stage, so it only grows from stage to stage); ``gpu_peak_mib``
+  pipeline process's own peak RSS during that stage: the peak is reset when a stage starts, see
+  ``peak_rss_scope``; ``child_peak_rss_mib`` when a finished child process set a new peak); ``gpu_peak_mib``
   (``torch.cuda.max_memory_allocated`` during the stage) where CUDA is used;
 * the stage seconds summed per stage kind (data, train_fusion, fuse, metrics, segment, report);
 * the command's wall time (imports and start-up included);
 * the peak RSS of the largest single process of the tree (``getrusage(RUSAGE_CHILDREN)
-  .ru_maxrss`` of a small wrapper process whose only child is the pipeline), and the peak of the
+  .ru_maxrss`` of a small wrapper process whose only child is the pipeline, or the pipeline's
+  own ``process_peak_rss_mib`` record when larger: the per-stage resets lower the kernel's
+  figure), and the peak of the
   summed RSS of all processes of the tree (pipeline + DataLoader / pool workers), sampled from
   ``/proc`` every 0.25 s (a short spike between samples can be missed).
 
@@ -81,7 +83,7 @@ def stage_summary(run_dir: Path) -> tuple[list[dict], dict[str, float]]:
     for p in (run_dir / "stages").glob("*.json"):
         r = json.loads(p.read_text())
         recs.append({"key": r["key"], "seconds": r["seconds"], "peak_rss_mib": r.get("peak_rss_mib"),
-                     "gpu_peak_mib": r.get("gpu_peak_mib"), "finished": r.get("finished", ""),
+                     "process_peak_rss_mib": r.get("process_peak_rss_mib"), "gpu_peak_mib": r.get("gpu_peak_mib"), "finished": r.get("finished", ""),
                      "_order": (r.get("finished", ""), p.stat().st_mtime_ns)})
     recs.sort(key=lambda r: r["_order"])
     for r in recs:
@@ -135,6 +137,8 @@ def run_one(quick: bool, extra: list[str], keep: Path | None = None) -> dict:
         res = run_pipeline(overrides, results_dir, timeout=None)
         stages, kinds = stage_summary(results_dir / "bench-e2e")
         env = json.loads((results_dir / "bench-e2e" / "environment.json").read_text())
+    res["max_process_rss_mib"] = max([res["max_process_rss_mib"]] +
+                                     [r["process_peak_rss_mib"] or 0 for r in stages])
     res.update({"quick": quick, "overrides": overrides, "stages": stages, "seconds_by_kind": kinds,
                 "stage_seconds_total": sum(kinds.values()), "precision": env.get("precision")})
     return res

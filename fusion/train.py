@@ -59,7 +59,9 @@ from fusion.data.io import atomic_write_text
 from fusion.data.pairs import PairSet, detect_splits, find_pairs, load_split
 from fusion.datasets import EpochBatchSampler, PairDataset, worker_init
 from fusion.errors import ConfigError, FusesegError
+from fusion.progress import epoch_line, format_fields
 from fusion.registry import create_method, get_entry, list_methods, load_plugins
+from fusion.tblog import TrainingLog
 
 # settings that may differ between a run and its resumption (they do not change the maths on CPU)
 RUNTIME_KEYS = ("workers", "device", "amp", "compile", "channels_last", "log_every", "cache_images")
@@ -296,8 +298,9 @@ def _phase_params(model: nn.Module, phase: str) -> list[nn.Parameter]:
 
 
 def train_fusion(cfg: FusionTrainConfig, out_dir: Path | str, resume: bool = False,
-                 progress: bool = True) -> Path:
-    """Train ``cfg.method`` and return the path of ``out_dir/final.pt`` (see the module doc)."""
+                 progress: bool = True, tensorboard: bool = False) -> Path:
+    """Train ``cfg.method`` and return the path of ``out_dir/final.pt`` (see the module doc).
+    ``tensorboard``: also log to ``out_dir/tensorboard/`` (:mod:`fusion.tblog`)."""
     device = runtime.resolve_device(cfg.device)
     was_initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
     if device.type == "cuda" and device.index is None:
@@ -305,14 +308,14 @@ def train_fusion(cfg: FusionTrainConfig, out_dir: Path | str, resume: bool = Fal
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     rank, world = runtime.init_distributed(device)
     try:
-        return _train(cfg, Path(out_dir), resume, progress, device, rank, world)
+        return _train(cfg, Path(out_dir), resume, progress, device, rank, world, tensorboard)
     finally:
         if world > 1 and not was_initialised:
             torch.distributed.destroy_process_group()
 
 
 def _train(cfg: FusionTrainConfig, out_dir: Path, resume: bool, progress: bool,
-           device: torch.device, rank: int, world: int) -> Path:
+           device: torch.device, rank: int, world: int, tensorboard: bool = False) -> Path:
     """The training run, as a few named steps: open the run folder, build model and data, then
     the flat loop (phase set-up, per step forward/check/backward, per epoch log row and
     checkpoint), then the final checkpoint and the verdict."""
@@ -354,7 +357,9 @@ def _train(cfg: FusionTrainConfig, out_dir: Path, resume: bool, progress: bool,
         torch.backends.cudnn.benchmark = True
     stop = runtime.StopRequest()  # first Ctrl-C: stop at the next step; second: at once
     bar = _progress_bar(console) if progress and main else None
+    tb = TrainingLog(out_dir, tensorboard and main, purge_step=st.global_step)
     position = "before the first epoch"
+    ir = vi_y = None  # the last batch, shown in TensorBoard
     try:
         with stop:
             epoch_offset = sum(n for _, n in phases[:st.phase_index])
@@ -411,6 +416,7 @@ def _train(cfg: FusionTrainConfig, out_dir: Path, resume: bool, progress: bool,
                     save(last_path, pi, ep + 1, 0, opt, sched, scaler)
                     if main:
                         write_log(out_dir / "log.csv", st.rows)
+                        _log_epoch(bar, task, tb, st.rows[-1], phases, pi, n_epochs, cfg.method, model, ir, vi_y)
                     position = f"the end of phase {phase!r} epoch {ep + 1}/{n_epochs}"
                     if stop.requested:
                         raise KeyboardInterrupt("saved")
@@ -430,6 +436,7 @@ def _train(cfg: FusionTrainConfig, out_dir: Path, resume: bool, progress: bool,
             f"process(es); {last_path} keeps the last completed epoch)", "fusion_train.batch_size",
             cfg.batch_size) from exc
     finally:
+        tb.close()
         if bar is not None:
             bar.stop()
         for p in model.parameters():
@@ -552,6 +559,36 @@ def _progress_bar(console):
     bar = make_progress(TextColumn("{task.fields[info]}"), console=console)
     bar.start()
     return bar
+
+
+def _log_epoch(bar, task, tb: TrainingLog, row: dict[str, Any], phases, pi: int, n_epochs: int, method: str,
+               model: nn.Module, ir: torch.Tensor | None, vi_y: torch.Tensor | None, n_images: int = 3) -> None:
+    """An epoch's log row as one plain line (where the console is not a terminal; ETA from this
+    epoch's time x the epochs left in every phase) and, with TensorBoard, as scalars
+    (``loss/<component>``, ``lr``, ``images_per_s``) and up to ``n_images`` pairs of the epoch's last
+    batch as infrared | visible Y | fused rows."""
+    skip = ("phase", "epoch", "global_step", "seconds")
+    if bar is not None:
+        left = n_epochs - int(row["epoch"]) + sum(n for _, n in phases[pi + 1:])
+        epoch_line(bar, task, f"train {method} {row['phase']} epoch {row['epoch']}/{n_epochs}: "
+                   + format_fields({k: v for k, v in row.items() if k not in skip}),
+                   eta_s=left * float(row["seconds"]))
+    if tb.writer is None:
+        return
+    step = int(row["global_step"])
+    tb.scalars(step, {k: v for k, v in row.items() if k not in skip + ("lr", "images_per_s")}, "loss/")
+    tb.scalars(step, {"lr": row["lr"], "images_per_s": row["images_per_s"], "epoch_seconds": row["seconds"]})
+    if ir is None:
+        return
+    net = runtime.unwrap(model)
+    was_training = net.training
+    net.eval()
+    with torch.no_grad():
+        a, b = ir[:n_images].float(), vi_y[:n_images].float()
+        fused = net(a, b).float().clamp(0, 1)
+    net.train(was_training)
+    tb.images(step, f"fused/{row['phase']}", [[x[0].cpu().numpy() for x in (a[i], b[i], fused[i])]
+                                               for i in range(a.shape[0])])
 
 
 def _setup_phase(cfg: FusionTrainConfig, model: nn.Module, phase: str, total_steps: int,

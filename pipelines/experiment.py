@@ -133,6 +133,9 @@ class ExperimentConfig:
     seg_seeds: list[int] = field(default_factory=lambda: [0])
     variants: list[str] | None = None           # None: ir, vi and every fusion method
     report: ReportConfig = field(default_factory=ReportConfig)
+    # log both trainers to TensorBoard in <run folder>/.../tensorboard/ (needs the tensorboard
+    # package); logging only: switching it changes no fingerprint, so finished trainings stay done
+    tensorboard: bool = False
 
     def __post_init__(self):
         check_plain_name(self.name, "name")

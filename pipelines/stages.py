@@ -18,13 +18,14 @@ import io
 import json
 import resource
 import shutil
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 from fusion.data.io import atomic_write_bytes, atomic_write_text
-from fusion.data.pairs import MSRS_CLASSES, day_or_night, find_pairs, list_images, load_split, match_stems
+from fusion.data.pairs import MSRS_CLASSES, list_images, load_split, match_stems
 from fusion.data.paths import ensure_inside
 from fusion.errors import CheckpointError, ConfigError, DataError, FusesegError
 from fusion.pretrained import resolve_checkpoint
@@ -121,10 +122,39 @@ def _reset_gpu_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def _peak_rss_mib() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, kids) / 1024.0  # Linux: KiB
+_PROCESS_PEAK_MIB = 0.0   # this process's peak RSS over every stage so far (resets lower the kernel's)
+_ACTIVE_STAGES: set = set()   # the _Stage blocks running in this process now (job executors: several)
+_ACTIVE_LOCK = threading.Lock()
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak resident set size so that the next reading is the peak of what
+    follows (Linux >= 4.0: write 5 to /proc/self/clear_refs). False where that is not possible.
+    The peak before the reset is kept in :data:`_PROCESS_PEAK_MIB`."""
+    global _PROCESS_PEAK_MIB
+    _PROCESS_PEAK_MIB = max(_PROCESS_PEAK_MIB, _own_peak_rss_mib())
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _own_peak_rss_mib() -> float:
+    """Peak RSS of this process since the last :func:`_reset_peak_rss` (VmHWM), else since start."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _children_peak_rss_mib() -> float:
+    """Largest peak RSS of any finished child process (torchrun workers, DataLoader workers)."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
 
 
 def _prepare_dir(path: Path, fp: str, run_dir: Path | None = None, key: str | None = None,
@@ -186,6 +216,7 @@ class _Stage:
     def __enter__(self):
         self.t0 = time.perf_counter()
         _reset_gpu_peak()
+        self._start_rss()
         if self.skip:
             why = "up to date" if self.selected else "not selected"
             console.print(f"[dim]- {self.key}: skipped ({why})[/]")
@@ -201,12 +232,39 @@ class _Stage:
                 self.info.setdefault("gpu_peak_mib", round(gpu, 1))
             if self.plan.environment is not None:
                 self.info.setdefault("environment", self.plan.environment)
-            # a job's own figures (peak RSS on its node) take precedence over this process's
-            info = {"peak_rss_mib": round(_peak_rss_mib(), 1), **self.info}
+            info = {**self._rss_info(), **self.info}
+            if "job_seconds" in self.info:   # a job's own figures (its process's peak RSS) take precedence
+                info["peak_rss_scope"] = "job"
             mark_stage_done(self.run_dir, self.key, self.fp, secs, **info)
             self.plan.record_environment(self.run_dir)
             console.print(f"[green]  done[/] {self.key} in {secs:.1f} s")
+        with _ACTIVE_LOCK:
+            _ACTIVE_STAGES.discard(self)
         return False
+
+    def _start_rss(self) -> None:
+        """Start measuring the stage's own peak RSS: reset the process's peak unless another stage
+        runs in this process now (job executors run chains in threads), which would lose its peak."""
+        with _ACTIVE_LOCK:
+            self.rss_shared = bool(_ACTIVE_STAGES)
+            for other in _ACTIVE_STAGES:
+                other.rss_shared = True
+            self.rss_reset = False if self.rss_shared else _reset_peak_rss()
+            _ACTIVE_STAGES.add(self)
+        self.children_rss0 = _children_peak_rss_mib()
+
+    def _rss_info(self) -> dict:
+        """The stage's peak RSS for its record, with what it covers (``peak_rss_scope``): ``stage``
+        (this stage alone), ``concurrent stages`` (the process's peak while this stage and others
+        ran in it), ``process so far`` (since the process started: the peak could not be reset)."""
+        own = _own_peak_rss_mib()
+        scope = "concurrent stages" if self.rss_shared else "stage" if self.rss_reset else "process so far"
+        info = {"peak_rss_mib": round(own, 1), "peak_rss_scope": scope,
+                "process_peak_rss_mib": round(max(_PROCESS_PEAK_MIB, own), 1)}
+        kids = _children_peak_rss_mib()
+        if kids > self.children_rss0:  # a child process that ended in this stage set a new peak
+            info["child_peak_rss_mib"] = round(kids, 1)
+        return info
 
 
 def _world_size(cfg: ExperimentConfig) -> int:
@@ -290,6 +348,7 @@ class TrainFusionJob(StageJob):
     tcfg: object            # fusion.train.FusionTrainConfig
     out: Path
     nproc: int = 1          # >1: under torchrun (DDP)
+    tensorboard: bool = False   # also log to out/tensorboard/
 
     def run(self) -> dict:
         from fusion.train import train_fusion
@@ -299,10 +358,10 @@ class TrainFusionJob(StageJob):
         if self.nproc > 1:
             dump_config(self.tcfg, out / "requested.yaml")
             _torchrun(self.nproc, ["train-fusion", str(out / "requested.yaml"), "--out", str(out)]
-                      + (["--resume"] if resume else []))
+                      + (["--resume"] if resume else []) + (["--tensorboard"] if self.tensorboard else []))
             final = out / "final.pt"
         else:
-            final = train_fusion(self.tcfg, out, resume=resume)
+            final = train_fusion(self.tcfg, out, resume=resume, tensorboard=self.tensorboard)
         return {"checkpoint": str(final)}
 
 
@@ -330,7 +389,7 @@ def stage_train_fusion(cfg: ExperimentConfig, run_dir: Path, plan: Plan, m: Fusi
     ex = ex or Executor()
     with _Stage(run_dir, f"train_fusion/{m.name}", fp, plan, "train_fusion") as st:
         if not st.skip:
-            job = TrainFusionJob(tcfg, out, ex.nproc(cfg.launcher, cfg.gpus))
+            job = TrainFusionJob(tcfg, out, ex.nproc(cfg.launcher, cfg.gpus), cfg.tensorboard)
             prepare = lambda: _prepare_dir(out, fp, run_dir, st.key, fresh=st.forced)  # noqa: E731
             st.info.update(ex.run(run_dir, st.key, fp, out, job, prepare))
     ck = out / "final.pt"
@@ -389,7 +448,8 @@ def stage_fuse(cfg: ExperimentConfig, run_dir: Path, plan: Plan, m: FusionMethod
             for split, out in dirs.items():
                 p = split_paths(cfg, data_root, split)
                 fuse_folder(method, p["ir"], p["vi"], out, device, batch_size=cfg.fuse_batch_size,
-                            skip_existing=True, ir16=cfg.data.ir16, amp=_fusion_amp(cfg, m))
+                            skip_existing=True, ir16=cfg.data.ir16, amp=_fusion_amp(cfg, m),
+                            name=f"{m.name}, {split}")
     return dirs, fp
 
 
@@ -403,11 +463,15 @@ def stage_metrics(cfg: ExperimentConfig, run_dir: Path, plan: Plan, data_root: P
     with _Stage(run_dir, "metrics", fp, plan, "metrics") as st:
         if not st.skip:
             from fusion.scoring import score_folders
+            from pipelines.console import make_progress
 
             p = split_paths(cfg, data_root, "test")
-            res = score_folders(p["ir"], p["vi"], {k: v[0] for k, v in fused.items()},
-                                out_dir=run_dir / "metrics", workers=cfg.metrics.workers,
-                                conventions=cfg.metrics.convention, metrics=cfg.metrics.names)
+            with make_progress(transient=True) as bar:
+                task = bar.add_task("scoring the fused test images", total=None)
+                res = score_folders(p["ir"], p["vi"], {k: v[0] for k, v in fused.items()},
+                                    out_dir=run_dir / "metrics", workers=cfg.metrics.workers,
+                                    conventions=cfg.metrics.convention, metrics=cfg.metrics.names,
+                                    progress=lambda done, total: bar.update(task, completed=done, total=total))
             from fusion.data.io import atomic_write_text
             from pipelines.report import metrics_markdown
 
@@ -441,6 +505,7 @@ class SegmentJob(StageJob):
     seed: int
     protocol: str
     nproc: int = 1
+    tensorboard: bool = False   # also log to out/tensorboard/
 
     def run(self) -> dict:
         from fusion.data.io import atomic_write_text
@@ -453,10 +518,12 @@ class SegmentJob(StageJob):
             dump_config(cfg, out / "requested.yaml")
             _torchrun(self.nproc, ["segment", "train", "--images", str(self.images["train"]), "--labels",
                                    str(self.labels["train"]), "--out", str(out), "--config",
-                                   str(out / "requested.yaml")] + (["--resume"] if resume else []))
+                                   str(out / "requested.yaml")] + (["--resume"] if resume else [])
+                      + (["--tensorboard"] if self.tensorboard else []))
             ck = out / "final.pt"
         else:
-            ck = train_segmenter(self.images["train"], self.labels["train"], cfg, out, resume=resume)
+            ck = train_segmenter(self.images["train"], self.labels["train"], cfg, out, resume=resume,
+                                 tensorboard=self.tensorboard)
         res = evaluate_segmenter(ck, self.images["test"], self.labels["test"], device=cfg.device,
                                  save_predictions=out / "predictions", convention=cfg.miou_convention,
                                  amp=cfg.amp)
@@ -487,7 +554,8 @@ def stage_segment(cfg: ExperimentConfig, run_dir: Path, plan: Plan, data_root: P
         if not st.skip:
             tr, te = split_paths(cfg, data_root, "train"), split_paths(cfg, data_root, "test")
             job = SegmentJob(seg_cfg, out, dict(images), {"train": tr["labels"], "test": te["labels"]}, variant,
-                             seed, fingerprint(protocol_of(cfg, device)[0]), ex.nproc(cfg.launcher, cfg.gpus))
+                             seed, fingerprint(protocol_of(cfg, device)[0]), ex.nproc(cfg.launcher, cfg.gpus),
+                             cfg.tensorboard)
             prepare = lambda: _prepare_dir(out, fp, run_dir, st.key, fresh=st.forced)  # noqa: E731
             st.info.update(ex.run(run_dir, st.key, fp, out, job, prepare))
     return out, fp
@@ -577,57 +645,18 @@ def stage_report(cfg: ExperimentConfig, run_dir: Path, plan: Plan, data_root: Pa
                     gains.append(rep.bootstrap_gain(per_image, v, n_boot=cfg.report.bootstrap, seed=cfg.seed,
                                                     convention=cfg.segmentation.miou_convention))
         tables = run_dir / "tables"
-        paths = rep.write_miou_tables(tables, rows, class_names, proto_text, proto, gains)
+        rep.write_miou_tables(tables, rows, class_names, proto_text, proto, gains)
         console.print(rep.rich_miou_table(rows, class_names, proto_text, width=console.width))
         if missing:
             console.print(f"[yellow]no segmentation results yet for: {', '.join(missing)}[/] "
                           "(run them, e.g. on another machine with --variants, and copy their "
                           "segment/<variant>/ folders here)")
-        sections = [("Segmentation (mIoU)", paths["md"].read_text())]
-        mjson = run_dir / "metrics" / "metrics.json"
-        if mjson.is_file():
-            mdp = run_dir / "metrics" / "metrics.md"
-            if mdp.is_file():
-                sections.append(("Fusion quality metrics (test split)", mdp.read_text()))
-        times = []
-        for rec_path in sorted((run_dir / "stages").glob("*.json")):
-            rec = json.loads(rec_path.read_text())
-            times.append(f"| {rec['key']} | {rec['seconds']:.1f} | {rec.get('peak_rss_mib', '')} |")
-        sections.append(("Stage times (last run of each stage)",
-                         "| stage | seconds | peak RSS (MiB) |\n|---|---:|---:|\n" + "\n".join(times)))
-        chart = rep.svg_bar_chart([(r["variant"], r["miou"][0], r["miou"][1]) for r in rows])
-        figure_rows = _figure_rows(cfg, run_dir, data_root, list(seg), fused)
-        rep.write_report(run_dir, sections, chart, figure_rows)
+        te = split_paths(cfg, data_root, "test")
+        scenes = rep.scene_rows(run_dir, te, {k: v[0].get("test") for k, v in fused.items()}, list(seg),
+                                cfg.seg_seeds[0], cfg.report.figure_scenes, cfg.data.ir16)
+        rep.build_report(run_dir, rows, seg, class_names, list(cfg.seg_seeds), scenes)
         console.print(f"report: {run_dir / 'report.md'} and {run_dir / 'report.html'}")
     return fp
-
-
-def _figure_rows(cfg, run_dir, data_root, variants, fused):
-    from fusion.data.io import read_infrared, read_label, read_visible
-    from segmentation.palette import colorize
-
-    te = split_paths(cfg, data_root, "test")
-    pairs = find_pairs(te["ir"], te["vi"], te["labels"])
-    # prefer a mix of day and night scenes
-    stems = sorted(pairs.stems)
-    night = [s for s in stems if day_or_night(s) == "night"]
-    day = [s for s in stems if day_or_night(s) != "night"]
-    chosen = [x for pair in zip(night, day) for x in pair][: cfg.report.figure_scenes] or stems[: cfg.report.figure_scenes]
-    rows = []
-    seed = cfg.seg_seeds[0]
-    for stem in chosen:
-        cols = [("infrared", read_infrared(pairs.ir[stem], cfg.data.ir16)), ("visible", read_visible(pairs.vi[stem]))]
-        for name, (dirs, _fp) in fused.items():
-            imgs = list_images(dirs["test"]) if dirs.get("test") and dirs["test"].is_dir() else {}
-            if stem in imgs:
-                cols.append((name, read_visible(imgs[stem])))
-        cols.append(("ground truth", colorize(read_label(pairs.labels[stem]))))
-        for v in variants:
-            pred = run_dir / "segment" / v / f"seed{seed}" / "predictions" / f"{stem}.png"
-            if pred.is_file():
-                cols.append((f"pred {v}", read_visible(pred)))
-        rows.append((stem, cols))
-    return rows
 
 
 # ---------------------------------------------------------------- the whole experiment
@@ -722,6 +751,10 @@ def run_experiment(cfg: ExperimentConfig, plan: Plan | None = None) -> Path:
             err_console.print(f"[yellow]warning:[/] {cfg.segmentation.random_frozen_encoder_warning()}",
                               highlight=False, soft_wrap=True)
         _remove_stray_temporaries(run_dir)
+        if cfg.tensorboard:   # a missing package fails now, not in the first training
+            from fusion.tblog import require_tensorboard
+
+            require_tensorboard()
 
         plan.environment = environment_record(str(device), cfg.seed)
         plan.environment["precision"] = precision_summary(cfg, device)

@@ -132,8 +132,9 @@ def confusion_over(model: torch.nn.Module, dataset: LabelledFolder, device: torc
                    save_predictions: Path | None = None, progress: bool = False,
                    description: str = "evaluating", per_image: list | None = None) -> torch.Tensor:
     """(C, C) int64 confusion matrix (on ``device``) of ``model`` over ``dataset[indices]`` at full
-    image size, batch 1. Optionally writes colour prediction PNGs named by stem, and appends
-    each image's (C, C) numpy matrix to ``per_image``."""
+    image size, batch 1. Optionally writes prediction PNGs named by stem (colour, and the class ids
+    as 8-bit grey in ``class_ids/``, readable like the labels), and appends each image's (C, C)
+    numpy matrix to ``per_image``."""
     model.eval()
     if precision_record(device, amp)["channels_last"]:
         model.to(memory_format=torch.channels_last)
@@ -155,9 +156,10 @@ def confusion_over(model: torch.nn.Module, dataset: LabelledFolder, device: torc
             cm += one
             if per_image is not None:
                 per_image.append(one.cpu().numpy())
-            if save_predictions is not None:
-                write_image(Path(save_predictions) / f"{stem}.png",
-                            colorize(pred.to("cpu", torch.uint8).numpy(), c))
+            if save_predictions is not None:  # colour to look at, class ids to re-score
+                ids = pred.to("cpu", torch.uint8).numpy()
+                write_image(Path(save_predictions) / f"{stem}.png", colorize(ids, c))
+                write_image(Path(save_predictions) / "class_ids" / f"{stem}.png", ids)
             bar.advance(task)
     return cm
 
@@ -180,8 +182,9 @@ def evaluate_segmenter(checkpoint: Path | str, images_dir: Path | str, labels_di
     """Evaluate a segmentation checkpoint on a labelled folder (images + labels paired by stem).
 
     Uses the checkpoint's normalisation, channel count and class count; one confusion matrix
-    over every image at full size; ``save_predictions``: a folder for colour PNG predictions (never
-    the images' or labels' folder, nor inside or around them)."""
+    over every image at full size; ``save_predictions``: a folder for colour PNG predictions and
+    their class ids (8-bit grey PNGs, in its ``class_ids/``); never the images' or labels' folder,
+    nor inside or around them."""
     if convention not in CONVENTIONS:
         raise ConfigError(f"unknown mIoU convention {convention!r}; valid: {', '.join(CONVENTIONS)}")
     check_disjoint(save_predictions, {"--images": images_dir, "--labels": labels_dir}, "--save-predictions")

@@ -60,7 +60,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from fusion.data.io import atomic_write_text
 from fusion.errors import CheckpointError, ConfigError, DataError, FusesegError
-from fusion.progress import make_progress
+from fusion.progress import epoch_line, make_progress
 from fusion.runtime import (
     OOMGuard,
     StopRequest,
@@ -78,6 +78,7 @@ from fusion.runtime import (
     to_memory_format,
     unwrap,
 )
+from fusion.tblog import TrainingLog
 from segmentation.config import SegConfig
 from segmentation.data import LabelledFolder, build_train_transform, sample_seed
 from segmentation.evaluate import class_names, distributed_confusion
@@ -205,7 +206,7 @@ def _resume_hint(images_dir, labels_dir, out_dir: Path, val_images_dir, val_labe
 def train_segmenter(images_dir: Path | str, labels_dir: Path | str, cfg: SegConfig,
                     out_dir: Path | str, resume: bool = False, progress: bool = True,
                     val_images_dir: Path | str | None = None,
-                    val_labels_dir: Path | str | None = None) -> Path:
+                    val_labels_dir: Path | str | None = None, tensorboard: bool = False) -> Path:
     """Train DeepLabV3+ on a labelled folder; returns the path of ``out_dir/final.pt``.
 
     ``images_dir``/``labels_dir``: images (grey or RGB) and class-id labels paired by stem.
@@ -213,7 +214,9 @@ def train_segmenter(images_dir: Path | str, labels_dir: Path | str, cfg: SegConf
     after the last), mIoU under ``cfg.miou_convention`` logged. Under torchrun, data are
     sharded with DistributedSampler, ``batch_size`` is the global batch, BatchNorm is synchronised on
     CUDA, validation confusion matrices are summed over ranks, and only rank 0 writes files (see
-    the module docstring). Ctrl-C saves the exact position and raises KeyboardInterrupt."""
+    the module docstring). Ctrl-C saves the exact position and raises KeyboardInterrupt.
+    ``tensorboard``: also log each epoch's losses, lr, images/s and validation mIoU to
+    ``out_dir/tensorboard/`` (:mod:`fusion.tblog`)."""
     out_dir = Path(out_dir)
     device = resolve_device(cfg.device)
     rank, world = init_distributed(device)
@@ -307,6 +310,7 @@ def train_segmenter(images_dir: Path | str, labels_dir: Path | str, cfg: SegConf
     position = "before the first step"
     oom = OOMGuard("training the segmenter", "segmentation.batch_size", cfg.batch_size)
     stop = StopRequest()
+    tb = TrainingLog(out_dir, tensorboard and main, purge_step=start_epoch + 1)
     try:
         with _progress(progress and main) as bar, oom, stop:
             task = bar.add_task("segmentation", total=total_steps, completed=global_step,
@@ -407,6 +411,12 @@ def train_segmenter(images_dir: Path | str, labels_dir: Path | str, cfg: SegConf
                                  "val_miou": "" if val_miou is None else f"{val_miou:.6f}",
                                  "images_per_s": f"{images_per_s:.3f}", "seconds": f"{seconds:.3f}"})
                     _write_log(log_path, rows)
+                    tb.scalars(epoch + 1, {"loss/total": mean[0], "loss/ce": mean[1], "loss/dice": mean[2],
+                                           "lr": lr, "images_per_s": images_per_s, "val_miou": val_miou})
+                    epoch_line(bar, task, f"segment epoch {epoch + 1}/{cfg.epochs} ({phase}): loss {mean[0]:.4g} "
+                               f"ce {mean[1]:.4g} dice {mean[2]:.4g} lr {lr:.3g} {images_per_s:.1f} img/s"
+                               + ("" if val_miou is None else f" val_miou {val_miou:.4f}"),
+                               eta_s=seconds * (cfg.epochs - epoch - 1))
                     payload = make_payload(epoch + 1, 0, phase, bs, None, val_cm)
                     save_checkpoint(last_path, payload)
     except KeyboardInterrupt as exc:
@@ -418,6 +428,8 @@ def train_segmenter(images_dir: Path | str, labels_dir: Path | str, cfg: SegConf
             console.print(f"[yellow]interrupted:[/] {escape(what)}. Resume with: {escape(hint)}",
                           highlight=False, soft_wrap=True)
         raise
+    finally:
+        tb.close()
     if main and payload is not None and (not final_path.exists() or start_epoch < cfg.epochs):
         save_checkpoint(final_path, payload)
     if world > 1:

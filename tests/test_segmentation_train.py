@@ -8,6 +8,7 @@ import csv
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import segmentation_models_pytorch as smp
@@ -177,6 +178,7 @@ def test_checkpoint_reload_reproduces_confusion(run, tmp_path):
     model.load_state_dict(ck["state_dict"])
     model.eval()
     cm = np.zeros((9, 9), np.int64)
+    rescored = np.zeros((9, 9), np.int64)
     for stem in res.image_names:
         img = read_visible(run["test"][0] / f"{stem}.png").astype(np.float64)
         lab = read_label(run["test"][1] / f"{stem}.png")
@@ -189,7 +191,12 @@ def test_checkpoint_reload_reproduces_confusion(run, tmp_path):
         np.add.at(cm, (lab[keep].astype(int), pred[keep]), 1)
         saved = read_visible(tmp_path / "pred" / f"{stem}.png")
         assert saved.shape == (h, w, 3)
+        # the class-id PNG re-scores to the same counts (what others re-score with)
+        ids = cv2.imread(str(tmp_path / "pred" / "class_ids" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+        assert ids.dtype == np.uint8 and ids.shape == (h, w) and ids.max() < 9
+        np.add.at(rescored, (lab[keep].astype(int), ids[keep].astype(int)), 1)
     np.testing.assert_array_equal(res.confusion, cm)
+    np.testing.assert_array_equal(rescored, cm)
     d = res.to_dict()
     assert d["miou"] == pytest.approx(res.miou) and len(d["per_class"]) == 9
     assert len(res.per_class_iou_list()) == 9

@@ -49,7 +49,8 @@ def _train(args) -> int:
     pairs = resolve_pairs(cfg)
     check_disjoint(out, {"ir": pairs.ir_dir, "vi": pairs.vi_dir}, "--out")
     with folder_lock(out, "fuseseg train-fusion --out"):
-        final = train_fusion(cfg, out, resume=args.resume, progress=not args.no_progress)
+        final = train_fusion(cfg, out, resume=args.resume, progress=not args.no_progress,
+                             tensorboard=args.tensorboard)
     console.print(f"trained fusion model: [bold]{final}[/]  (fuse with: fuseseg fuse "
                   f"--checkpoint {final} --ir IR_DIR --vi VI_DIR --out OUT_DIR)", highlight=False)
     return 0
@@ -90,6 +91,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="runs/fusion", help="run folder (checkpoints, log.csv, config.yaml)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard/ (needs tensorboard)")
     p.set_defaults(func=_train)
 
     f = subparsers.add_parser(

@@ -55,7 +55,7 @@ def _train(args) -> int:
     with folder_lock(out, "fuseseg segment train --out"):
         final = train_segmenter(args.images, args.labels, cfg, out, resume=args.resume,
                                 progress=not args.no_progress, val_images_dir=args.val_images,
-                                val_labels_dir=args.val_labels)
+                                val_labels_dir=args.val_labels, tensorboard=args.tensorboard)
     console.print(f"trained segmenter: [bold]{final}[/]  (evaluate with: fuseseg segment eval "
                   f"--checkpoint {final} --images TEST_IMAGES --labels TEST_LABELS)", highlight=False)
     return 0
@@ -126,6 +126,7 @@ def register(subparsers) -> None:
     t.add_argument("--val-labels", help="validation labels (with --val-images)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard/ (needs tensorboard)")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="mIoU of a trained segmenter on a labelled folder",

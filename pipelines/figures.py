@@ -1,0 +1,202 @@
+"""The report's figures, drawn with matplotlib (PNG bytes; the report embeds them).
+
+* training curves of every training, read from its ``log.csv``: the fusion trainers (one panel
+  per logged loss component, one line per method, phases marked) and the segmenters (loss and,
+  where validated, validation mIoU, one line per variant and seed);
+* per-class IoU bars, one bar per variant in each class group;
+* the confusion matrix of each variant (rows: true class, normalised to 1; summed over seeds);
+* per-image distributions of every fusion quality metric per method (box plot + the images as
+  points).
+
+matplotlib is a required dependency: the report is written by every ``fuseseg run``, and a report
+that silently lost its figures where an optional package is missing would be worse than one more
+well-kept wheel. Only the object-oriented API with the Agg canvas is used (no pyplot, no GUI
+backend, thread-safe), so it works on headless machines.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+
+# log.csv columns that are not loss components
+_NOT_LOSSES = {"phase", "epoch", "global_step", "steps", "lr", "images_per_s", "seconds", "val_miou"}
+
+
+def _figure(w: float, h: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _integer_ticks(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _num(text: str | None) -> float:
+    try:
+        return float(text) if text not in (None, "") else math.nan
+    except ValueError:
+        return math.nan
+
+
+def read_log(path: Path) -> list[dict[str, str]]:
+    with Path(path).open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def fusion_curves(logs: dict[str, list[dict[str, str]]]) -> bytes | None:
+    """Loss components per epoch of each fusion training (``{method: log rows}``)."""
+    logs = {k: v for k, v in logs.items() if v}
+    if not logs:
+        return None
+    comps: list[str] = []
+    for rows in logs.values():
+        for c in rows[0]:
+            if c not in _NOT_LOSSES and c not in comps and any(math.isfinite(_num(r.get(c))) for r in rows):
+                comps.append(c)
+    cols = min(4, len(comps))
+    nrows = math.ceil(len(comps) / cols)
+    fig = _figure(3.2 * cols, 2.4 * nrows)
+    axes = np.atleast_1d(fig.subplots(nrows, cols, squeeze=False)).ravel()
+    for ax, comp in zip(axes, comps):
+        for k, (method, rows) in enumerate(logs.items()):
+            y = np.array([_num(r.get(comp)) for r in rows])
+            x = np.arange(1, len(rows) + 1)
+            starts = [i for i in range(1, len(rows)) if rows[i]["phase"] != rows[i - 1]["phase"]]
+            # one line per phase: a phase's losses are not the next phase's (no line across the border)
+            for j, (a, b) in enumerate(zip([0, *starts], [*starts, len(rows)])):
+                ok = np.isfinite(y[a:b])
+                if ok.any():
+                    ax.plot(x[a:b][ok], y[a:b][ok], marker="o", ms=3, color=f"C{k}",
+                            label=method if j == 0 or not np.isfinite(y[:a]).any() else None)
+            for s in starts:
+                ax.axvline(s + 0.5, color="#999", lw=0.8, ls="--")
+        ax.set_xlim(0.5, max(len(r) for r in logs.values()) + 0.5)   # one epoch axis for every panel
+        ax.set_title(comp, fontsize=10)
+        ax.set_xlabel("epoch (all phases)", fontsize=8)
+        _integer_ticks(ax)
+        ax.tick_params(labelsize=8)
+    for ax in axes[len(comps):]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Fusion training (log.csv; dashed: next phase)", fontsize=11)
+    return _png(fig)
+
+
+def segmentation_curves(logs: dict[str, list[dict[str, str]]]) -> bytes | None:
+    """Training loss (and validation mIoU where logged) per epoch of each segmenter
+    (``{'variant/seedK': log rows}``)."""
+    logs = {k: v for k, v in logs.items() if v}
+    if not logs:
+        return None
+    has_val = any(math.isfinite(_num(r.get("val_miou"))) for rows in logs.values() for r in rows)
+    fig = _figure(11 if has_val else 7, 3.4)
+    axes = fig.subplots(1, 2 if has_val else 1, squeeze=False)[0]
+    for name, rows in logs.items():
+        x = [int(_num(r["epoch"])) for r in rows]
+        axes[0].plot(x, [_num(r.get("loss")) for r in rows], marker="o", ms=3, label=name)
+        if has_val:
+            v = np.array([_num(r.get("val_miou")) for r in rows])
+            ok = np.isfinite(v)
+            axes[1].plot(np.array(x)[ok], v[ok], marker="o", ms=3, label=name)
+    axes[0].set(title="segmentation training loss (Dice + CE)", xlabel="epoch", ylabel="loss")
+    for ax in axes:
+        _integer_ticks(ax)
+    if has_val:
+        axes[1].set(title="validation mIoU", xlabel="epoch", ylabel="mIoU")
+    axes[0].legend(fontsize=7)
+    return _png(fig)
+
+
+def class_iou_bars(rows: list[dict], class_names: list[str]) -> bytes | None:
+    """Grouped bars: per class, one bar per variant (mean over seeds; absent classes left out)."""
+    if not rows:
+        return None
+    n = len(rows)
+    fig = _figure(max(7.0, 0.35 * n * len(class_names) + 2), 3.6)
+    ax = fig.subplots()
+    width = 0.8 / n
+    x = np.arange(len(class_names))
+    for i, r in enumerate(rows):
+        vals = [r["per_class"][c][0] for c in class_names]
+        y = np.array([np.nan if v is None else v for v in vals], dtype=float)
+        ax.bar(x + (i - (n - 1) / 2) * width, np.nan_to_num(y), width, label=r["variant"])
+    ax.set_xticks(x, class_names, rotation=30, ha="right", fontsize=9)
+    ax.set(ylabel="IoU", title="Per-class IoU per input variant", ylim=(0, 1))
+    ax.legend(fontsize=8, ncols=min(n, 6))
+    return _png(fig)
+
+
+def confusion_grid(confusions: dict[str, np.ndarray], class_names: list[str]) -> bytes | None:
+    """One row-normalised confusion matrix per variant (rows: true class, columns: predicted)."""
+    if not confusions:
+        return None
+    n = len(confusions)
+    cols = min(3, n)
+    nrows = math.ceil(n / cols)
+    fig = _figure(4.2 * cols, 4.0 * nrows)
+    axes = np.atleast_1d(fig.subplots(nrows, cols, squeeze=False)).ravel()
+    im = None
+    for ax, (variant, cm) in zip(axes, confusions.items()):
+        cm = np.asarray(cm, dtype=float)
+        totals = cm.sum(axis=1, keepdims=True)
+        norm = np.divide(cm, totals, out=np.zeros_like(cm), where=totals > 0)
+        im = ax.imshow(norm, vmin=0, vmax=1, cmap="viridis")
+        ax.set_title(variant, fontsize=10)
+        ticks = np.arange(len(class_names))
+        ax.set_xticks(ticks, class_names, rotation=90, fontsize=7)
+        ax.set_yticks(ticks, class_names, fontsize=7)
+        ax.set_xlabel("predicted", fontsize=8)
+        ax.set_ylabel("true", fontsize=8)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    if im is not None:
+        fig.colorbar(im, ax=list(axes[:n]), shrink=0.8, label="share of the true class's pixels")
+    return _png(fig)
+
+
+def metric_distributions(metrics_json: dict) -> bytes | None:
+    """Per metric, the distribution over test images of each method (box + points)."""
+    methods = metrics_json.get("methods", {})
+    names = metrics_json.get("metrics", [])
+    if not methods or not names:
+        return None
+    lower = set(metrics_json.get("lower_is_better", []))
+    cols = min(5, len(names))
+    nrows = math.ceil(len(names) / cols)
+    fig = _figure(2.9 * cols, 2.6 * nrows)
+    axes = np.atleast_1d(fig.subplots(nrows, cols, squeeze=False)).ravel()
+    labels = list(methods)
+    rng = np.random.default_rng(0)   # fixed jitter: the same figure every time
+    for ax, metric in zip(axes, names):
+        data = []
+        for m in labels:
+            vals = np.array([np.nan if v.get(metric) is None else v[metric]
+                             for v in methods[m]["per_image"].values()], dtype=float)
+            data.append(vals[np.isfinite(vals)])
+        ax.boxplot(data, showfliers=False, widths=0.6)
+        for i, vals in enumerate(data, start=1):
+            ax.plot(i + rng.uniform(-0.15, 0.15, len(vals)), vals, "o", ms=2.5, alpha=0.6, color="#d62728")
+        ax.set_xticks(range(1, len(labels) + 1), labels, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"{metric} ({'lower' if metric in lower else 'higher'} is better)", fontsize=9)
+        ax.tick_params(axis="y", labelsize=7)
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    fig.suptitle(f"Fusion quality metrics per test image ({metrics_json.get('n_images', '?')} images)",
+                 fontsize=11)
+    return _png(fig)
