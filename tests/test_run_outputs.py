@@ -215,11 +215,17 @@ def test_report_renders_in_headless_chromium(quick):
 
     _, run, _ = quick
     shot = run.parent / "report-screenshot.png"      # kept next to the run for a look
-    chromium_screenshot(run / "report.html", shot)
+    chromium_screenshot(run / "report.html", shot, "1400,4000")
     img = cv2.imread(str(shot), cv2.IMREAD_COLOR)
-    assert img is not None and img.shape[:2] == (3000, 1400)
-    # the page is drawn: tables, figures and scene images put colour and ink into every third
-    third = img.shape[0] // 3
-    for part in (img[:third], img[third:2 * third]):
+    assert img is not None and img.shape[:2] == (4000, 1400)
+    # the page is drawn: tables, figures and scene images put ink into every quarter
+    for part in np.array_split(img, 4):
         assert (part < 200).mean() > 0.01
-    assert (np.abs(img[..., 2].astype(int) - img[..., 0].astype(int)) > 40).mean() > 0.005  # coloured plots
+    # the embedded figures are on the page as drawn (shown at their own size): a patch of each
+    # of the first two is found in the screenshot
+    for name in ("curves_fusion.png", "curves_segmentation.png"):
+        fig = cv2.imread(str(run / "figures" / name), cv2.IMREAD_COLOR)
+        h, w = fig.shape[:2]
+        patch = fig[h // 4: 3 * h // 4, w // 4: 3 * w // 4]
+        score = cv2.matchTemplate(img, patch, cv2.TM_CCOEFF_NORMED).max()
+        assert score > 0.9, (name, score)
