@@ -336,10 +336,16 @@ def test_slurm_kill_scancel_status_and_pickup(ws, reference, slurm, job_env, mon
                         and rows()["segment/ir/seed0"], "the cancelled job reported failed", timeout=120)
     assert {"queued", "running", "failed"} <= seen
     assert failed["job"] == job and Path(failed["log"]).is_file() and "CANCELLED" in failed["detail"]
+    # the job queued behind it runs now and ends with no `fuseseg run` there to collect it
+    others = [k for k, r in rows().items() if r["job"] and r["state"] != "done" and k != "segment/ir/seed0"]
+    assert len(others) == 1, rows()
+    wait_until(lambda: rows()[others[0]]["state"] == "finished", f"{others[0]} finished", timeout=600)
+    finished_job = rows()[others[0]]["job"]
     capsys.readouterr()
     assert main(["status", str(run_dir)]) == 0
     table = flat(capsys.readouterr().out)
     assert "segment/ir/seed0" in table and "failed" in table and failed["log"] in table
+    assert "finished; `fuseseg run` collects it" in table
     # stopped in the middle of its training: the checkpoint of epoch HOLD_EPOCH, no final one
     assert not (target / "final.pt").exists() and len(held.read_text().split()) == 1
     assert load_checkpoint(target / "last.pt")["epoch"] == HOLD_EPOCH
@@ -358,6 +364,7 @@ def test_slurm_kill_scancel_status_and_pickup(ws, reference, slurm, job_env, mon
     trains = {k: recs[k] for k in TRAININGS}
     assert all(r["status"] == "done" and r["executor"] == "slurm" for r in trains.values())
     assert len({r["job_id"] for r in trains.values()}) == 3 and trains["segment/ir/seed0"]["job_id"] != job
+    assert trains[others[0]]["job_id"] == finished_job and trains[others[0]]["attempt"] == 1   # collected, not rerun
     # the second attempt resumed from the checkpoint (not from scratch) and trained the rest only
     again = trains["segment/ir/seed0"]
     assert again["attempt"] == 2 and again["resumed_from_epoch"] == HOLD_EPOCH
