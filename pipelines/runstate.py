@@ -69,6 +69,51 @@ def source_digest(module: str) -> str | None:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
+class Fingerprint(str):
+    """A stage fingerprint that remembers a hash of each of its named inputs (``.parts``, nested
+    mappings flattened to dotted keys), so that a later run can say *which* input changed."""
+
+    parts: dict[str, str]
+
+
+def named_fingerprint(kind: str, **inputs: Any) -> Fingerprint:
+    """``fingerprint(kind, *inputs.values())`` (the same value, so records written before stay
+    current), plus the per-input hashes in ``.parts`` (recorded as the stage's ``inputs``)."""
+    fp = Fingerprint(fingerprint(kind, *inputs.values()))
+    parts: dict[str, str] = {}
+
+    def flatten(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                flatten(f"{prefix}.{k}", v)
+        else:
+            parts[prefix] = fingerprint(value)
+
+    for name, value in inputs.items():
+        flatten(name, value)
+    fp.parts = parts
+    return fp
+
+
+def explain_stage(run_dir: Path, key: str, fp: str) -> tuple[bool, str]:
+    """(up to date?, why) for stage ``key`` of ``run_dir`` against fingerprint ``fp``: ``up to
+    date``, ``never run here``, ``last run did not finish``, or ``changed: <inputs>`` (the inputs
+    whose hash differs from the record's; a record without them says so)."""
+    rec = stage_record(run_dir, key)
+    if rec is None:
+        return False, "never run here"
+    if rec.get("status") != "done":
+        return False, f"last run did not finish (status {rec.get('status')!r})"
+    if rec.get("fingerprint") == fp:
+        return True, "up to date"
+    old, new = rec.get("inputs"), getattr(fp, "parts", None)
+    if not old or not new:
+        return False, "its configuration or an upstream stage changed (the record names no inputs)"
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+    return False, f"changed: {shown}" if changed else "its fingerprint changed"
+
+
 def _record_path(run_dir: Path, key: str) -> Path:
     return run_dir / "stages" / f"{key.replace('/', '__')}.json"
 
@@ -89,8 +134,10 @@ def stage_is_current(run_dir: Path, key: str, fp: str) -> bool:
 
 
 def mark_stage_done(run_dir: Path, key: str, fp: str, seconds: float, **info: Any) -> None:
-    rec = {"key": key, "fingerprint": fp, "status": "done", "seconds": round(seconds, 3),
+    rec = {"key": key, "fingerprint": str(fp), "status": "done", "seconds": round(seconds, 3),
            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
+    if getattr(fp, "parts", None):
+        rec["inputs"] = fp.parts
     atomic_write_text(_record_path(run_dir, key), json.dumps(rec, indent=2, default=str))
 
 

@@ -37,12 +37,13 @@ from pipelines.runstate import (
     RunLock,
     clear_stage,
     environment_record,
+    explain_stage,
     fingerprint,
     folder_manifest,
     fuseseg_version,
     mark_stage_done,
+    named_fingerprint,
     source_digest,
-    stage_is_current,
     stage_record,
 )
 
@@ -92,6 +93,8 @@ class Plan:
     variants: list[str] | None = None
     environment: dict | None = None
     environment_written: bool = False
+    dry_run: bool = False                  # say what would run and why; write nothing
+    decisions: list[dict] = dataclasses.field(default_factory=list)   # filled in: one per stage
 
     def runs(self, stage: str) -> bool:
         return self.only is None or stage in self.only
@@ -207,24 +210,34 @@ class _Stage:
 
     def __init__(self, run_dir: Path, key: str, fp: str, plan: Plan, stage: str):
         self.run_dir, self.key, self.fp, self.stage = run_dir, key, fp, stage
-        self.skip = (not plan.runs(stage)) or (stage not in plan.forced and stage_is_current(run_dir, key, fp))
         self.selected = plan.runs(stage)
         self.forced = self.selected and stage in plan.forced   # --from: redo from scratch, no resume
         self.plan = plan
+        current, why = explain_stage(run_dir, key, fp)
+        if not self.selected:
+            current, why = True, "not selected (--only/--from)"
+        elif self.forced:
+            current, why = False, "forced by --from"
+        self.why, self.dry_run = why, plan.dry_run
+        plan.decisions.append({"stage": key, "run": not current, "why": why})
+        self.skip = current or plan.dry_run   # a dry run only decides
         self.info: dict = {}
 
     def __enter__(self):
         self.t0 = time.perf_counter()
+        if self.dry_run:
+            return self
         _reset_gpu_peak()
         self._start_rss()
         if self.skip:
-            why = "up to date" if self.selected else "not selected"
-            console.print(f"[dim]- {self.key}: skipped ({why})[/]")
+            console.print(f"[dim]- {self.key}: skipped ({self.why})[/]")
         else:
-            console.print(f"[bold cyan]> {self.key}[/]")
+            console.print(f"[bold cyan]> {self.key}[/] [dim]({self.why})[/]")
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        if self.dry_run:
+            return False
         if exc_type is None and not self.skip:
             secs = time.perf_counter() - self.t0
             gpu = _gpu_peak_mib()
@@ -296,12 +309,14 @@ def stage_data(cfg: ExperimentConfig, run_dir: Path, plan: Plan) -> tuple[Path, 
     d = cfg.data
     if d.root is None:
         root = run_dir / "data"
-        fp = fingerprint("synthetic", to_dict(d.synthetic), d.num_classes, fuseseg_version())
+        fp = named_fingerprint("synthetic", **{"data.synthetic": to_dict(d.synthetic), "data.num_classes": d.num_classes,
+                                               "fuseseg_version": fuseseg_version()})
     else:
         root = Path(d.root)
         # the manifest (names, sizes, mtimes): an edited, added or removed file redoes every stage
-        fp = fingerprint("folder", str(root.resolve()), folder_manifest(root), to_dict(d.layout), d.ir16,
-                         d.num_classes, fuseseg_version())
+        fp = named_fingerprint("folder", **{"data.root": str(root.resolve()), "data files": folder_manifest(root),
+                                            "data.layout": to_dict(d.layout), "data.ir16": d.ir16,
+                                            "data.num_classes": d.num_classes, "fuseseg_version": fuseseg_version()})
     with _Stage(run_dir, "data", fp, plan, "data") as st:
         if not st.skip:
             if d.root is None:
@@ -384,7 +399,8 @@ def stage_train_fusion(cfg: ExperimentConfig, run_dir: Path, plan: Plan, m: Fusi
     if not entry.trainable:
         return None, fingerprint("static", data_fp, source, m.method, m.kwargs)
     tcfg = _method_train_cfg(cfg, m, data_root, cfg.device)
-    fp = fingerprint("train", data_fp, source, to_dict(tcfg), _precision(cfg.device, tcfg.amp))
+    fp = named_fingerprint("train", **{"data": data_fp, "plugin source": source, "fusion_train": to_dict(tcfg),
+                                       "precision": _precision(cfg.device, tcfg.amp)})
     out = run_dir / "train_fusion" / m.name
     ex = ex or Executor()
     with _Stage(run_dir, f"train_fusion/{m.name}", fp, plan, "train_fusion") as st:
@@ -393,7 +409,7 @@ def stage_train_fusion(cfg: ExperimentConfig, run_dir: Path, plan: Plan, m: Fusi
             prepare = lambda: _prepare_dir(out, fp, run_dir, st.key, fresh=st.forced)  # noqa: E731
             st.info.update(ex.run(run_dir, st.key, fp, out, job, prepare))
     ck = out / "final.pt"
-    if not ck.is_file() and plan.runs("fuse"):
+    if not ck.is_file() and plan.runs("fuse") and not plan.dry_run:
         raise FusesegError(f"fusion method {m.name!r} has no trained checkpoint ({ck}); run the "
                            "train_fusion stage (drop --only/--from) first.")
     return ck, fp
@@ -424,8 +440,13 @@ def _check_folder_method(cfg: ExperimentConfig, m: FusionMethodConfig, data_root
 def stage_fuse(cfg: ExperimentConfig, run_dir: Path, plan: Plan, m: FusionMethodConfig, data_root: Path,
                ckpt: Path | None, train_fp: str, device) -> tuple[dict[str, Path], str]:
     """Fuse the train and test splits with method ``m``. Returns ({split: folder}, fp)."""
-    fp = fingerprint("fuse", train_fp, m.type, m.method, m.kwargs, str(m.folder), cfg.data.ir16,
-                     _precision(device, _fusion_amp(cfg, m)))
+    # what the method's images come from: its training, its given checkpoint, the data (classical)
+    upstream = ("folder files" if m.type == "folder" else f"fusion[{m.name}].checkpoint" if m.checkpoint
+                else f"train_fusion/{m.name}" if ckpt is not None else "data")
+    fp = named_fingerprint("fuse", **{upstream: train_fp, f"fusion[{m.name}].type": m.type,
+                                      f"fusion[{m.name}].method": m.method, f"fusion[{m.name}].kwargs": m.kwargs,
+                                      f"fusion[{m.name}].folder": str(m.folder), "data.ir16": cfg.data.ir16,
+                                      "precision": _precision(device, _fusion_amp(cfg, m))})
     if m.type == "folder":
         out = {}
         with _Stage(run_dir, f"fuse/{m.name}", fp, plan, "fuse") as st:
@@ -459,7 +480,7 @@ def stage_metrics(cfg: ExperimentConfig, run_dir: Path, plan: Plan, data_root: P
     """Score the test split of every fused variant with the fusion quality metrics."""
     if not cfg.metrics.enabled or not fused:
         return None
-    fp = fingerprint("metrics", to_dict(cfg.metrics), {k: v[1] for k, v in fused.items()})
+    fp = named_fingerprint("metrics", metrics=to_dict(cfg.metrics), fuse={k: v[1] for k, v in fused.items()})
     with _Stage(run_dir, "metrics", fp, plan, "metrics") as st:
         if not st.skip:
             from fusion.scoring import score_folders
@@ -547,8 +568,9 @@ def stage_segment(cfg: ExperimentConfig, run_dir: Path, plan: Plan, data_root: P
     ex = ex or Executor()
     seg_cfg = from_dict(type(cfg.segmentation), {**to_dict(cfg.segmentation), "seed": seed,
                                                  "device": ex.job_device(cfg.device, device)}, "segmentation")
-    fp = fingerprint("segment", upstream_fp, to_dict(seg_cfg), _precision(device, seg_cfg.amp),
-                     _world_size(cfg))
+    source = "data" if variant in ("ir", "vi") else f"fuse/{variant}"   # where its images come from
+    fp = named_fingerprint("segment", **{source: upstream_fp, "segmentation": to_dict(seg_cfg),
+                                         "precision": _precision(device, seg_cfg.amp), "world_size": _world_size(cfg)})
     out = run_dir / "segment" / variant / f"seed{seed}"
     with _Stage(run_dir, f"segment/{variant}/seed{seed}", fp, plan, "segment") as st:
         if not st.skip:
@@ -611,7 +633,7 @@ def stage_report(cfg: ExperimentConfig, run_dir: Path, plan: Plan, data_root: Pa
                  seg_fps: dict[str, str], metrics_fp: str | None, fused: dict) -> str:
     from pipelines import report as rep
 
-    fp = fingerprint("report", seg_fps, metrics_fp, to_dict(cfg.report))
+    fp = named_fingerprint("report", segment=seg_fps, metrics=metrics_fp, report=to_dict(cfg.report))
     with _Stage(run_dir, "report", fp, plan, "report") as st:
         if st.skip:
             return fp
@@ -721,28 +743,56 @@ def _check_fusion_methods(methods: list[FusionMethodConfig]) -> None:
 
 
 def run_experiment(cfg: ExperimentConfig, plan: Plan | None = None) -> Path:
-    """Run (or resume) the experiment of ``cfg``; returns the run folder."""
-    from fusion.registry import get_entry, load_plugins
-    from fusion.runtime import resolve_device, seed_everything
-
+    """Run (or resume) the experiment of ``cfg``; returns the run folder. With ``plan.dry_run``
+    nothing is written (no run folder, lock, record or job) and ``plan.decisions`` says, per
+    stage, whether it would run and why."""
     plan = plan or Plan()
     for s in (plan.only or set()) | plan.forced:
         if s not in STAGES:
             raise ConfigError(f"unknown stage {s!r}; stages: {', '.join(STAGES)}")
     run_dir = cfg.run_dir
+    if plan.dry_run:
+        _run_stages(cfg, plan, run_dir)
+        return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_run_folder(run_dir)
     with RunLock(run_dir / ".lock"):
-        load_plugins(cfg.plugins)
-        for m in cfg.fusion:
-            if m.type == "registered":
-                get_entry(m.method)  # unknown names fail now, listing the valid ones
-        device = resolve_device(cfg.device)
-        seed_everything(cfg.seed)
-        variants = plan.variants or cfg.variants or cfg.all_variants()
-        unknown = [v for v in variants if v not in cfg.all_variants()]
-        if unknown:
-            raise ConfigError(f"--variants: unknown variant(s) {unknown}; valid: {', '.join(cfg.all_variants())}")
+        _run_stages(cfg, plan, run_dir)
+    return run_dir
+
+
+class _DecideOnly(Executor):
+    """The executor of a dry run: the stage chains one after the other (the decisions in a stable
+    order), nothing submitted; devices and process counts as the configured executor gives them
+    (they are part of the fingerprints)."""
+
+    def __init__(self, real: Executor):
+        super().__init__(real.cfg)
+        self.real = real
+
+    def job_device(self, configured: str, resolved: str) -> str:
+        return self.real.job_device(configured, resolved)
+
+    def nproc(self, launcher: str, gpus: int) -> int:
+        return self.real.nproc(launcher, gpus)
+
+
+def _run_stages(cfg: ExperimentConfig, plan: Plan, run_dir: Path) -> None:
+    """Every stage in order: under the run lock, or, in a dry run, only deciding."""
+    from fusion.registry import get_entry, load_plugins
+    from fusion.runtime import resolve_device, seed_everything
+
+    load_plugins(cfg.plugins)
+    for m in cfg.fusion:
+        if m.type == "registered":
+            get_entry(m.method)  # unknown names fail now, listing the valid ones
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    variants = plan.variants or cfg.variants or cfg.all_variants()
+    unknown = [v for v in variants if v not in cfg.all_variants()]
+    if unknown:
+        raise ConfigError(f"--variants: unknown variant(s) {unknown}; valid: {', '.join(cfg.all_variants())}")
+    if not plan.dry_run:
         console.print(f"[bold]fuseseg run[/] {cfg.name}: run folder {run_dir}, device {device}, "
                       f"variants {', '.join(variants)}")
         if plan.runs("segment") and cfg.segmentation.random_frozen_encoder_warning():
@@ -751,25 +801,26 @@ def run_experiment(cfg: ExperimentConfig, plan: Plan | None = None) -> Path:
             err_console.print(f"[yellow]warning:[/] {cfg.segmentation.random_frozen_encoder_warning()}",
                               highlight=False, soft_wrap=True)
         _remove_stray_temporaries(run_dir)
-        if cfg.tensorboard:   # a missing package fails now, not in the first training
-            from fusion.tblog import require_tensorboard
-
-            require_tensorboard()
-
         plan.environment = environment_record(str(device), cfg.seed)
         plan.environment["precision"] = precision_summary(cfg, device)
-        # bad inputs fail here, before anything in the run folder is rewritten
-        data_root, data_fp = stage_data(cfg, run_dir, plan)
-        _check_metric_sizes(cfg, run_dir)
-        needed = [m for m in cfg.fusion if m.name in variants or plan.variants is None]
-        _check_fusion_methods(needed)
+    if cfg.tensorboard:   # a missing package fails now, not in the first training
+        from fusion.tblog import require_tensorboard
+
+        require_tensorboard()
+
+    # bad inputs fail here, before anything in the run folder is rewritten
+    data_root, data_fp = stage_data(cfg, run_dir, plan)
+    _check_metric_sizes(cfg, run_dir)
+    needed = [m for m in cfg.fusion if m.name in variants or plan.variants is None]
+    _check_fusion_methods(needed)
+    if not plan.dry_run:
         dump_config(cfg, run_dir / "config.yaml")
-        with make_executor(cfg.executor) as ex:
-            seg_fps, metrics_fp, fused = _train_fuse_segment(cfg, run_dir, plan, ex, needed, variants,
-                                                             data_root, data_fp, device)
-        stage_report(cfg, run_dir, plan, data_root, cfg.variants or cfg.all_variants(), seg_fps,
-                     metrics_fp, fused)
-    return run_dir
+    real = make_executor(cfg.executor)
+    with (_DecideOnly(real) if plan.dry_run else real) as ex:
+        seg_fps, metrics_fp, fused = _train_fuse_segment(cfg, run_dir, plan, ex, needed, variants,
+                                                         data_root, data_fp, device)
+    stage_report(cfg, run_dir, plan, data_root, cfg.variants or cfg.all_variants(), seg_fps,
+                 metrics_fp, fused)
 
 
 def _train_fuse_segment(cfg: ExperimentConfig, run_dir: Path, plan: Plan, ex: Executor,

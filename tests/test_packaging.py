@@ -2,7 +2,8 @@
 
 Builds the wheel from a copy of the repository, installs it into a fresh virtual environment
 that reuses the installed dependencies (torch & co.: ``--system-site-packages``; no network,
-``--no-deps --no-index``), and runs the installed ``fuseseg`` (config show, --version) from an empty folder.
+``--no-deps --no-index``), and runs the installed ``fuseseg`` (config show, --version, run --dry-run)
+from an empty folder.
 """
 from __future__ import annotations
 
@@ -54,4 +55,7 @@ def test_wheel_installs_and_runs_from_an_empty_folder(tmp_path):
     r = sh(exe, "config", "show", "msrs", cwd=empty, env=env)
     assert str(venv) in r.stdout.splitlines()[0] and "name: msrs-paper" in r.stdout
     assert sh(exe, "--version", cwd=empty, env=env).stdout.startswith("fuseseg 0.")
+    r = sh(exe, "run", "--dry-run", cwd=empty, env=env)   # the shipped default: every stage to run, nothing written
+    assert "name: default" in r.stdout and "12 of 12 stages would run." in r.stdout
+    assert "run  train_fusion/sspfusion" in r.stdout and "never run here" in r.stdout
     assert list(empty.iterdir()) == []

@@ -1,10 +1,12 @@
 """One quick `fuseseg run` with its output going to a file (not a terminal), then everything a
 researcher reads from it: the plain log lines, TensorBoard events, the report's figures and links,
-the CSV table, class-id predictions, the report rendered in headless Chromium; and one training
-job run by the local executor, whose own log gets the plain lines too.
+the CSV table, class-id predictions, the report rendered in headless Chromium, `--dry-run`, the
+README's Python API example; and one training job run by the local executor, whose own log gets
+the plain lines too.
 """
 from __future__ import annotations
 
+import ast
 import base64
 import csv
 import json
@@ -20,12 +22,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
-QUICK = ["name=quick", "data.synthetic.train=16", "data.synthetic.test=4", "data.synthetic.size=[96,128]",
-         "fusion_train.epochs=1", "segmentation.epochs=2", "segmentation.frozen_epochs=1", "segmentation.crop_size=64"]
+def readme_example() -> str:
+    """The README's Python API example (the code block under '## Python API')."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Python API", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 def quick_overrides() -> list[str]:
-    return list(QUICK)
+    """The ``quick = [...]`` override list of the README example (the quick run is the README's)."""
+    for node in ast.parse(readme_example()).body:
+        if isinstance(node, ast.Assign) and node.targets[0].id == "quick":
+            return ast.literal_eval(node.value)
+    raise AssertionError("the README example lost its `quick = [...]` overrides")
 
 
 def cli(*args: str, cwd: Path, log: Path | None = None) -> subprocess.CompletedProcess:
@@ -191,6 +200,87 @@ def test_a_local_executor_jobs_log_has_the_plain_lines(quick, tmp_path, monkeypa
     lines = re.findall(TS + r"segment epoch (\d)/2 \((frozen|full)\): loss \S+ .* img/s \| ETA \S+$", log, re.M)
     assert lines == [("1", "frozen"), ("2", "full")], log[-2000:]
     assert_plain(log)
+
+
+def tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def dry_lines(stdout: str) -> dict[str, list[str]]:
+    """``{stage: [run|skip, stage, why]}`` of a ``--dry-run`` output."""
+    return {ln.split()[1]: ln.split(None, 2) for ln in stdout.splitlines() if ln.startswith(("  run", "  skip"))}
+
+
+def test_dry_run_after_the_run_writes_nothing_and_names_what_changed(quick):
+    ws, run, _ = quick
+    before = tree(ws)
+    r = cli("run", "default", *quick_overrides(), "--dry-run", cwd=ws)
+    assert r.returncode == 0, r.stderr
+    assert "name: quick" in r.stdout and "0 of 12 stages would run." in r.stdout
+    assert set(w[2] for w in dry_lines(r.stdout).values()) == {"up to date"}
+    r = cli("run", "default", *quick_overrides(), "fusion_train.lr=0.001", "--dry-run", cwd=ws)
+    assert r.returncode == 0, r.stderr
+    lines = dry_lines(r.stdout)
+    assert lines["train_fusion/sspfusion"][0] == "run" and lines["train_fusion/sspfusion"][2] == \
+        "changed: fusion_train.lr"
+    assert lines["fuse/sspfusion"][2] == "changed: train_fusion/sspfusion"
+    assert lines["metrics"][2] == "changed: fuse.sspfusion"
+    assert lines["segment/sspfusion/seed0"][2] == "changed: fuse/sspfusion"
+    assert lines["fuse/laplacian"][0] == "skip" and lines["segment/ir/seed0"][0] == "skip"
+    assert lines["report"][:1] == ["run"] and lines["report"][2] == "changed: metrics, segment.sspfusion/0"
+    assert "5 of 12 stages would run." in r.stdout
+    r = cli("run", "default", *quick_overrides(), "segmentation.epochs=3", "--from", "metrics", "--dry-run", cwd=ws)
+    lines = dry_lines(r.stdout)
+    assert lines["metrics"][2] == "forced by --from" and lines["segment/ir/seed0"][2] == "forced by --from"
+    assert lines["data"][2] == "up to date"
+    assert tree(ws) == before                                        # nothing written, nothing touched
+
+
+def test_readme_python_example_runs(quick, monkeypatch, capsys):
+    ws, run, _ = quick
+    monkeypatch.chdir(ws)
+    before = json.loads((run / "stages" / "report.json").read_text())
+    ns: dict = {}
+    exec(compile(readme_example(), "README.md example", "exec"), ns)
+    assert ns["r"]["path"] == Path("results/quick")
+    assert json.loads((run / "stages" / "report.json").read_text()) == before   # every stage was up to date
+    printed = capsys.readouterr().out
+    assert "'sspfusion':" in printed and "'gff':" in printed
+    r = ns["r"]
+    table = json.loads((run / "tables" / "miou.json").read_text())
+    assert {v: row["miou"] for v, row in r["miou"].items()} == {t["variant"]: t["miou"][0] for t in table["rows"]}
+    assert set(r["metrics"]["per_image"]["gff"]) == set(r["segmentation"]["gff"][0]["images"])
+    assert r["training"]["train_fusion/sspfusion"][-1]["phase"] == "fusion"
+    assert r["segmentation"]["vi"][0]["confusion"].shape == (9, 9)
+    assert r["segmentation"]["vi"][0]["confusion"].tolist() == \
+        json.loads((run / "segment" / "vi" / "seed0" / "eval.json").read_text())["confusion"]
+    assert ns["fused"].shape == (64, 64, 3) and ns["fused"].dtype == np.uint8
+    # uniform inputs: the fused image is uniform too, its colour the visible's (blue above red)
+    f = ns["fused"].reshape(-1, 3).astype(int)
+    assert (f.max(0) - f.min(0)).max() <= 1 and f[0, 2] > f[0, 0]
+
+
+def test_api_dry_run_and_fuse_match_the_cli(quick, monkeypatch):
+    from fusion.data.io import read_infrared, read_visible
+    from pipelines import api as fs
+
+    ws, run, _ = quick
+    monkeypatch.chdir(ws)
+    decisions = fs.dry_run("default", [*quick_overrides(), "segmentation.lr=0.01"])
+    assert [d["stage"] for d in decisions if d["run"]] == [f"segment/{v}/seed0" for v in
+                                                           ("ir", "vi", "sspfusion", "laplacian", "gff")] + ["report"]
+    assert {d["why"] for d in decisions if d["stage"].startswith("segment/")} == {"changed: segmentation.lr"}
+    test = run / "data" / "test"
+    stem = sorted(p.stem for p in (test / "ir").glob("*.png"))[0]
+    ir, vi = read_infrared(test / "ir" / f"{stem}.png"), read_visible(test / "vi" / f"{stem}.png")
+    ours = fs.fuse(ir, vi, "gff")
+    assert np.array_equal(ours, read_visible(run / "fused" / "gff" / "test" / f"{stem}.png"))
+    as_float = fs.fuse(ir / 255.0, vi / 255.0, "gff")
+    assert np.abs(as_float.astype(int) - ours.astype(int)).max() <= 1
+    # sspfusion with the run's trained weights and its precision (fusion_train.amp: bf16), as the fuse stage did
+    ck = run / "train_fusion" / "sspfusion" / "final.pt"
+    assert np.array_equal(fs.fuse(ir, vi, "sspfusion", checkpoint=ck, amp="bf16"),
+                          read_visible(run / "fused" / "sspfusion" / "test" / f"{stem}.png"))
 
 
 def chromium_screenshot(page: Path, out: Path, size: str = "1400,3000") -> None:

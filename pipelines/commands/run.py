@@ -34,6 +34,8 @@ def register(sub) -> None:
                    help="executor setting (partition, gpus_per_job, cpus_per_job, mem_gb, time_min, ...); "
                    "other keys are passed to sbatch (e.g. account=lab, qos=high); repeatable")
     p.add_argument("--jobs", type=int, default=None, help="--executor local: most trainings at once")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and, per stage, whether "
+                   "it would run or be skipped and why (which input changed); writes nothing")
     p.set_defaults(func=run)
 
     c = sub.add_parser("compare", help="merge the mIoU tables of several runs (refuses differing protocols)")
@@ -90,9 +92,31 @@ def run(args) -> int:
             raise ConfigError(f"--from {args.from_stage!r}: unknown stage; stages: {', '.join(STAGES)}")
         forced = set(STAGES[STAGES.index(args.from_stage):])
         only = (only or set(STAGES)) & (forced | set(STAGES[:STAGES.index(args.from_stage)]))
-    plan = Plan(only=only, forced=forced, variants=_split_list(args.variants))
+    plan = Plan(only=only, forced=forced, variants=_split_list(args.variants), dry_run=args.dry_run)
     run_experiment(cfg, plan)
+    if args.dry_run:
+        print_dry_run(cfg, plan)
     return 0
+
+
+def print_dry_run(cfg, plan) -> None:
+    """The resolved config, then one line per stage: would run / skip, and why."""
+    import yaml
+    from rich.markup import escape
+
+    from pipelines.config import to_dict
+
+    console.print(f"[bold]fuseseg run --dry-run[/] {cfg.name}: run folder {cfg.run_dir} (nothing is written)",
+                  highlight=False)
+    console.print("resolved config:", style="bold")
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="", flush=True)  # byte for byte: no wrapping
+    console.print("stages:", style="bold")
+    width = max(len(d["stage"]) for d in plan.decisions)
+    for d in plan.decisions:
+        verb = "[bold cyan]run [/]" if d["run"] else "[dim]skip[/]"
+        console.print(f"  {verb} {d['stage']:<{width}}  {escape(d['why'])}", highlight=False, soft_wrap=True)
+    n = sum(d["run"] for d in plan.decisions)
+    console.print(f"{n} of {len(plan.decisions)} stages would run.")
 
 
 def compare(args) -> int:
