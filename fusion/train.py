@@ -86,39 +86,39 @@ class FusionTrainConfig:
     photometric augmentation ``x -> clip(g x^gamma, 0, 1)``, one (g, gamma) per sample applied to
     both modalities (see :class:`fusion.datasets.PairDataset`)."""
 
-    method: str = "sspfusion"
-    method_kwargs: dict[str, Any] = field(default_factory=dict)
-    plugins: list[str] = field(default_factory=list)
-    data_root: str | None = None
-    split: str = "train"
-    ir_dir: str | None = None
-    vi_dir: str | None = None
-    extra_data: list[str] = field(default_factory=list)
-    synthetic_pairs: int = 0
-    synthetic_size: tuple[int, int] = (240, 320)
-    synthetic_seed: int = 0
-    structure_epochs: int = 50
-    epochs: int = 300
-    batch_size: int = 8
-    crop_size: int | None = 256
-    vflip: bool = False
-    aug_gain: tuple[float, float] = (1.0, 1.0)
-    aug_gamma: tuple[float, float] = (1.0, 1.0)
-    lr: float = 2e-4
-    min_lr: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    workers: int = 4
-    seed: int = 0
-    device: str = "auto"
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
-    channels_last: bool = False
-    compile: bool = False
-    ddp_find_unused: bool = False
-    max_steps_per_epoch: int | None = None
-    log_every: int = 10
-    cache_images: bool = False
-    ir16: Literal["minmax", "scale"] = "minmax"
+    method: str = "sspfusion"   # registered trainable fusion method to train
+    method_kwargs: dict[str, Any] = field(default_factory=dict)   # keyword arguments of the method (e.g. channels)
+    plugins: list[str] = field(default_factory=list)   # modules that register fusion methods
+    data_root: str | None = None   # MSRS-layout root (its `split` folder) or a folder holding ir/ and vi/
+    split: str = "train"   # split folder of data_root to train on
+    ir_dir: str | None = None   # infrared folder (instead of data_root)
+    vi_dir: str | None = None   # visible folder (instead of data_root)
+    extra_data: list[str] = field(default_factory=list)   # more training folders, each read like data_root
+    synthetic_pairs: int = 0   # > 0: also train on that many synthetic scenes (rendered into OUT/synthetic)
+    synthetic_size: tuple[int, int] = (240, 320)   # H, W of the synthetic scenes
+    synthetic_seed: int = 0   # seed of the synthetic scenes (same seed: same files)
+    structure_epochs: int = 50   # epochs of the structure (SFE) phase
+    epochs: int = 300   # epochs of the fusion phase
+    batch_size: int = 8   # global batch (split across DDP processes)
+    crop_size: int | None = 256   # random square training crop; null = whole images
+    vflip: bool = False   # random vertical flips too (horizontal ones always)
+    aug_gain: tuple[float, float] = (1.0, 1.0)   # joint photometric gain range [low, high]; [1, 1] = off
+    aug_gamma: tuple[float, float] = (1.0, 1.0)   # joint photometric gamma range [low, high]; [1, 1] = off
+    lr: float = 2e-4   # Adam learning rate at the start of each phase (cosine decay)
+    min_lr: float = 0.0   # learning rate at the end of each phase
+    betas: tuple[float, float] = (0.9, 0.999)   # Adam betas
+    weight_decay: float = 0.0   # Adam weight decay
+    workers: int = 4   # DataLoader worker processes (0: load in the training process)
+    seed: int = 0   # seeds initialisation, crops and batch order
+    device: str = "auto"   # auto | cpu | cuda | cuda:1 ...
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"   # mixed precision: auto | off (fp32) | bf16 | fp16
+    channels_last: bool = False   # channels-last memory format
+    compile: bool = False   # torch.compile the training step
+    ddp_find_unused: bool = False   # DDP find_unused_parameters (a method with parameters unused in a phase)
+    max_steps_per_epoch: int | None = None   # cap on optimiser steps per epoch (tiny runs); null = full epochs
+    log_every: int = 10   # steps between two progress-bar updates of the loss
+    cache_images: bool = False   # keep the decoded training images in memory
+    ir16: Literal["minmax", "scale"] = "minmax"   # 16-bit infrared -> 8-bit mapping: minmax (per image) or scale (/257)
 
     def __post_init__(self):
         for key in ("structure_epochs", "epochs", "workers"):

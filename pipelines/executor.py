@@ -58,7 +58,7 @@ KINDS = ("inprocess", "local", "slurm")
 class ExecutorConfig:
     """Section ``executor:`` of the experiment config (``--executor``, ``--slurm KEY=VALUE``, ``--jobs``)."""
 
-    kind: Literal["inprocess", "local", "slurm"] = "inprocess"
+    kind: Literal["inprocess", "local", "slurm"] = "inprocess"   # where the trainings run: here, local subprocesses, SLURM jobs
     jobs: int | None = None            # local: most jobs at once (default: one per GPU group, 1 without GPUs)
     partition: str | None = None       # slurm --partition (None: the cluster's default)
     gpus_per_job: int | None = None    # None: local 1 when GPUs exist, else 0; slurm 0. >1: torchrun/DDP in the job

@@ -25,19 +25,21 @@ PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"         # a built
 class SyntheticConfig:
     """Size of the synthetic MSRS-like data set generated when ``data.root`` is null."""
 
-    train: int = 160
-    test: int = 48
+    train: int = 160   # training scenes
+    test: int = 48   # test scenes
     size: tuple[int, int] = (192, 256)     # H, W
-    seed: int = 0
+    seed: int = 0   # same seed: byte-identical files
 
 
 @dataclass
 class DataConfig:
+    """The data set: a labelled MSRS-layout folder, or the synthetic one generated in the run folder."""
+
     root: Path | None = None               # MSRS-layout data set; null = generate the synthetic set in the run folder
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     layout: Layout = field(default_factory=Layout)
     ir16: Literal["minmax", "scale"] = "minmax"   # 16-bit infrared -> 8-bit mapping
-    num_classes: int = 9
+    num_classes: int = 9   # label classes (MSRS: 9); 255 in a label means ignore
     validate: bool = True                  # read and check every file once before training
 
     def __post_init__(self):
@@ -58,11 +60,11 @@ class FusionMethodConfig:
     sizes."""
 
     name: str                              # variant name, a plain name (folders fused/<name>/, segment/<name>/)
-    type: Literal["registered", "folder"] = "registered"
+    type: Literal["registered", "folder"] = "registered"   # registered (a registry method) | folder (already fused images)
     method: str | None = None              # registry name; defaults to ``name``
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    checkpoint: Path | None = None
-    folder: Path | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)   # keyword arguments of the method
+    checkpoint: Path | None = None   # trained weights (a file, or `pretrained`); null: train it here if trainable
+    folder: Path | None = None   # type folder: holds train/ and test/ fused images
     train: dict[str, Any] = field(default_factory=dict)   # overrides of fusion_train for this method
 
     def __post_init__(self):
@@ -78,7 +80,9 @@ class FusionMethodConfig:
 
 @dataclass
 class MetricsStageConfig:
-    enabled: bool = True
+    """The metrics stage: fusion quality metrics of every fused variant on the test split."""
+
+    enabled: bool = True   # score the fused test images with the fusion quality metrics
     # reference: the CDDFuse evaluator (MI in nats); sspfusion: the same with MI in bits (the paper's
     # tables); tang: Tang's MATLAB toolbox (bits, AG / (M-1)(N-1), MSE on [0,1], PSNR with peak 1)
     convention: Literal["reference", "sspfusion", "tang"] = "reference"
@@ -99,6 +103,8 @@ class MetricsStageConfig:
 
 @dataclass
 class ReportConfig:
+    """The report: the mIoU table's bootstrap and the figure grid."""
+
     bootstrap: int = 2000                       # paired bootstrap resamples for the mIoU-gain CI
     figure_scenes: int = 4                      # test scenes in the figure grid
 
@@ -117,8 +123,8 @@ def _default_methods() -> list[FusionMethodConfig]:
 @dataclass
 class ExperimentConfig:
     name: str = "default"                       # run folder: <results_dir>/<name>; a plain name (no '/', '..')
-    results_dir: Path = Path("results")
-    seed: int = 0
+    results_dir: Path = Path("results")   # where run folders go
+    seed: int = 0   # seeds the run process and the report's bootstrap (the trainers: fusion_train.seed, seg_seeds)
     device: str = "auto"                        # auto | cpu | cuda | cuda:1 ...
     plugins: list[str] = field(default_factory=list)   # modules that register fusion methods
     launcher: Literal["none", "torchrun"] = "none"     # torchrun: each training stage runs under DDP
@@ -127,10 +133,10 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     fusion: list[FusionMethodConfig] = field(default_factory=_default_methods)
     fusion_train: FusionTrainConfig = field(default_factory=FusionTrainConfig)
-    fuse_batch_size: int = 4
+    fuse_batch_size: int = 4   # pairs fused per batch (same-size images)
     metrics: MetricsStageConfig = field(default_factory=MetricsStageConfig)
     segmentation: SegConfig = field(default_factory=SegConfig)
-    seg_seeds: list[int] = field(default_factory=lambda: [0])
+    seg_seeds: list[int] = field(default_factory=lambda: [0])   # one segmenter per variant and seed (mean +- spread in the table)
     variants: list[str] | None = None           # None: ir, vi and every fusion method
     report: ReportConfig = field(default_factory=ReportConfig)
     # log both trainers to TensorBoard in <run folder>/.../tensorboard/ (needs the tensorboard

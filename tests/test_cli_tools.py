@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -73,6 +74,12 @@ def test_config_show_round_trips_and_documents_every_key(tmp_path):
     d = field_docs(SegConfig)
     assert d["lr"] == d["min_lr"] and "cosine decay" in d["lr"]
     assert "nproc_per_node=K" in d["batch_size"]   # a continuation line joined in
+    # every key of the shipped configs has its documentation: a comment line just above it
+    for name in ("default", "msrs"):
+        lines = cli("config", "show", name, cwd=tmp_path).stdout.splitlines()
+        bare = [ln for i, ln in enumerate(lines) if re.match(r"^\s*(- )?\w+:", ln)
+                and not lines[i - 1].lstrip().startswith("#")]
+        assert bare == [], (name, bare)
 
 
 def test_config_show_unknown_name_is_a_usage_error(tmp_path):

@@ -30,11 +30,11 @@ def day_or_night(stem: str) -> str | None:
 class Layout:
     """Folder names of a data set (MSRS names by default)."""
 
-    ir: str = "ir"
-    vi: str = "vi"
-    labels: str = "Segmentation_labels"
-    train: str = "train"
-    test: str = "test"
+    ir: str = "ir"   # infrared folder name
+    vi: str = "vi"   # visible folder name
+    labels: str = "Segmentation_labels"   # label folder name
+    train: str = "train"   # training split folder name
+    test: str = "test"   # test split folder name
 
 
 def list_images(folder: Path | str, role: str = "image") -> dict[str, Path]:
