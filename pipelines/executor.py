@@ -29,7 +29,8 @@ under the same job id by submitit (``StageJob.checkpoint``); the requeued job re
 trainer's last checkpoint (``last.pt``, written after every epoch). A job that is killed
 (``scancel``, node failure) or fails is reported with its log path and resubmitted once per
 ``fuseseg run``; it resumes from its last checkpoint as well. A job that fails with a fuseseg
-error (a bad setting, a non-finite loss) is reported with that message and not resubmitted.
+error (a bad setting, a non-finite loss) is reported with that message and not resubmitted by
+that run (it would fail again); ``fuseseg run`` again, the cause fixed, resubmits it once.
 ``fuseseg run`` again after the submitting process died picks the jobs up from the records:
 running and queued jobs are waited for, finished ones collected, failed ones resubmitted once.
 """
@@ -467,6 +468,9 @@ class JobExecutor(Executor):
         if ref is None and marker.is_file() and marker.read_text().strip() == fp:
             ref = self._live_job_in(out / "slurm")   # submitted, but the submitter died before recording it
         slot = None
+        # a job of an earlier `fuseseg run` that ended with a fuseseg error is resubmitted (once)
+        # as well: that run told the user to fix the cause and run again
+        earlier_failed = False
         try:
             slot = self._acquire_slot()   # a job picked up holds a slot too (local: --jobs at once)
             if ref is None:
@@ -476,6 +480,7 @@ class JobExecutor(Executor):
             else:
                 self._tracked.add(ref.job_id)
                 st = job_state(ref)
+                earlier_failed = st.state == "failed"
                 console.print(f"[cyan]  {key}:[/] picking up {ref.kind} job {ref.job_id} ({st.detail})", highlight=False)
             resubmitted = False
             while True:
@@ -484,8 +489,11 @@ class JobExecutor(Executor):
                     return {**value, "executor": self.kind, "job_id": ref.job_id, "attempt": attempt,
                             "job_folder": str(ref.folder), "log": str(ref.log)}
                 if outcome == "error":
-                    raise FusesegError(f"{key}: {value} (job {ref.job_id}; log: {ref.log})")
-                text = self._failure_text(key, ref, value)
+                    text = f"{key}: {value} (job {ref.job_id}; log: {ref.log})"
+                    if resubmitted or not earlier_failed:   # this run's job: it would only fail again
+                        raise FusesegError(text)
+                else:
+                    text = self._failure_text(key, ref, value)
                 if resubmitted or not ref.log.is_file():
                     raise FusesegError(text + ". Fix the cause, then run `fuseseg run` again: the job is "
                                        "resubmitted and resumes from its last checkpoint.")

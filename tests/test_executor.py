@@ -207,17 +207,15 @@ def test_local_jobs_get_their_own_gpus(tmp_path, monkeypatch):
         e.__exit__(None, None, None)
 
 
-def test_a_failed_job_is_resubmitted_once_and_a_fuseseg_error_not_at_all(tmp_path, job_env):
+def test_a_failed_job_is_resubmitted_once_and_a_fuseseg_error_by_the_next_run(tmp_path, job_env):
     """A job that dies is reported with its log and resubmitted once; dying again, the stage fails
-    naming the log and the fix. A job that stops with a fuseseg error is not resubmitted."""
+    naming the log and the fix. A job that stops with a fuseseg error (a bad setting) is not
+    resubmitted: it would fail again. `fuseseg run` again (the fix made) resubmits either once."""
     from executor_jobs import FailingJob
 
     from pipelines.executor import LocalExecutor
 
-    for crash in (True, False):
-        run_dir = tmp_path / f"run-{crash}"
-        out = run_dir / "segment" / "x"
-        out.mkdir(parents=True)
+    def run_once(run_dir: Path, out: Path, crash: bool) -> tuple[str, dict, int]:
         ex = LocalExecutor(ExecutorConfig(kind="local", poll_s=0.2))
         try:
             with pytest.raises(FusesegError) as err:
@@ -225,15 +223,23 @@ def test_a_failed_job_is_resubmitted_once_and_a_fuseseg_error_not_at_all(tmp_pat
         finally:
             ex.__exit__(None, None, None)
         rec = json.loads((run_dir / "stages" / "segment__x.json").read_text())
-        starts = len((out / "starts").read_text().split())
+        return str(err.value), rec, len((out / "starts").read_text().split())
+
+    for crash in (True, False):
+        run_dir = tmp_path / f"run-{crash}"
+        out = run_dir / "segment" / "x"
+        out.mkdir(parents=True)
+        err, rec, starts = run_once(run_dir, out, crash)
         if crash:
             assert starts == 2 and rec["attempt"] == 2 and rec["status"] == "submitted"
-            assert f"local job {rec['job_id']} failed (ENDED WITHOUT A RESULT); log: {rec['log']}" in str(err.value)
-            assert "Fix the cause, then run `fuseseg run` again" in str(err.value) and Path(rec["log"]).is_file()
+            assert f"local job {rec['job_id']} failed (ENDED WITHOUT A RESULT); log: {rec['log']}" in err
+            assert "Fix the cause, then run `fuseseg run` again" in err and Path(rec["log"]).is_file()
         else:
             assert starts == 1 and rec["attempt"] == 1
-            assert str(err.value).startswith("segment/x: segmentation.lr: -1 is out of range")
-            assert rec["log"] in str(err.value)
+            assert err.startswith("segment/x: segmentation.lr: -1 is out of range") and rec["log"] in err
+        again, rec2, starts2 = run_once(run_dir, out, crash)    # the next `fuseseg run`
+        assert (starts2, rec2["attempt"]) == ((3, 3) if crash else (2, 2)) and rec2["job_id"] != rec["job_id"]
+        assert rec2["log"] in again
 
 
 class _SlurmSettingsHere(SlurmExecutor):
