@@ -6,6 +6,7 @@ is documented here; an unknown key is an error naming the valid ones.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +30,12 @@ class SyntheticConfig:
     test: int = 48   # test scenes
     size: tuple[int, int] = (192, 256)     # H, W
     seed: int = 0   # same seed: byte-identical files
+    zoom: float = 1.0                      # cameras' focal-length factor: objects appear `zoom` times larger
+
+    def __post_init__(self):
+        if not (isinstance(self.zoom, (int, float)) and math.isfinite(self.zoom) and self.zoom > 0):
+            raise ConfigError(f"data.synthetic.zoom={self.zoom!r}: give a focal-length factor > 0 "
+                              "(1.0 = the generator's original camera; 1.5 shows every object 1.5x larger)")
 
 
 @dataclass

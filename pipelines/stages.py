@@ -324,7 +324,7 @@ def stage_data(cfg: ExperimentConfig, run_dir: Path, plan: Plan) -> tuple[Path, 
 
                 _prepare_dir(root, fp, run_dir, "data", fresh=st.forced)
                 s = d.synthetic
-                make_synthetic(root, s.train, s.test, size=tuple(s.size), seed=s.seed)
+                make_synthetic(root, s.train, s.test, size=tuple(s.size), seed=s.seed, zoom=s.zoom)
             if d.validate:
                 from fusion.data.validate import validate_pairset
 

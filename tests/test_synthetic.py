@@ -102,6 +102,40 @@ def test_perspective_far_objects_are_smaller():
     assert h_far / h_near == pytest.approx(d_far / d_near, rel=0.12)   # scale ~ 1/Z ~ (y - horizon)
 
 
+def test_zoom_scales_objects_at_a_fixed_place_and_keeps_the_scene():
+    """A person at a fixed 3-D place (X, Z) is h * f / Z px tall: ``zoom`` multiplies f, so its
+    pixel height doubles at zoom 2, and the same rng gives the same scene (camera height, horizon,
+    day/night) seen through the longer lens."""
+    person = {"cls": "person", "X": 0.0, "Z": 14.0, "h": 1.75}
+    tall, cams = {}, {}
+    for zoom in (1.0, 2.0):
+        _, _, lab, meta = render_scene(scene_rng(4, 0), SIZE, night=False, objects=[person], zoom=zoom)
+        rows = np.flatnonzero((lab == CLASS_IDS["person"]).any(1))
+        tall[zoom], cams[zoom] = rows[-1] - rows[0] + 1, meta["camera"]
+    f1 = cams[1.0]["focal"]
+    assert cams[2.0]["focal"] == pytest.approx(2 * f1)
+    for key in ("horizon", "cam_height", "cx", "cam_x"):
+        assert cams[2.0][key] == cams[1.0][key]
+    assert tall[1.0] == pytest.approx(1.75 * f1 / 14.0, abs=2)         # pinhole: h f / Z (+-2 px)
+    assert tall[2.0] == pytest.approx(2 * tall[1.0], abs=3)
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="zoom"):
+            render_scene(scene_rng(4, 0), SIZE, zoom=bad)
+
+
+def test_zoom_is_a_config_key_and_a_cli_option(tmp_path):
+    from fusion.errors import ConfigError
+    from pipelines.cli import main
+    from pipelines.experiment import SyntheticConfig
+
+    with pytest.raises(ConfigError, match="zoom"):
+        SyntheticConfig(zoom=0)
+    assert main(["make-synthetic", str(tmp_path / "z"), "--train", "2", "--test", "1", "--size", "48", "64",
+                 "--zoom", "1.5", "--workers", "1"]) == 0
+    assert (tmp_path / "z" / "synthetic.json").read_text().count('"zoom": 1.5') == 1
+    assert main(["make-synthetic", str(tmp_path / "y"), "--train", "2", "--test", "1", "--zoom", "-2"]) == 2
+
+
 def test_nearer_objects_occlude_farther_ones():
     # shape parameters fixed, so each object has the same outline in every scene below
     person = {"cls": "person", "X": 0.0, "Z": 14.0, "h": 1.8, "width": 0.9, "stride": 0.1}

@@ -120,8 +120,8 @@ def _loguniform(rng, a, b):
     return float(math.exp(rng.uniform(math.log(a), math.log(b))))
 
 
-def _random_camera(rng, H, W) -> Camera:
-    return Camera(height_px=H, width_px=W, focal=W * _u(rng, 0.75, 1.0), cx=W * _u(rng, 0.35, 0.65),
+def _random_camera(rng, H, W, zoom: float = 1.0) -> Camera:
+    return Camera(height_px=H, width_px=W, focal=W * _u(rng, 0.75, 1.0) * zoom, cx=W * _u(rng, 0.35, 0.65),
                   horizon=H * _u(rng, 0.36, 0.48), cam_height=_u(rng, 1.4, 2.3), cam_x=0.0)
 
 
@@ -810,7 +810,7 @@ def _render_images(c: _Canvas, rng, p: dict, lights: np.ndarray):
 
 
 def render_scene(rng: np.random.Generator, size: tuple[int, int] = (240, 320), night: bool | None = None,
-                 objects: list[dict] | None = None):
+                 objects: list[dict] | None = None, zoom: float = 1.0):
     """Render one labelled infrared/visible street scene.
 
     Args:
@@ -825,6 +825,10 @@ def render_scene(rng: np.random.Generator, size: tuple[int, int] = (240, 320), n
             ``guardrail`` take ``side`` (-1 left, +1 right) and optional ``Z0``, ``Z1`` instead;
             ``bump`` takes ``Z``. Any other parameter (e.g. ``h`` height in m) overrides the
             random one.
+        zoom: focal-length factor (> 0): the camera's focal length is ``zoom * (0.75..1.0) * W``
+            px, so every object appears ``zoom`` times larger (a narrower field of view of the
+            same street). 1.0 is the original camera; the random draws do not depend on it, so
+            the same ``rng`` gives the same scene, only seen through a longer lens.
 
     Returns:
         ``(ir, vi, label, meta)``: ir (H, W) uint8; vi (H, W, 3) uint8 RGB; label (H, W) uint8
@@ -842,7 +846,9 @@ def render_scene(rng: np.random.Generator, size: tuple[int, int] = (240, 320), n
                                  for s in rng.integers(0, 2 ** 63 - 1, size=4, dtype=np.int64))
     if night is None:
         night = bool(r_cam.random() < 0.5)
-    cam = _random_camera(r_cam, H, W)
+    if not (isinstance(zoom, (int, float)) and math.isfinite(zoom) and zoom > 0):
+        raise ValueError(f"zoom={zoom!r}: give a focal-length factor > 0 (1.0 = the original camera)")
+    cam = _random_camera(r_cam, H, W, float(zoom))
     lay = _random_layout(r_cam, cam)
     cam = Camera(**{**asdict(cam), "cam_x": _u(r_cam, -0.3, 0.3) * lay["road_w"]})
     p = _scene_params(r_cam, bool(night))
@@ -946,14 +952,15 @@ def _write_png(path: Path, img: np.ndarray) -> None:
     write_image(path, img)
 
 
-def _render_chunk(out: str, seed: int, size: tuple[int, int], n_train: int, indices: list[int]):
+def _render_chunk(out: str, seed: int, size: tuple[int, int], n_train: int, indices: list[int],
+                  zoom: float = 1.0):
     """Worker: render and write scenes ``indices``; returns (index, name, night, class counts)."""
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)                      # one process per core; restored for in-process use
     res = []
     try:
         for i in indices:
-            ir, vi, label, meta = render_scene(scene_rng(seed, i), size)
+            ir, vi, label, meta = render_scene(scene_rng(seed, i), size, zoom=zoom)
             name = f"{i + 1:05d}{'N' if meta['night'] else 'D'}.png"
             split = Path(out) / ("train" if i < n_train else "test")
             _write_png(split / "ir" / name, ir)
@@ -985,7 +992,7 @@ def _clear_previous(out: Path) -> None:
 
 
 def make_synthetic(out, n_train: int, n_test: int, size: tuple[int, int] = (240, 320), seed: int = 0,
-                   workers: int | None = None, progress: bool = True) -> dict:
+                   workers: int | None = None, progress: bool = True, zoom: float = 1.0) -> dict:
     """Render a labelled MSRS-like data set into ``out`` (MSRS layout, see the module docstring).
 
     Scene ``i`` (0-based, train first, then test) uses :func:`scene_rng` (seed, i), so the same
@@ -997,7 +1004,8 @@ def make_synthetic(out, n_train: int, n_test: int, size: tuple[int, int] = (240,
 
     Returns the summary: ``out, train, test, size, seed, names`` per split, ``night_fraction``,
     ``class_pixel_fraction`` and ``class_image_count`` (per class name), ``seconds``,
-    ``pairs_per_s``, ``workers``.
+    ``pairs_per_s``, ``workers``. ``zoom``: the cameras' focal-length factor (see
+    :func:`render_scene`); recorded in the summary when it is not 1.
     """
     from fusion.data.io import atomic_write_text
 
@@ -1008,6 +1016,9 @@ def make_synthetic(out, n_train: int, n_test: int, size: tuple[int, int] = (240,
     H, W = (int(v) for v in size)
     if H < 16 or W < 16:
         raise ValueError(f"make_synthetic: size {size} too small; use at least 16 16")
+    if not (isinstance(zoom, (int, float)) and math.isfinite(zoom) and zoom > 0):
+        raise ValueError(f"make_synthetic: zoom={zoom!r}; give a focal-length factor > 0 (1.0 = the original camera)")
+    zoom = float(zoom)
     out = Path(out)
     _clear_previous(out)
     n = n_train + n_test
@@ -1026,13 +1037,13 @@ def make_synthetic(out, n_train: int, n_test: int, size: tuple[int, int] = (240,
     try:
         if workers == 1:
             for ch in chunks:
-                results.extend(_render_chunk(str(out), seed, (H, W), n_train, ch))
+                results.extend(_render_chunk(str(out), seed, (H, W), n_train, ch, zoom))
                 if bar:
                     bar.advance(task, len(ch))
         else:
             import multiprocessing as mp
             with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-                futs = [ex.submit(_render_chunk, str(out), seed, (H, W), n_train, ch) for ch in chunks]
+                futs = [ex.submit(_render_chunk, str(out), seed, (H, W), n_train, ch, zoom) for ch in chunks]
                 for fut in as_completed(futs):
                     r = fut.result()
                     results.extend(r)
@@ -1047,6 +1058,7 @@ def make_synthetic(out, n_train: int, n_test: int, size: tuple[int, int] = (240,
     present = np.sum([r[3] > 0 for r in results], axis=0)
     summary = {
         "out": str(out), "train": n_train, "test": n_test, "size": [H, W], "seed": int(seed),
+        **({"zoom": zoom} if zoom != 1.0 else {}),
         "names": {"train": [r[1] for r in results[:n_train]], "test": [r[1] for r in results[n_train:]]},
         "night_fraction": float(np.mean([r[2] for r in results])),
         "class_pixel_fraction": {CLASS_NAMES[k]: float(counts[k] / counts.sum()) for k in range(NUM_CLASSES)},

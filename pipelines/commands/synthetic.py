@@ -1,6 +1,7 @@
 """``fuseseg make-synthetic OUT``: render a labelled MSRS-like infrared/visible data set."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from rich.table import Table
@@ -23,6 +24,8 @@ def register(sub) -> None:
     p.add_argument("--size", type=int, nargs=2, default=(240, 320), metavar=("H", "W"),
                    help="image height and width in pixels (default: 240 320; MSRS is 480 640)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--zoom", type=float, default=1.0, metavar="F",
+                   help="cameras' focal-length factor: objects appear F times larger (default: 1.0)")
     p.add_argument("--workers", type=int, default=None, metavar="K",
                    help="worker processes (default: all CPU cores)")
     p.set_defaults(func=run)
@@ -40,9 +43,11 @@ def run(args) -> int:
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"make-synthetic: --workers {args.workers}: give at least 1, or omit it "
                           "to use every CPU core")
+    if not (math.isfinite(args.zoom) and args.zoom > 0):
+        raise ConfigError(f"make-synthetic: --zoom {args.zoom}: give a focal-length factor > 0, e.g. --zoom 1.5")
     with folder_lock(args.out, "fuseseg make-synthetic OUT"):
         s = make_synthetic(args.out, args.train, args.test, size=tuple(args.size), seed=args.seed,
-                           workers=args.workers, progress=True)
+                           workers=args.workers, progress=True, zoom=args.zoom)
     table = Table(title=f"synthetic data set {s['out']}")
     table.add_column("class")
     table.add_column("pixel share (%)", justify="right")
