@@ -6,7 +6,6 @@ is documented here; an unknown key is an error naming the valid ones.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +32,9 @@ class SyntheticConfig:
     zoom: float = 1.0                      # cameras' focal-length factor: objects appear `zoom` times larger
 
     def __post_init__(self):
-        if not (isinstance(self.zoom, (int, float)) and math.isfinite(self.zoom) and self.zoom > 0):
+        from fusion.data.synthetic import valid_zoom
+
+        if not valid_zoom(self.zoom):
             raise ConfigError(f"data.synthetic.zoom={self.zoom!r}: give a focal-length factor > 0 "
                               "(1.0 = the generator's original camera; 1.5 shows every object 1.5x larger)")
 

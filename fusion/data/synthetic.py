@@ -120,6 +120,11 @@ def _loguniform(rng, a, b):
     return float(math.exp(rng.uniform(math.log(a), math.log(b))))
 
 
+def valid_zoom(zoom) -> bool:
+    """Whether ``zoom`` is a usable focal-length factor (a finite number > 0)."""
+    return isinstance(zoom, (int, float)) and not isinstance(zoom, bool) and math.isfinite(zoom) and zoom > 0
+
+
 def _random_camera(rng, H, W, zoom: float = 1.0) -> Camera:
     return Camera(height_px=H, width_px=W, focal=W * _u(rng, 0.75, 1.0) * zoom, cx=W * _u(rng, 0.35, 0.65),
                   horizon=H * _u(rng, 0.36, 0.48), cam_height=_u(rng, 1.4, 2.3), cam_x=0.0)
@@ -846,7 +851,7 @@ def render_scene(rng: np.random.Generator, size: tuple[int, int] = (240, 320), n
                                  for s in rng.integers(0, 2 ** 63 - 1, size=4, dtype=np.int64))
     if night is None:
         night = bool(r_cam.random() < 0.5)
-    if not (isinstance(zoom, (int, float)) and math.isfinite(zoom) and zoom > 0):
+    if not valid_zoom(zoom):
         raise ValueError(f"zoom={zoom!r}: give a focal-length factor > 0 (1.0 = the original camera)")
     cam = _random_camera(r_cam, H, W, float(zoom))
     lay = _random_layout(r_cam, cam)
@@ -1016,7 +1021,7 @@ def make_synthetic(out, n_train: int, n_test: int, size: tuple[int, int] = (240,
     H, W = (int(v) for v in size)
     if H < 16 or W < 16:
         raise ValueError(f"make_synthetic: size {size} too small; use at least 16 16")
-    if not (isinstance(zoom, (int, float)) and math.isfinite(zoom) and zoom > 0):
+    if not valid_zoom(zoom):
         raise ValueError(f"make_synthetic: zoom={zoom!r}; give a focal-length factor > 0 (1.0 = the original camera)")
     zoom = float(zoom)
     out = Path(out)

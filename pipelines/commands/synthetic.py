@@ -1,7 +1,6 @@
 """``fuseseg make-synthetic OUT``: render a labelled MSRS-like infrared/visible data set."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from rich.table import Table
@@ -32,7 +31,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from fusion.data.synthetic import CLASS_NAMES, make_synthetic
+    from fusion.data.synthetic import CLASS_NAMES, make_synthetic, valid_zoom
 
     if args.train < 0 or args.test < 0 or args.train + args.test == 0:
         raise ConfigError(f"make-synthetic: --train {args.train} --test {args.test}: give counts >= 0 "
@@ -43,7 +42,7 @@ def run(args) -> int:
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"make-synthetic: --workers {args.workers}: give at least 1, or omit it "
                           "to use every CPU core")
-    if not (math.isfinite(args.zoom) and args.zoom > 0):
+    if not valid_zoom(args.zoom):
         raise ConfigError(f"make-synthetic: --zoom {args.zoom}: give a focal-length factor > 0, e.g. --zoom 1.5")
     with folder_lock(args.out, "fuseseg make-synthetic OUT"):
         s = make_synthetic(args.out, args.train, args.test, size=tuple(args.size), seed=args.seed,
