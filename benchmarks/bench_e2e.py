@@ -18,7 +18,8 @@ epoch per phase) three times -- the config as it is, every stage at ``amp=off`` 
   summed RSS of all processes of the tree (pipeline + DataLoader / pool workers), sampled from
   ``/proc`` every 0.25 s (a short spike between samples can be missed).
 
-Usage: ``python -m benchmarks.bench_e2e [--quick] [--keep DIR]``.
+Usage: ``python -m benchmarks.bench_e2e [--quick] [--keep DIR] [--default-only | --precisions default,fp32]``;
+prints the table and writes ``results/benchmarks/e2e-<date>.json``.
 """
 from __future__ import annotations
 
@@ -130,6 +131,17 @@ PRECISION_RUNS = {"default": [], "fp32": ["fusion_train.amp=off", "segmentation.
                   "auto": ["fusion_train.amp=auto", "segmentation.amp=auto"]}
 
 
+def parse_precisions(text: str) -> tuple[str, ...]:
+    """``"default,fp32"`` -> ``("default", "fp32")``: names of :data:`PRECISION_RUNS`, in the given
+    order, each once; ValueError naming the unknown ones."""
+    names = tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    bad = [x for x in names if x not in PRECISION_RUNS]
+    if bad or not names:
+        raise ValueError(f"--precisions: {'unknown ' + ', '.join(bad) if bad else 'nothing given'}; "
+                         f"choose from {', '.join(PRECISION_RUNS)}")
+    return names
+
+
 def run_one(quick: bool, extra: list[str], keep: Path | None = None) -> dict:
     overrides = (list(QUICK_OVERRIDES) if quick else []) + list(extra)
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
@@ -202,11 +214,23 @@ if __name__ == "__main__":
     ap.add_argument("--quick", action="store_true", help="tiny override set (16+8 scenes, 1 epoch)")
     ap.add_argument("--keep", type=Path, help="keep the run folders here instead of temporary ones")
     ap.add_argument("--default-only", action="store_true", help="only the config as it is (no fp32/auto runs)")
+    ap.add_argument("--precisions", default="default,fp32,auto",
+                    help="comma-separated runs, a subset of default,fp32,auto in any order (e.g. default,fp32 "
+                         "when the config already runs at amp=auto)")
     a = ap.parse_args()
+    try:
+        chosen = ("default",) if a.default_only else parse_precisions(a.precisions)
+    except ValueError as e:
+        ap.error(str(e))
     from rich.console import Console
 
     from benchmarks.common import figures_table
 
-    Console().print(figures_table(figures(run(quick=a.quick, keep=a.keep,
-                                                 precisions=("default",) if a.default_only else
-                                                 ("default", "fp32", "auto"))), "end to end"))
+    from benchmarks.common import make_record, write_record
+
+    result = run(quick=a.quick, keep=a.keep, precisions=chosen)
+    figs = figures(result)
+    Console().print(figures_table(figs, "end to end"))
+    path = write_record(make_record(figs, {"e2e": result}, a.quick, command=sys.argv),
+                        REPO / "results" / "benchmarks" / f"e2e-{time.strftime('%Y-%m-%d')}.json")
+    Console().print(f"written: {path}")

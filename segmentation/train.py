@@ -133,17 +133,43 @@ def steps_per_epoch(n_images: int, batch_size: int, world: int, cap: int | None)
     return min(steps, cap) if cap else steps
 
 
+def fused_sgd_supported(params: list[torch.nn.Parameter]) -> bool:
+    """True when every parameter is a floating-point tensor on a CPU or CUDA device, where torch's
+    fused SGD kernel exists (one pass over each parameter instead of 3-4 elementwise ops: measured
+    #13, 5.4M parameters on 1 CPU thread: 13.3 ms -> 4.2 ms per step, about 7 % of a training step)."""
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: SegConfig,
                     previous: torch.optim.Optimizer | None = None) -> torch.optim.SGD:
-    """SGD (momentum, weight decay) over the parameters that currently require grad; the momentum
-    buffers of parameters also held by ``previous`` are carried over (phase switch)."""
+    """SGD (momentum, weight decay; the fused kernel where :func:`fused_sgd_supported`) over the
+    parameters that currently require grad; the momentum buffers of parameters also held by
+    ``previous`` are carried over (phase switch)."""
     params = trainable_parameters(model)
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                          fused=fused_sgd_supported(params) or None)
     if previous is not None:
-        for p in params:
-            if p in previous.state:
-                opt.state[p] = previous.state[p]
+        carried = [p for p in params if p in previous.state]
+        for p in carried:
+            opt.state[p] = previous.state[p]
+        if carried and opt.param_groups[0].get("fused"):
+            # the fused kernel takes every buffer or none; a zero buffer gives the same first step
+            # as a missing one (buf = momentum*0 + grad = grad, no dampening)
+            for p in params:
+                if p not in previous.state:
+                    opt.state[p] = {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format)}
     return opt
+
+
+def restore_optimizer(model: torch.nn.Module, cfg: SegConfig, state: dict) -> torch.optim.SGD:
+    """:func:`build_optimizer` with a checkpoint's optimizer ``state`` loaded (momentum buffers,
+    lr); the kernel choice stays this machine's (a checkpoint written unfused resumes fused)."""
+    optimizer = build_optimizer(model, cfg)
+    fused = [g.get("fused") for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for g, f in zip(optimizer.param_groups, fused, strict=True):
+        g["fused"] = f
+    return optimizer
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:
@@ -265,8 +291,7 @@ def train_segmenter(images_dir: Path | str, labels_dir: Path | str, cfg: SegConf
         load_state_dict_checked(model, ckpt["state_dict"], last_path)
         cur_phase = ckpt["phase"]
         set_phase(model, cur_phase)
-        optimizer = build_optimizer(model, cfg)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer = restore_optimizer(model, cfg, ckpt["optimizer"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, global_step = int(ckpt["epoch"]), int(ckpt["global_step"])

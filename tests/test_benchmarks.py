@@ -8,7 +8,7 @@ import pytest
 from benchmarks import common
 from benchmarks.__main__ import NAMES, figures_of, parse_only, run_all
 from benchmarks.bench_dataloading import verdict
-from benchmarks.bench_e2e import stage_summary
+from benchmarks.bench_e2e import parse_precisions, stage_summary
 from benchmarks.bench_memory import extrapolate, saved_tensor_bytes
 
 
@@ -163,6 +163,15 @@ def test_saved_tensor_count_matches_hand_count():
         return (h * h).sum()  # mul saves h twice (one storage, 5x3x4 = 60 B)
 
     assert saved_tensor_bytes(step, [w]) == 80 + 60
+
+
+def test_e2e_precision_runs_are_parsed_in_order_and_unknown_names_refused():
+    assert parse_precisions("default,fp32") == ("default", "fp32")
+    assert parse_precisions(" fp32 , auto,fp32") == ("fp32", "auto")
+    with pytest.raises(ValueError, match="unknown bf32.*choose from default, fp32, auto"):
+        parse_precisions("default,bf32")
+    with pytest.raises(ValueError, match="nothing given"):
+        parse_precisions(" , ")
 
 
 def test_e2e_reports_every_stage_at_both_precisions():

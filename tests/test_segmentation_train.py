@@ -158,6 +158,14 @@ def test_phase_switch_unit():
     opt2 = build_optimizer(model, cfg, opt)
     assert len(opt2.param_groups[0]["params"]) == len(list(model.parameters()))
     assert opt2.state[head_w]["momentum_buffer"] is buf  # decoder momentum carried over
+    # the encoder's first full-phase step is plain SGD (d = g + wd*p), as without a buffer
+    enc_w = next(model.encoder.parameters())
+    before = enc_w.detach().double().clone()
+    opt2.zero_grad(set_to_none=True)
+    model(x).mean().backward()
+    d = enc_w.grad.double() + cfg.weight_decay * before
+    opt2.step()
+    torch.testing.assert_close(enc_w.detach().double(), before - cfg.lr * d, rtol=0, atol=1e-6)
 
 
 def test_checkpoint_reload_reproduces_confusion(run, tmp_path):
@@ -345,3 +353,48 @@ def test_cli_train_and_eval(run, tmp_path, capsys):
     assert data["convention"] == "exclude_background" and len(data["confusion"]) == 9
     with pytest.raises(ConfigError, match="unknown key"):
         segment.load_seg_config(None, ["epochz=1"])
+
+
+def test_fused_sgd_steps_match_a_float64_hand_computation():
+    """Two SGD steps of build_optimizer (fused kernel on CPU) against torch.optim.SGD's update
+    written out in float64: d = g + wd*p; buf = d (step 1), buf = m*buf + d; p -= lr*buf."""
+    cfg = SegConfig(**CFG)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    opt = build_optimizer(model, cfg)
+    assert all(g["fused"] for g in opt.param_groups)
+    ref = [p.detach().double().clone() for p in model.parameters()]
+    bufs = [None] * len(ref)
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        (model(x) ** 2).mean().backward()
+        for i, p in enumerate(model.parameters()):
+            d = p.grad.double() + cfg.weight_decay * ref[i]
+            bufs[i] = d.clone() if bufs[i] is None else cfg.momentum * bufs[i] + d
+            ref[i] = ref[i] - cfg.lr * bufs[i]
+        opt.step()
+        for p, r in zip(model.parameters(), ref, strict=True):
+            torch.testing.assert_close(p.detach().double(), r, rtol=0, atol=1e-6)
+            p.data.copy_(r.float())   # the next step starts from the same point in both
+
+
+def test_resume_keeps_the_fused_optimizer_and_the_momentum(run):
+    """A checkpoint's optimizer state, also one written by an unfused SGD, resumes in a fused SGD
+    with its momentum buffers; parameters off CPU/CUDA (here: meta) get the plain kernel."""
+    from segmentation.train import fused_sgd_supported, restore_optimizer
+
+    ck = load_checkpoint(run["final"])
+    cfg = SegConfig(**ck["config"])
+    model = build_model(ck["kwargs"])
+    state = ck["optimizer"]
+    for g in state["param_groups"]:
+        g["fused"] = None                       # as written before the fused kernel was used
+    opt = restore_optimizer(model, cfg, state)
+    assert all(g["fused"] for g in opt.param_groups)
+    head_w = model.segmentation_head[0].weight
+    idx = [id(p) for p in opt.param_groups[0]["params"]].index(id(head_w))
+    saved_buf = state["state"][idx]["momentum_buffer"]
+    torch.testing.assert_close(opt.state[head_w]["momentum_buffer"], saved_buf, rtol=0, atol=0)
+    assert not fused_sgd_supported([torch.nn.Parameter(torch.zeros(2, device="meta"))])
+    assert not fused_sgd_supported([])
