@@ -59,6 +59,23 @@ def read_log(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def focus_ylim(last_phase: np.ndarray, earlier: np.ndarray, margin: float = 0.1) -> tuple[float, float] | None:
+    """y-limits (lo, hi) showing the last phase's values ``last_phase`` with ``margin`` of their span
+    on both sides when some value of the earlier phases ``earlier`` lies outside that range
+    (e.g. the structure phase's ``total`` is L_rec, a different quantity than the fusion phase's
+    total, and would flatten its curve); None when every value fits or nothing is finite."""
+    last = last_phase[np.isfinite(last_phase)]
+    prev = earlier[np.isfinite(earlier)]
+    if not last.size or not prev.size:
+        return None
+    lo, hi = float(last.min()), float(last.max())
+    pad = margin * (hi - lo) if hi > lo else 0.05 * max(abs(hi), 1e-12)
+    lo, hi = lo - pad, hi + pad
+    if ((prev >= lo) & (prev <= hi)).all():
+        return None
+    return lo, hi
+
+
 def fusion_curves(logs: dict[str, list[dict[str, str]]]) -> bytes | None:
     """Loss components per epoch of each fusion training (``{method: log rows}``)."""
     logs = {k: v for k, v in logs.items() if v}
@@ -74,10 +91,14 @@ def fusion_curves(logs: dict[str, list[dict[str, str]]]) -> bytes | None:
     fig = _figure(3.2 * cols, 2.4 * nrows)
     axes = np.atleast_1d(fig.subplots(nrows, cols, squeeze=False)).ravel()
     for ax, comp in zip(axes, comps):
+        last_vals, prev_pts = [], []   # (last phase's values; (x, y) of the earlier phases' points)
         for k, (method, rows) in enumerate(logs.items()):
             y = np.array([_num(r.get(comp)) for r in rows])
             x = np.arange(1, len(rows) + 1)
             starts = [i for i in range(1, len(rows)) if rows[i]["phase"] != rows[i - 1]["phase"]]
+            cut = starts[-1] if starts else 0
+            last_vals.append(y[cut:])
+            prev_pts += [(xi, yi, k) for xi, yi in zip(x[:cut], y[:cut]) if np.isfinite(yi)]
             # one line per phase: a phase's losses are not the next phase's (no line across the border)
             for j, (a, b) in enumerate(zip([0, *starts], [*starts, len(rows)])):
                 ok = np.isfinite(y[a:b])
@@ -86,6 +107,17 @@ def fusion_curves(logs: dict[str, list[dict[str, str]]]) -> bytes | None:
                             label=method if j == 0 or not np.isfinite(y[:a]).any() else None)
             for s in starts:
                 ax.axvline(s + 0.5, color="#999", lw=0.8, ls="--")
+        lim = focus_ylim(np.concatenate(last_vals), np.array([p[1] for p in prev_pts]))
+        if lim is not None:   # an earlier phase's points off this scale: at the edge, value written
+            ax.set_ylim(*lim)
+            for xi, yi, k in prev_pts:
+                if not lim[0] <= yi <= lim[1]:
+                    top = yi > lim[1]
+                    ax.annotate(f"{yi:.3g}", (xi, lim[1] if top else lim[0]), xytext=(4, -9 if top else 3),
+                                textcoords="offset points", fontsize=7, color=f"C{k}",
+                                annotation_clip=False)
+                    ax.plot([xi], [lim[1] if top else lim[0]], marker="^" if top else "v", ms=5,
+                            color=f"C{k}", clip_on=False)
         ax.set_xlim(0.5, max(len(r) for r in logs.values()) + 0.5)   # one epoch axis for every panel
         ax.set_title(comp, fontsize=10)
         ax.set_xlabel("epoch (all phases)", fontsize=8)

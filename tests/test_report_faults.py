@@ -7,6 +7,7 @@ import io
 import json
 
 import numpy as np
+import pytest
 
 from pipelines import report as rep
 
@@ -109,3 +110,20 @@ def test_figures_draw_what_they_are_given():
     # nothing to draw: no figure (the report leaves it out)
     assert figures.fusion_curves({}) is None and figures.class_iou_bars([], ["car"]) is None
     assert figures.confusion_grid({}, ["car"]) is None and figures.metric_distributions({}) is None
+
+
+def test_fusion_curves_scale_to_the_last_phase_when_an_earlier_point_is_off_scale():
+    from pipelines import figures
+
+    # fusion-phase totals 0.30..0.20 (span 0.1, margin 0.01); the structure phase's L_rec 5.0 is off
+    lim = figures.focus_ylim(np.array([0.30, 0.25, 0.20]), np.array([5.0]))
+    assert lim == pytest.approx((0.19, 0.31))
+    # every earlier value inside the padded range, or nothing finite: matplotlib's own limits
+    assert figures.focus_ylim(np.array([0.30, 0.20]), np.array([0.305])) is None
+    assert figures.focus_ylim(np.array([np.nan]), np.array([5.0])) is None
+    assert figures.focus_ylim(np.array([0.3]), np.array([])) is None
+    # a flat last phase still gets a visible range around its value
+    assert figures.focus_ylim(np.array([2.0, 2.0]), np.array([9.0])) == pytest.approx((1.9, 2.1))
+    log = [{"phase": p, "epoch": str(e), "global_step": str(e), "total": str(t), "lr": "0.001"}
+           for p, e, t in (("structure", 1, 5.0), ("fusion", 1, 0.30), ("fusion", 2, 0.25), ("fusion", 3, 0.20))]
+    assert decode(figures.fusion_curves({"sspfusion": log})).std() > 10
