@@ -10,7 +10,9 @@ epoch per phase) three times -- the config as it is, every stage at ``amp=off`` 
   ``peak_rss_scope``; ``child_peak_rss_mib`` when a finished child process set a new peak); ``gpu_peak_mib``
   (``torch.cuda.max_memory_allocated`` during the stage) where CUDA is used;
 * the stage seconds summed per stage kind (data, train_fusion, fuse, metrics, segment, report);
-* the command's wall time (imports and start-up included);
+* the command's wall time (imports and start-up included), next to 2048x2048 fp32 and bf16
+  matmul rates measured before and after the runs (a shared VM's speed differs from day to day,
+  by a quarter on the development machine: these rates say how fast it was during the run);
 * the peak RSS of the largest single process of the tree (``getrusage(RUSAGE_CHILDREN)
   .ru_maxrss`` of a small wrapper process whose only child is the pipeline, or the pipeline's
   own ``process_peak_rss_mib`` record when larger: the per-stage resets lower the kernel's
@@ -32,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import REPO, figure
+from benchmarks.common import REPO, figure, rate_figures
 
 QUICK_OVERRIDES = ["data.synthetic.train=16", "data.synthetic.test=8", "fusion_train.structure_epochs=1",
                    "fusion_train.epochs=1", "segmentation.epochs=1", "segmentation.frozen_epochs=0",
@@ -160,9 +162,13 @@ def run(quick: bool = False, keep: Path | None = None,
         precisions: tuple[str, ...] = ("default", "fp32", "auto")) -> dict:
     """The default run, then (unless only "default" is asked for) the same with every stage at
     ``amp=off`` and at ``amp=auto`` (separate run folders)."""
+    from benchmarks.common import matmul_rates
+
+    before = matmul_rates()   # the machine's speed today (shared VMs differ from day to day)
     runs = {name: run_one(quick, PRECISION_RUNS[name], keep / name if keep else None) for name in precisions}
     res = dict(runs[precisions[0]])
     res["by_precision"] = runs
+    res["matmul_2048_gflops_per_s"] = {"before": before, "after": matmul_rates()}
     return res
 
 
@@ -194,6 +200,10 @@ def _single_figures(result: dict) -> list[dict]:
                   "getrusage(RUSAGE_CHILDREN).ru_maxrss"),
            figure(sec, "peak RSS, process tree summed", result["peak_tree_rss_mib"], "MiB",
                   "sampled from /proc every 0.25 s")]
+    rates = result.get("matmul_2048_gflops_per_s")
+    if rates:
+        for when in ("before", "after"):
+            out += [dict(f, figure=f"{f['figure']}, {when} the runs") for f in rate_figures(sec, rates[when])]
     for kind, s in result["seconds_by_kind"].items():
         out.append(figure(sec, f"stage {kind} (all of its runs)", s, "s"))
     for r in result["stages"]:
@@ -224,9 +234,7 @@ if __name__ == "__main__":
         ap.error(str(e))
     from rich.console import Console
 
-    from benchmarks.common import figures_table
-
-    from benchmarks.common import make_record, write_record
+    from benchmarks.common import figures_table, make_record, write_record
 
     result = run(quick=a.quick, keep=a.keep, precisions=chosen)
     figs = figures(result)

@@ -61,11 +61,12 @@ def _median_time(fn, reps: int, warmup: int = 1) -> float:
     return timed(fn, repeats=reps, warmup=warmup).median
 
 
-def _train_step(encoder: str, crop: int, batch: int, phase: str, amp: str, decoder_channels: int):
+def _train_step(encoder: str, crop: int, batch: int, phase: str, amp: str, decoder_channels: int,
+                aspp_separable: bool = True):
     """A function doing one optimiser step (Dice+CE, SGD) on random (batch, 3, crop, crop) inputs
     the way segmentation.train runs it under ``amp`` (autocast, channels-last with bf16 on CPU)."""
     cfg = SegConfig(encoder=encoder, crop_size=crop, batch_size=batch, frozen_batch_size=batch,
-                    decoder_channels=decoder_channels, amp=amp)
+                    decoder_channels=decoder_channels, aspp_separable=aspp_separable, amp=amp)
     torch.manual_seed(0)
     cl = precision_of(amp)["channels_last"]
     model = build_model(cfg.model_kwargs())
@@ -81,10 +82,11 @@ def _train_step(encoder: str, crop: int, batch: int, phase: str, amp: str, decod
     return lambda: seg_train_step(model, opt, loss_fn, x, y, CPU, amp)
 
 
-def train_flops(encoder: str, crop: int, batch: int, phase: str, decoder_channels: int) -> int:
+def train_flops(encoder: str, crop: int, batch: int, phase: str, decoder_channels: int,
+                aspp_separable: bool = True) -> int:
     """FLOPs of one training step (forward + backward; FlopCounterMode: convolutions and matrix
     products, 2 per multiply-add)."""
-    step = _train_step(encoder, crop, batch, phase, "off", decoder_channels)
+    step = _train_step(encoder, crop, batch, phase, "off", decoder_channels, aspp_separable)
     counter = FlopCounterMode(display=False)
     with counter:
         step()
@@ -92,15 +94,17 @@ def train_flops(encoder: str, crop: int, batch: int, phase: str, decoder_channel
 
 
 def train_images_per_s(encoder: str, crop: int, batch: int, phase: str, reps: int, amp: str = "off",
-                       decoder_channels: int = 256) -> float:
+                       decoder_channels: int = 256, aspp_separable: bool = True) -> float:
     """Images/s of full optimiser steps (Dice+CE, SGD) on random (batch, 3, crop, crop) inputs."""
-    return batch / _median_time(_train_step(encoder, crop, batch, phase, amp, decoder_channels), reps)
+    return batch / _median_time(_train_step(encoder, crop, batch, phase, amp, decoder_channels, aspp_separable),
+                                reps)
 
 
-def infer_images_per_s(encoder: str, reps: int, amp: str = "off", decoder_channels: int = 256) -> float:
+def infer_images_per_s(encoder: str, reps: int, amp: str = "off", decoder_channels: int = 256,
+                       aspp_separable: bool = True) -> float:
     """Images/s of full-size (480x640) inference, batch 1, padding + argmax included (the path of
     ``evaluate_segmenter``: predict() under ``amp``)."""
-    cfg = SegConfig(encoder=encoder, decoder_channels=decoder_channels)
+    cfg = SegConfig(encoder=encoder, decoder_channels=decoder_channels, aspp_separable=aspp_separable)
     torch.manual_seed(0)
     model = build_model(cfg.model_kwargs()).eval()
     if precision_of(amp)["channels_last"]:
@@ -128,41 +132,44 @@ def run(quick: bool = False) -> dict:
     default = config_settings("default", {"encoder": DEFAULT_ENCODER, "crop_size": d0.crop_size,
                                           "batch_size": d0.batch_size,
                                           "frozen_batch_size": d0.frozen_batch_size,
-                                          "decoder_channels": d0.decoder_channels})
+                                          "decoder_channels": d0.decoder_channels,
+                                          "aspp_separable": d0.aspp_separable})
     paper_cfg = config_settings("msrs", {"encoder": PAPER_ENCODER, "crop_size": 480, "batch_size": 4,
-                                         "frozen_batch_size": 8, "decoder_channels": d0.decoder_channels})
+                                         "frozen_batch_size": 8, "decoder_channels": d0.decoder_channels,
+                                         "aspp_separable": d0.aspp_separable})
     reps = 2 if quick else 4
     # (encoder, role, crop, batch, frozen batch, decoder channels, amps): the default config and
     # the issue #13 reference (192 crops, batch 8) at both precisions, the paper-like config at its
     # own crop/batch, and (full run) the other light candidates at the default crop/batch
-    dc = default["decoder_channels"]
+    dc, sep = default["decoder_channels"], default["aspp_separable"]
     cases = [(default["encoder"], "default (CPU)", default["crop_size"], default["batch_size"],
-              default["frozen_batch_size"], dc, AMPS),
-             (default["encoder"], "reference 192^2 b8", REFERENCE_CROP, 8, 16, 128, AMPS),
+              default["frozen_batch_size"], dc, sep, AMPS),
+             (default["encoder"], "reference 192^2 b8", REFERENCE_CROP, 8, 16, 128, sep, AMPS),
              (paper_cfg["encoder"], "paper-like (msrs)", paper_cfg["crop_size"],
               paper_cfg["batch_size"], paper_cfg["frozen_batch_size"], paper_cfg["decoder_channels"],
+              paper_cfg["aspp_separable"],
               ("auto",) if quick else AMPS)]
     if not quick:
         cases += [(e, "candidate", default["crop_size"], default["batch_size"],
-                   default["frozen_batch_size"], dc, ("auto",)) for e in ("resnet18", "mobilenet_v2")]
+                   default["frozen_batch_size"], dc, sep, ("auto",)) for e in ("resnet18", "mobilenet_v2")]
     rows = []
     rates_before = matmul_rates(repeats=3)
-    for enc, role, crop, batch, fbatch, dch, amps in cases:
+    for enc, role, crop, batch, fbatch, dch, asep, amps in cases:
         paper = role.startswith("paper")
         n_params = sum(p.numel() for p in build_model(
-            SegConfig(encoder=enc, decoder_channels=dch).model_kwargs()).parameters())
-        flops = train_flops(enc, crop, batch, "full", dch)
+            SegConfig(encoder=enc, decoder_channels=dch, aspp_separable=asep).model_kwargs()).parameters())
+        flops = train_flops(enc, crop, batch, "full", dch, asep)
         for amp in amps:
-            full = train_images_per_s(enc, crop, batch, "full", 1 if paper else reps, amp, dch)
+            full = train_images_per_s(enc, crop, batch, "full", 1 if paper else reps, amp, dch, asep)
             row = {"encoder": enc, "role": role, "amp": amp, **precision_of(amp), "parameters": n_params,
-                   "decoder_channels": dch, "train_crop": crop, "train_batch": batch, "frozen_batch": fbatch,
+                   "decoder_channels": dch, "aspp_separable": asep, "train_crop": crop, "train_batch": batch, "frozen_batch": fbatch,
                    "train_full_images_per_s": full,
                    "train_flops_per_image": flops / batch,
                    "train_gflops_per_s": flops / batch * full / 1e9,
                    "train_frozen_images_per_s": None if paper or role.startswith("reference") else
-                   train_images_per_s(enc, crop, fbatch, "frozen", reps, amp, dch),
+                   train_images_per_s(enc, crop, fbatch, "frozen", reps, amp, dch, asep),
                    "infer_480x640_images_per_s": None if role.startswith("reference") else
-                   infer_images_per_s(enc, 2 if paper else reps, amp, dch)}
+                   infer_images_per_s(enc, 2 if paper else reps, amp, dch, asep)}
             rows.append(row)
     rates_after = matmul_rates(repeats=3)
     rates = {p: (rates_before[p] + rates_after[p]) / 2 for p in rates_before}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -120,6 +121,30 @@ def measure(amp: str, quick: bool, flops: int) -> dict:
             "_output": out}
 
 
+def measure_compiled(amp: str, quick: bool, flops: int) -> dict:
+    """Batch-1 480x640 inference through :class:`fusion.fuse.CompiledMethod` (``fuse_compile:
+    true``, ``fuseseg fuse --compile``) under ``amp``: the first call's seconds (compiling) and
+    the median latency after it; its output for the agreement with eager."""
+    from fusion.fuse import CompiledMethod
+
+    reps, warm = (3, 1) if quick else (7, 2)
+    torch.manual_seed(0)
+    model, conv, ctx = _prepare(SSPFusion().eval(), amp)
+    fn = CompiledMethod(model, "sspfusion")
+    ir, vi = conv(*_scene())
+    with torch.inference_mode():
+        def infer(a=ir, b=vi):
+            with ctx():
+                return fn(a, b)
+
+        t0 = time.perf_counter()
+        out = infer().float()
+        compile_s = time.perf_counter() - t0
+        lat = timed(infer, repeats=reps, warmup=warm).median
+    return {"amp": amp, **precision_of(amp), "compile_seconds": compile_s, "fell_back": fn.failed,
+            "inference_ms_per_pair": lat * 1e3, "achieved_gflops_per_s": flops / lat / 1e9, "_output": out}
+
+
 def run(quick: bool = False) -> dict:
     """Run the benchmark; returns the result dict (also written as JSON)."""
     torch.manual_seed(0)
@@ -128,10 +153,14 @@ def run(quick: bool = False) -> dict:
     flops = count_flops(model, *_scene())
     rates_before = matmul_rates(repeats=3 if quick else 5)
     by_amp = {amp: measure(amp, quick, flops) for amp in AMPS}
+    compiled = measure_compiled("auto", quick, flops)
     rates_after = matmul_rates(repeats=3 if quick else 5)
     rates = {p: (rates_before[p] + rates_after[p]) / 2 for p in rates_before}
     off, auto = by_amp["off"], by_amp["auto"]
-    diff = (auto.pop("_output") - off.pop("_output")).abs() * 255
+    auto_out = auto.pop("_output")
+    diff = (auto_out - off.pop("_output")).abs() * 255
+    cdiff = (compiled.pop("_output") - auto_out).abs() * 255
+    compiled["vs_eager_grey_levels"] = {"mean": float(cdiff.mean()), "max": float(cdiff.max())}
     for r in by_amp.values():
         r["achieved_over_fp32_matmul"] = r["achieved_gflops_per_s"] / rates["fp32"]
         r["achieved_over_bf16_matmul"] = r["achieved_gflops_per_s"] / rates["bf16"]
@@ -153,7 +182,11 @@ def run(quick: bool = False) -> dict:
         "bf16_vs_fp32_grey_levels": {"mean": float(diff.mean()), "max": float(diff.max())},
         "baseline_ms_per_pair": BASELINE_MS,
         "inference_vs_baseline": BASELINE_MS / auto["inference_ms_per_pair"],
+        "compiled": compiled,
+        "compiled_vs_baseline": BASELINE_MS / compiled["inference_ms_per_pair"],
     }
+    compiled["achieved_over_fp32_matmul"] = compiled["achieved_gflops_per_s"] / rates["fp32"]
+    compiled["achieved_over_bf16_matmul"] = compiled["achieved_gflops_per_s"] / rates["bf16"]
     out_dir = REPO / "results" / "benchmarks"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"sspfusion-{dt.date.today().isoformat()}.json"
@@ -176,6 +209,16 @@ def figures(r: dict) -> list[dict]:
                 figure(sec, f"{tag} training {r['train_crop']}^2 crops, batch {m['train_batch']}",
                        m["train_images_per_s"], "img/s", "fusion phase: forward, losses, backward, Adam")]
         out += gflops_figures(sec, f"{tag} achieved (batch 1 inference)", m["achieved_gflops_per_s"], rates)
+    c = r.get("compiled")
+    if c:
+        tag = f"amp={c['amp']} compiled (fuse_compile: true)"
+        out += [figure(sec, f"{tag} inference 480x640, batch 1", c["inference_ms_per_pair"], "ms/pair",
+                       "median after compiling" + (f"; FELL BACK to eager: {c['fell_back']}" if c["fell_back"] else "")),
+                figure(sec, f"{tag} compiling (first call)", c["compile_seconds"], "s", "once per input shape"),
+                figure(sec, f"{tag} vs eager bf16, max |diff|", c["vs_eager_grey_levels"]["max"], "grey levels")]
+        out += gflops_figures(sec, f"{tag} achieved", c["achieved_gflops_per_s"], rates)
+        out.append(figure(sec, f"compiled inference vs issue #13 baseline ({r['baseline_ms_per_pair']:g} ms)",
+                          r["compiled_vs_baseline"], "x", "target >= 2.5"))
     out += [figure(sec, "inference speed-up auto / off", r["speedup_inference"], "x"),
             figure(sec, "training speed-up auto / off", r["speedup_training"], "x"),
             figure(sec, f"inference vs issue #13 baseline ({r['baseline_ms_per_pair']:g} ms)",

@@ -78,7 +78,7 @@ def cpu_bf16_supported() -> tuple[bool, str]:
     return _cpu_bf16
 
 
-def _notice(text: str) -> None:
+def notice(text: str) -> None:
     """Print a one-line notice to stderr, once per process."""
     if text not in _notices:
         _notices.add(text)
@@ -116,7 +116,7 @@ def resolve_precision(device: torch.device | str, amp: str = "auto") -> str:
     native, what = cpu_bf16_supported()
     if native:
         return "bf16"
-    _notice(f"this CPU has no native bf16 ({what}); amp=auto computes in fp32.")
+    notice(f"this CPU has no native bf16 ({what}); amp=auto computes in fp32.")
     return "fp32"
 
 

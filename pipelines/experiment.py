@@ -142,6 +142,7 @@ class ExperimentConfig:
     fusion: list[FusionMethodConfig] = field(default_factory=_default_methods)
     fusion_train: FusionTrainConfig = field(default_factory=FusionTrainConfig)
     fuse_batch_size: int = 4   # pairs fused per batch (same-size images)
+    fuse_compile: bool = False   # fuse with torch.compile'd networks (faster on large one-size folders; ~15 s compiling per shape)
     metrics: MetricsStageConfig = field(default_factory=MetricsStageConfig)
     segmentation: SegConfig = field(default_factory=SegConfig)
     seg_seeds: list[int] = field(default_factory=lambda: [0])   # one segmenter per variant and seed (mean +- spread in the table)

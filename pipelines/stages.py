@@ -446,7 +446,11 @@ def stage_fuse(cfg: ExperimentConfig, run_dir: Path, plan: Plan, m: FusionMethod
     fp = named_fingerprint("fuse", **{upstream: train_fp, f"fusion[{m.name}].type": m.type,
                                       f"fusion[{m.name}].method": m.method, f"fusion[{m.name}].kwargs": m.kwargs,
                                       f"fusion[{m.name}].folder": str(m.folder), "data.ir16": cfg.data.ir16,
-                                      "precision": _precision(device, _fusion_amp(cfg, m))})
+                                      "precision": _precision(device, _fusion_amp(cfg, m)),
+                                      # compiled graphs round a little differently (an input only when on,
+                                      # so earlier run folders stay current)
+                                      **({"fuse_compile": True} if cfg.fuse_compile and ckpt is not None
+                                         else {})})
     if m.type == "folder":
         out = {}
         with _Stage(run_dir, f"fuse/{m.name}", fp, plan, "fuse") as st:
@@ -470,7 +474,7 @@ def stage_fuse(cfg: ExperimentConfig, run_dir: Path, plan: Plan, m: FusionMethod
                 p = split_paths(cfg, data_root, split)
                 fuse_folder(method, p["ir"], p["vi"], out, device, batch_size=cfg.fuse_batch_size,
                             skip_existing=True, ir16=cfg.data.ir16, amp=_fusion_amp(cfg, m),
-                            name=f"{m.name}, {split}")
+                            name=f"{m.name}, {split}", compile=cfg.fuse_compile)
     return dirs, fp
 
 
@@ -596,7 +600,8 @@ def protocol_of(cfg: ExperimentConfig, device=None) -> tuple[dict, str]:
     keys["data"] = str(cfg.data.root) if cfg.data.root else f"synthetic {to_dict(cfg.data.synthetic)}"
     keys["seg_seeds"] = list(cfg.seg_seeds)
     keys["world_size"] = world = _world_size(cfg)
-    text = (f"DeepLabV3+ ({s.encoder}, weights={s.encoder_weights}), Dice+CE, SGD lr {s.lr} cosine, "
+    text = (f"DeepLabV3+ ({s.encoder}, weights={s.encoder_weights}"
+            f"{'' if s.aspp_separable else ', plain ASPP convs'}), Dice+CE, SGD lr {s.lr} cosine, "
             f"{s.frozen_epochs} frozen-encoder epochs at batch {s.frozen_batch_size} + "
             f"{s.epochs - s.frozen_epochs} at batch {s.batch_size} (global batches, {world} "
             f"process{'es' if world > 1 else ''}), crop {s.crop_size}, "

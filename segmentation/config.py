@@ -37,6 +37,11 @@ class SegConfig:
     lr / min_lr: cosine decay per optimiser step from ``lr`` to ``min_lr`` over the whole run.
     crop_size: square training crop (multiple of the output stride); ``scale_range``: random
         rescale factors applied before padding/cropping.
+    aspp_separable: the ASPP's three atrous 3x3 branches as depthwise + pointwise convolutions
+        (True, as in smp and the DeepLabV3+ paper) or as plain convolutions (False). On small
+        feature maps (a 128 crop at output stride 16 gives 8x8; rates 12/24/36 then reach only
+        the padding beyond the centre tap) both compute a 1x1 projection, and on CPU the plain
+        form trains faster (bf16 depthwise backward is slow; measured #13).
     val_every: validate every N epochs when a validation folder is given (0 = never).
     max_steps_per_epoch: cap on optimiser steps per epoch (tiny runs); None = full epochs.
     batch_size / frozen_batch_size: the **global** batch, as for the fusion trainer. Under
@@ -56,6 +61,7 @@ class SegConfig:
     in_channels: int = 3   # input channels: 3 (grey images repeated) or 1
     output_stride: Literal[8, 16] = 16   # DeepLabV3+ output stride
     decoder_channels: int = 256   # DeepLabV3+ decoder width
+    aspp_separable: bool = True   # ASPP atrous branches depthwise-separable (smp's and DeepLabV3+'s); false: plain 3x3
     epochs: int = 30   # total epochs, frozen ones included
     frozen_epochs: int = 10
     batch_size: int = 4
@@ -136,4 +142,4 @@ class SegConfig:
         """The arguments that fix the network's shape (stored in checkpoints as ``kwargs``)."""
         return {"encoder_name": self.encoder, "classes": self.num_classes,
                 "in_channels": self.in_channels, "encoder_output_stride": self.output_stride,
-                "decoder_channels": self.decoder_channels}
+                "decoder_channels": self.decoder_channels, "decoder_aspp_separable": self.aspp_separable}

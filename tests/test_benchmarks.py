@@ -118,6 +118,18 @@ def test_sspfusion_and_segmentation_figures_show_both_precisions_and_rates():
     assert ratio == pytest.approx(337 / 1800, rel=1e-4)
     assert by["fp32 matmul 2048x2048 (this run)"]["value"] == 300.0
     assert by["bf16 matmul 2048x2048 (this run)"]["value"] == 1800.0
+    assert not any("compiled" in k for k in by)   # a record without the compiled measurement
+    r["compiled"] = {"amp": "auto", "inference_ms_per_pair": 50.0, "compile_seconds": 14.0, "fell_back": None,
+                     "achieved_gflops_per_s": 674.0, "vs_eager_grey_levels": {"mean": 0.1, "max": 1.0}}
+    r["compiled_vs_baseline"] = 257.0 / 50.0
+    by = {f["figure"]: f for f in bench_sspfusion.figures(r)}
+    tag = "amp=auto compiled (fuse_compile: true)"
+    assert by[f"{tag} inference 480x640, batch 1"]["value"] == 50.0
+    assert by[f"{tag} compiling (first call)"]["value"] == 14.0
+    assert by[f"  {tag} achieved / bf16 matmul"]["value"] == pytest.approx(674 / 1800, rel=1e-4)
+    assert by["compiled inference vs issue #13 baseline (257 ms)"]["value"] == pytest.approx(5.14)
+    r["compiled"]["fell_back"] = "no compiler"
+    assert "FELL BACK" in {f["figure"]: f for f in bench_sspfusion.figures(r)}[f"{tag} inference 480x640, batch 1"]["note"]
 
     row = {"encoder": "e", "role": "reference 192^2 b8", "train_crop": 192, "train_batch": 8,
            "frozen_batch": 16, "train_full_images_per_s": 52.0, "train_gflops_per_s": 180.0,
@@ -186,7 +198,11 @@ def test_e2e_reports_every_stage_at_both_precisions():
 
     runs = {"default": one("default", 1.0, []), "fp32": one("fp32", 2.0, ["fusion_train.amp=off"]),
             "auto": one("auto", 1.0, ["fusion_train.amp=auto"])}
-    by = {f["figure"]: f for f in figures({**runs["default"], "by_precision": runs})}
+    rates = {"before": {"fp32": 300.0, "bf16": 1900.0}, "after": {"fp32": 250.0, "bf16": 1700.0}}
+    by = {f["figure"]: f for f in figures({**runs["default"], "by_precision": runs,
+                                           "matmul_2048_gflops_per_s": rates})}
+    assert by["fp32 matmul 2048x2048 (this run), before the runs"]["value"] == 300.0
+    assert by["bf16 matmul 2048x2048 (this run), after the runs"]["value"] == 1700.0
     assert by["train_fusion/sspfusion [fp32]"]["value"] == 200.0
     assert by["train_fusion/sspfusion [auto]"]["value"] == 100.0
     assert by["segment/ir/seed0 [fp32]"]["value"] == 120.0 and by["[fp32] wall time"]["value"] == 400.0

@@ -263,3 +263,53 @@ def test_large_pairs_are_fused_in_tiles_that_match_the_untiled_result(name, kwar
     assert tiled.shape == whole.shape == (200, 260, 3)
     diff = np.abs(tiled.astype(int) - whole.astype(int))[16:-16, 16:-16]
     assert diff.max() <= 1 and diff.mean() <= 0.05, (diff.max(), diff.mean())
+
+
+@pytest.mark.slow
+def test_compiled_fusing_matches_eager_and_reuses_its_graphs(mixed, tmp_path):
+    """fuse_folder(compile=True): torch.compile'd network, same images as eager within one grey
+    level; one CompiledMethod per method object (the second folder reuses it)."""
+    from fusion.fuse import compiled_method
+
+    torch.manual_seed(0)
+    model = fusion_tiny.TinyFusion(width=4).eval()
+    eager = fuse_folder(model, mixed / "ir", mixed / "vi", tmp_path / "eager", device="cpu", batch_size=4,
+                        progress=False)
+    comp = fuse_folder(model, mixed / "ir", mixed / "vi", tmp_path / "comp", device="cpu", batch_size=4,
+                       progress=False, compile=True)
+    assert eager.written == comp.written == 7
+    cm = compiled_method(model)
+    assert cm is compiled_method(model) and cm.failed is None and cm.method is model
+    for stem in "abcdefg":
+        a = cv2.imread(str(tmp_path / "eager" / f"{stem}.png"), cv2.IMREAD_UNCHANGED).astype(int)
+        b = cv2.imread(str(tmp_path / "comp" / f"{stem}.png"), cv2.IMREAD_UNCHANGED).astype(int)
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1
+    # classical methods have nothing to compile: returned as they are
+    gff = load_fusion_method("gff")
+    assert compiled_method(gff) is gff
+
+
+def test_compile_failure_falls_back_to_eager_with_one_notice(mixed, tmp_path, monkeypatch, capsys):
+    from fusion import fuse as fuse_mod
+
+    def broken_compile(module, **kw):
+        def fail(*a, **k):
+            raise RuntimeError("no C++ compiler found\nmore lines")
+        return fail
+
+    monkeypatch.setattr(fuse_mod.torch, "compile", broken_compile)
+    monkeypatch.setattr(runtime, "_notices", set())
+    torch.manual_seed(0)
+    model = fusion_tiny.TinyFusion(width=4).eval()
+    ref = fuse_folder(model, mixed / "ir", mixed / "vi", tmp_path / "eager", device="cpu", progress=False)
+    out = fuse_folder(model, mixed / "ir", mixed / "vi", tmp_path / "comp", device="cpu", progress=False,
+                      compile=True, name="tiny")
+    assert ref.written == out.written == 7
+    err = capsys.readouterr().err
+    assert err.count("torch.compile failed") == 1
+    assert "tiny: torch.compile failed (RuntimeError: no C++ compiler found); fusing without it" in err
+    assert fuse_mod.compiled_method(model).failed == "no C++ compiler found"
+    for stem in "abcdefg":
+        a = cv2.imread(str(tmp_path / "eager" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+        b = cv2.imread(str(tmp_path / "comp" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(a, b)

@@ -162,3 +162,33 @@ def test_config_validation_and_yaml_loading(tmp_path):
     with pytest.raises(ConfigError, match="batch_size.*>= 2"):
         SegConfig(batch_size=1)
     assert SegConfig.from_saved(cfg.to_dict()) == cfg
+
+
+def test_decoded_pairs_are_kept_within_the_memory_budget(tmp_path):
+    """Within ``cache_mib`` a pair is decoded once (its files may then vanish); beyond it, or
+    with 0, every read goes to disk. Cached and uncached reads give the same tensors."""
+    img_dir, lab_dir = _folder(tmp_path, n=3, size=(20, 24), colour=True)
+    tf = build_train_transform(16, (0.75, 1.5))
+    fresh = LabelledFolder(img_dir, lab_dir, transform=tf, cache_mib=0)
+    cached = LabelledFolder(img_dir, lab_dir, transform=tf)
+    pair_bytes = 20 * 24 * 3 + 20 * 24
+    budget = LabelledFolder(img_dir, lab_dir, transform=tf, cache_mib=2.5 * pair_bytes / 2 ** 20)
+    for epoch in (0, 1):
+        for ds in (fresh, cached, budget):
+            ds.set_epoch(epoch)
+        for i in range(3):
+            x0, y0 = fresh[i]
+            for ds in (cached, budget):
+                x, y = ds[i]
+                np.testing.assert_array_equal(x.numpy(), x0.numpy())
+                np.testing.assert_array_equal(y.numpy(), y0.numpy())
+    assert len(cached._cache) == 3 and len(budget._cache) == 2 and not fresh._cache
+    assert budget._cached_bytes == 2 * pair_bytes
+    for p in (*img_dir.iterdir(), *lab_dir.iterdir()):
+        p.unlink()
+    assert cached.load(2)[2] == "a2" and cached[2][0].shape == (3, 16, 16)   # from memory
+    assert budget.load(1)[2] == "a1"
+    with pytest.raises((DataError, OSError, FileNotFoundError)):
+        budget.load(2)                                                     # over budget: from disk
+    with pytest.raises((DataError, OSError, FileNotFoundError)):
+        fresh.load(0)
