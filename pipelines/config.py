@@ -43,6 +43,8 @@ def _convert(value: Any, tp, where: str):
                 errors.append(str(exc))
         raise ConfigError(f"{where}: {value!r} is not a valid {_type_name(tp)}")
     if origin is Literal:
+        if isinstance(value, bool) and ("off" if value is False else "on") in get_args(tp):
+            value = "off" if value is False else "on"   # YAML 1.1 reads a bare off / on as a boolean
         if value not in get_args(tp):
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, get_args(tp)))}")
         return value

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fusion.errors import ConfigError
 from pipelines.cli import main
 from pipelines.config import load_config, to_dict
 from pipelines.configdoc import field_docs
@@ -112,3 +113,19 @@ def test_help_texts_point_at_nothing_that_ships_only_with_the_repository():
     for prog, text in texts.items():
         for repo_only in ("../shared", "shared/docs", "tests/", "DEVELOPERS.md"):
             assert repo_only not in text, f"`{prog} --help` points at {repo_only}"
+
+
+def test_amp_off_written_bare_in_yaml_or_on_the_command_line_means_off(tmp_path):
+    """YAML 1.1 reads a bare ``off`` as False; for a choice that has "off" it means "off"
+    (``fuseseg run segmentation.amp=off`` once failed with "False is not one of ...")."""
+    from pipelines.config import load_config
+    from pipelines.experiment import ExperimentConfig, default_config_path
+
+    cfg = load_config(ExperimentConfig, default_config_path(), ["segmentation.amp=off", "fusion_train.amp=off"])
+    assert cfg.segmentation.amp == "off" and cfg.fusion_train.amp == "off"
+    path = tmp_path / "c.yaml"
+    path.write_text("segmentation:\n  amp: off\n")
+    assert load_config(ExperimentConfig, path).segmentation.amp == "off"
+    path.write_text("segmentation:\n  amp: on\n")   # no "on" choice: still an error naming the choices
+    with pytest.raises(ConfigError, match=r"segmentation.amp: True is not one of 'auto', 'off', 'bf16', 'fp16'"):
+        load_config(ExperimentConfig, path)
