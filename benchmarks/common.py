@@ -196,6 +196,7 @@ def write_record(record: dict, path: Path | str | None = None) -> Path:
 def figures_table(figures: list[dict], title: str = "fuseseg benchmarks"):
     """A rich Table of ``figures`` (section, figure, value, unit); section shown once per group."""
     from rich.table import Table
+    from rich.text import Text
 
     t = Table(title=title, show_lines=False)
     t.add_column("section", style="bold")
@@ -209,7 +210,8 @@ def figures_table(figures: list[dict], title: str = "fuseseg benchmarks"):
             v = f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
         elif v is None:
             v = "-"
-        t.add_row(f["section"] if f["section"] != last else "", f["figure"], str(v), f["unit"])
+        # names are text, not rich markup: "[fp32] wall time" must keep its brackets
+        t.add_row(*(Text(x) for x in (f["section"] if f["section"] != last else "", f["figure"], str(v), f["unit"])))
         last = f["section"]
     return t
 

@@ -207,3 +207,14 @@ def test_e2e_reports_every_stage_at_both_precisions():
     assert by["train_fusion/sspfusion [auto]"]["value"] == 100.0
     assert by["segment/ir/seed0 [fp32]"]["value"] == 120.0 and by["[fp32] wall time"]["value"] == 400.0
     assert by["[default] wall time"]["note"] == "config as is"
+
+
+def test_figures_table_keeps_brackets_in_names():
+    """Figure names are plain text: rich would read "[fp32]" as a style tag and drop it."""
+    from rich.console import Console
+
+    figs = [common.figure("e2e", "[fp32] wall time", 571.0, "s"), common.figure("e2e", "[default] wall time", 435.0, "s")]
+    con = Console(width=120, record=True)
+    con.print(common.figures_table(figs))
+    text = con.export_text()
+    assert "[fp32] wall time" in text and "[default] wall time" in text and "571" in text
