@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import REPO, figure, rate_figures
+from benchmarks.common import REPO, figure, matmul_rates, rate_figures
 
 QUICK_OVERRIDES = ["data.synthetic.train=16", "data.synthetic.test=8", "fusion_train.structure_epochs=1",
                    "fusion_train.epochs=1", "segmentation.epochs=1", "segmentation.frozen_epochs=0",
@@ -162,8 +162,6 @@ def run(quick: bool = False, keep: Path | None = None,
         precisions: tuple[str, ...] = ("default", "fp32", "auto")) -> dict:
     """The default run, then (unless only "default" is asked for) the same with every stage at
     ``amp=off`` and at ``amp=auto`` (separate run folders)."""
-    from benchmarks.common import matmul_rates
-
     before = matmul_rates()   # the machine's speed today (shared VMs differ from day to day)
     runs = {name: run_one(quick, PRECISION_RUNS[name], keep / name if keep else None) for name in precisions}
     res = dict(runs[precisions[0]])

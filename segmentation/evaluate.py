@@ -193,7 +193,7 @@ def evaluate_segmenter(checkpoint: Path | str, images_dir: Path | str, labels_di
     kwargs = ckpt["kwargs"]
     ds = LabelledFolder(images_dir, labels_dir, num_classes=kwargs["classes"],
                         normalisation=ckpt.get("normalisation", "imagenet"),
-                        in_channels=kwargs.get("in_channels", 3))
+                        in_channels=kwargs.get("in_channels", 3), cache_mib=0)   # each pair read once
     per_image: list[np.ndarray] = []
     cm = confusion_over(model, ds, dev, amp, save_predictions=Path(save_predictions)
                         if save_predictions is not None else None, progress=progress,
