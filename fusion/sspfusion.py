@@ -36,7 +36,7 @@ from torch import nn
 
 from fusion.base import LuminanceFusion
 from fusion.errors import ConfigError
-from fusion.losses import charbonnier, fusion_loss
+from fusion.losses import REC_REDUCTIONS, fusion_loss, rec_loss
 from fusion.registry import register_method
 from fusion.structure import structure_map, structure_pyramid, xor_masks
 
@@ -154,6 +154,8 @@ class SSPFusion(LuminanceFusion):
       ``"clamp"``: ``clamp(z, 0, 1)``; ``"max_residual"``: ``clamp(max(IR, VI_Y) + z, 0, 1)`` with
       the head initialised to zero, so training starts at the pixel-wise max (fusion/README.md).
     * ``init`` ("default": PyTorch's; "kaiming": He-normal for LeakyReLU(0.1), zero biases).
+    * ``rec_reduction`` ("norm", the paper's Eq. 7: ``sqrt(||P - S||^2 + eps^2)`` per image, level
+      and modality; "mean": the per-pixel Charbonnier mean, for comparison).
 
     Training interface (used by :mod:`fusion.train`): ``phases``, ``training_losses``,
     ``parameters_for_phase``; inference: ``fuse_y`` / ``forward`` (the fusion contract).
@@ -166,7 +168,7 @@ class SSPFusion(LuminanceFusion):
                  use_spf: bool = True, structure_map: str = "G", charbonnier_eps: float = 1.0,
                  alpha: float = 0.01, structure_branch: str = "shared", w_ssim: float = 1.0,
                  w_smooth: float = 1.0, w_grad: float = 1.0, output: str = "sigmoid",
-                 init: str = "default"):
+                 init: str = "default", rec_reduction: str = "norm"):
         super().__init__()
         channels = tuple(int(c) for c in channels)
         if int(levels) != levels or levels < 1:
@@ -181,6 +183,9 @@ class SSPFusion(LuminanceFusion):
             raise ConfigError(f"sspfusion: `structure_branch` must be 'shared' or 'separate', got {structure_branch!r}")
         if output not in OUTPUTS:
             raise ConfigError(f"sspfusion: `output` must be one of {', '.join(OUTPUTS)}, got {output!r}")
+        if rec_reduction not in REC_REDUCTIONS:
+            raise ConfigError(f"sspfusion: `rec_reduction` must be one of {', '.join(REC_REDUCTIONS)}, "
+                              f"got {rec_reduction!r}")
         if init not in INITS:
             raise ConfigError(f"sspfusion: `init` must be one of {', '.join(INITS)}, got {init!r}")
         if min(w_ssim, w_smooth, w_grad) < 0:
@@ -194,13 +199,14 @@ class SSPFusion(LuminanceFusion):
                             "charbonnier_eps": float(charbonnier_eps), "alpha": float(alpha),
                             "structure_branch": structure_branch, "w_ssim": float(w_ssim),
                             "w_smooth": float(w_smooth), "w_grad": float(w_grad), "output": output,
-                            "init": init}
+                            "init": init, "rec_reduction": rec_reduction}
         self.loss_weights = {"w_ssim": float(w_ssim), "w_smooth": float(w_smooth), "w_grad": float(w_grad)}
         self.output = output
         self.levels, self.channels = levels, channels
         self.use_sfe, self.use_spf = bool(use_sfe), bool(use_spf)
         self.structure_map_mode = structure_map
         self.charbonnier_eps, self.alpha = float(charbonnier_eps), float(alpha)
+        self.rec_reduction = rec_reduction
         self.phases = ("structure", "fusion") if self.use_sfe else ("fusion",)
         branch = structure_branch if self.use_sfe else None
         self.enc_ir = _ModalityEncoder(channels, branch)
@@ -295,11 +301,13 @@ class SSPFusion(LuminanceFusion):
 
     # ------------------------------------------------------------------ training
     def _rec_loss(self, ir: torch.Tensor, vi_y: torch.Tensor, p_ir: list, p_vi: list) -> torch.Tensor:
-        """L_rec: mean over both modalities and N levels of Charbonnier(P^k, G(area_resize_k(x)))."""
+        """L_rec: mean over both modalities and N levels of Eq. 7 for P^k against G(area_resize_k(x)):
+        ``sqrt(||P - S||^2 + eps^2)`` per image (``rec_reduction="norm"``, the paper) or the
+        per-pixel ``mean sqrt((P - S)^2 + eps^2)`` (``"mean"``)."""
         terms = []
         for img, preds in ((ir, p_ir), (vi_y, p_vi)):
             for p, s in zip(preds, structure_pyramid(img, self.levels), strict=True):
-                terms.append(charbonnier(p, s, self.charbonnier_eps))
+                terms.append(rec_loss(p, s, self.charbonnier_eps, self.rec_reduction))
         return torch.stack(terms).mean()
 
     def training_losses(self, ir: torch.Tensor, vi_y: torch.Tensor, phase: str) -> tuple[torch.Tensor, dict[str, float]]:
@@ -353,6 +361,30 @@ class SSPFusion(LuminanceFusion):
                 inter += float((a & b).sum())
                 union += float((a | b).sum())
             out[f"iou{k + 1}"] = inter / union if union else 1.0
+        return out
+
+    @torch.no_grad()
+    def phase_snapshot(self, ir: torch.Tensor, vi_y: torch.Tensor, phase: str, n: int = 4) -> dict[str, torch.Tensor]:
+        """Pictures of the end of ``phase`` for the run folder (the trainer writes them as PNGs):
+        after the structure phase, per crop i < ``n`` one grey (H', W') image ``structure_i`` in
+        [0, 1] with one row per modality (infrared, then visible Y): the input crop, then P^1..P^N
+        and S_gt^1..S_gt^N (each level scaled up to the crop size, nearest neighbour). {} for other
+        phases or without the structure branch."""
+        if phase != "structure" or not self.use_sfe:
+            return {}
+        ir, vi_y = self._pad(ir[:n].float(), vi_y[:n].float())
+        p_ir, p_vi = self.predict_structure(ir, vi_y)
+        size = ir.shape[-2:]
+        out = {}
+        for i in range(ir.shape[0]):
+            rows = []
+            for img, preds in ((ir, p_ir), (vi_y, p_vi)):
+                maps = [img[i:i + 1]]
+                maps += [F.interpolate(p[i:i + 1].float(), size=size, mode="nearest") for p in preds]
+                maps += [F.interpolate(s, size=size, mode="nearest")
+                         for s in structure_pyramid(img[i:i + 1], self.levels)]
+                rows.append(torch.cat([F.pad(m, (0, 2), value=1.0) for m in maps], dim=-1))
+            out[f"structure_{i}"] = torch.cat([F.pad(r, (0, 0, 0, 2), value=1.0) for r in rows], dim=-2)[0, 0]
         return out
 
     def parameters_for_phase(self, phase: str) -> list[nn.Parameter]:

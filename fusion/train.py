@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from fusion import runtime
-from fusion.data.io import atomic_write_text
+from fusion.data.io import atomic_write_text, write_image
 from fusion.data.pairs import PairSet, detect_splits, find_pairs, load_split
 from fusion.datasets import EpochBatchSampler, PairDataset, worker_init
 from fusion.errors import ConfigError, FusesegError
@@ -421,6 +421,8 @@ def _train(cfg: FusionTrainConfig, out_dir: Path, resume: bool, progress: bool,
                     if stop.requested:
                         raise KeyboardInterrupt("saved")
                 epoch_offset += n_epochs
+                if main:
+                    save_snapshots(runtime.unwrap(model), ir, vi_y, phase, out_dir)
     except KeyboardInterrupt as exc:
         if main:
             saved = str(exc) == "saved"
@@ -683,6 +685,30 @@ class _EpochAcc:
 
 
 # ---------------------------------------------------------------------- diagnostics
+def save_snapshots(model: nn.Module, ir: torch.Tensor | None, vi_y: torch.Tensor | None, phase: str,
+                   out_dir: Path) -> list[Path]:
+    """At the end of ``phase``: the method's ``phase_snapshot(ir, vi_y, phase)`` pictures (optional;
+    {name: (H, W) grey tensor in [0, 1]}) of the phase's last batch, written atomically as
+    ``out_dir/snapshots/<phase>/<name>.png``; the paths written."""
+    fn = getattr(model, "phase_snapshot", None)
+    if fn is None or ir is None:
+        return []
+    was_training = model.training
+    model.eval()
+    try:
+        pictures = fn(ir, vi_y, phase)
+    finally:
+        model.train(was_training)
+    paths = []
+    for name, img in pictures.items():
+        path = out_dir / "snapshots" / phase / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_image(path, (img.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy())
+        paths.append(path)
+    return paths
+
+
+
 @torch.no_grad()
 def trivial_fusion_losses(model: nn.Module, ir: torch.Tensor, vi_y: torch.Tensor) -> dict[str, float]:
     """``fus_max`` and ``fus_mean``: the model's fusion loss (``model.fusion_loss``) of the trivial

@@ -11,6 +11,7 @@ the run in ``--out`` with the config.yaml saved there.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from fusion.data.paths import check_disjoint
@@ -46,8 +47,11 @@ def _train(args) -> int:
         raise ConfigError("train-fusion needs a config file or key=value settings (at least "
                           "data_root=...), e.g. `fuseseg train-fusion configs/fusion.yaml`.")
     cfg = load_train_config(config, overrides)
-    pairs = resolve_pairs(cfg)
-    check_disjoint(out, {"ir": pairs.ir_dir, "vi": pairs.vi_dir}, "--out")
+    # the folders read (synthetic scenes are rendered into OUT later, so they are not inputs here)
+    real = dataclasses.replace(cfg, synthetic_pairs=0)
+    if real.data_root or real.ir_dir or real.vi_dir or real.extra_data:
+        pairs = resolve_pairs(real)
+        check_disjoint(out, {"ir": pairs.ir_dir, "vi": pairs.vi_dir}, "--out")
     with folder_lock(out, "fuseseg train-fusion --out"):
         final = train_fusion(cfg, out, resume=args.resume, progress=not args.no_progress,
                              tensorboard=args.tensorboard)
