@@ -53,6 +53,32 @@ def curve_summary(rows: list[dict]) -> dict:
             "structure": [row(r) for r in rows if r.get("phase") == "structure"]}
 
 
+def structure_iou(rows: list[dict]) -> dict:
+    """IoU of ``P > 0.5`` against S_gt per level: the last structure epoch's and the last fusion
+    epoch's means (log.csv's ``iou1..N``), and whether every level reached 0.6 at both."""
+    def ious(r):
+        return {k: round(float(v), 4) for k, v in (r or {}).items() if k.startswith("iou") and v != ""}
+
+    last_s = next((r for r in reversed(rows) if r.get("phase") == "structure"), None)
+    last_f = next((r for r in reversed(rows) if r.get("phase") == "fusion"), None)
+    out = {"end_of_structure_phase": ious(last_s), "end_of_training": ious(last_f)}
+    vals = [v for d in out.values() for v in d.values()]
+    out["all_levels_at_least_0.6"] = bool(vals) and min(vals) >= 0.6
+    return out
+
+
+def rec_vs_fus(rows: list[dict], kwargs: dict) -> dict:
+    """alpha L_rec against L_fus in the first and the last fusion epoch (epoch means)."""
+    fus = [r for r in rows if r.get("phase") == "fusion" and r.get("rec") not in (None, "")]
+    alpha = float(kwargs.get("alpha", 0.01))
+
+    def one(r):
+        return {"alpha_rec": round(alpha * float(r["rec"]), 5), "fus": round(float(r["fus"]), 5),
+                "ratio": round(alpha * float(r["rec"]) / float(r["fus"]), 4)}
+
+    return {"first_fusion_epoch": one(fus[0]), "last_fusion_epoch": one(fus[-1])} if fus else {}
+
+
 def main(argv=None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path)
@@ -89,6 +115,9 @@ def main(argv=None) -> Path:
         "metrics_convention": "sspfusion preset (reference conventions, MI in bits; MI and SSIM summed over both sources)",
         "metrics_fusing": "fp32, one torch thread, batch 1 (bit-reproducible PNGs)",
         "metrics": metrics, "sha256": sha256(pt), "versions": ckpt.get("versions"),
+        "head": ckpt["kwargs"].get("output"), "rec_reduction": ckpt["kwargs"].get("rec_reduction", "mean"),
+        "structure_iou": structure_iou(rows), "rec_vs_fus": rec_vs_fus(rows, ckpt["kwargs"]),
+        "precision": ckpt.get("precision"),
     }
     js.write_text(json.dumps(info, indent=1) + "\n")
     print(f"shipped {pt} ({pt.stat().st_size / 2**20:.1f} MiB) and {js}")
