@@ -41,8 +41,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from fuseseg.errors import DataError
 from fusion import _metric_kernels as _K
-from fusion.errors import DataError
 
 METRICS = ("EN", "SD", "SF", "AG", "MI", "MSE", "CC", "PSNR", "SCD", "VIF", "Qabf", "SSIM", "Nabf")
 LOWER_IS_BETTER = frozenset({"MSE", "Nabf"})

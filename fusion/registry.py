@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fusion.errors import ConfigError
+from fuseseg.errors import ConfigError
 
 
 @dataclass(frozen=True)

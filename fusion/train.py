@@ -27,7 +27,7 @@ Ctrl-C (SIGINT) stops at the next step boundary and writes ``last.pt`` for that 
 re-raised after printing how to resume. A non-finite loss stops the run with a FusesegError
 naming phase, epoch, step and the loss components; ``last.pt`` keeps the last good epoch.
 
-Devices: CUDA when present (``device='auto'``), autocast (``amp``, :func:`fusion.runtime.resolve_precision`:
+Devices: CUDA when present (``device='auto'``), autocast (``amp``, :func:`fuseseg.runtime.resolve_precision`:
 bf16, or fp16 with a GradScaler, on CUDA; bf16 on a CPU with native bf16; losses stay float32),
 channels_last (always with bf16 on a CPU) and optional ``torch.compile``; the precision used is
 stored in every checkpoint (``precision``). Multi-GPU / multi-process with ``torchrun
@@ -54,14 +54,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from fusion import runtime
-from fusion.data.io import atomic_write_text
-from fusion.data.pairs import PairSet, detect_splits, find_pairs, load_split
+from fuseseg import runtime
+from fuseseg.data.io import atomic_write_text
+from fuseseg.data.pairs import PairSet, detect_splits, find_pairs, load_split
+from fuseseg.errors import ConfigError, FusesegError
+from fuseseg.progress import epoch_line, format_fields
+from fuseseg.tblog import TrainingLog
 from fusion.datasets import EpochBatchSampler, PairDataset, worker_init
-from fusion.errors import ConfigError, FusesegError
-from fusion.progress import epoch_line, format_fields
 from fusion.registry import create_method, get_entry, list_methods, load_plugins
-from fusion.tblog import TrainingLog
 
 # settings that may differ between a run and its resumption (they do not change the maths on CPU)
 RUNTIME_KEYS = ("workers", "device", "amp", "compile", "channels_last", "log_every", "cache_images")
@@ -78,7 +78,7 @@ class FusionTrainConfig:
     batch size (8 is this project's choice).
 
     More data: ``extra_data`` (more folders, each read like ``data_root``) and
-    ``synthetic_pairs`` > 0 synthetic day/night street scenes (:mod:`fusion.data.synthetic`, size
+    ``synthetic_pairs`` > 0 synthetic day/night street scenes (:mod:`fuseseg.data.synthetic`, size
     ``synthetic_size``, seed ``synthetic_seed``) rendered into ``OUT/synthetic`` on the first start
     (same seed: byte-identical files), all trained on together.
 
@@ -213,7 +213,7 @@ def render_synthetic(cfg: FusionTrainConfig, out_dir: Path) -> None:
     the same set (count, size, seed, per ``synthetic.json``) is already there."""
     if not cfg.synthetic_pairs:
         return
-    from fusion.data.synthetic import make_synthetic
+    from fuseseg.data.synthetic import make_synthetic
 
     dest = out_dir / "synthetic"
     want = {"train": cfg.synthetic_pairs, "size": list(cfg.synthetic_size), "seed": cfg.synthetic_seed}
@@ -300,7 +300,7 @@ def _phase_params(model: nn.Module, phase: str) -> list[nn.Parameter]:
 def train_fusion(cfg: FusionTrainConfig, out_dir: Path | str, resume: bool = False,
                  progress: bool = True, tensorboard: bool = False) -> Path:
     """Train ``cfg.method`` and return the path of ``out_dir/final.pt`` (see the module doc).
-    ``tensorboard``: also log to ``out_dir/tensorboard/`` (:mod:`fusion.tblog`)."""
+    ``tensorboard``: also log to ``out_dir/tensorboard/`` (:mod:`fuseseg.tblog`)."""
     device = runtime.resolve_device(cfg.device)
     was_initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
     if device.type == "cuda" and device.index is None:
@@ -554,7 +554,7 @@ def _payload(cfg, model, init_kwargs, phases, st: _State, pi, ep, step, opt=None
 def _progress_bar(console):
     from rich.progress import TextColumn
 
-    from fusion.progress import make_progress
+    from fuseseg.progress import make_progress
 
     bar = make_progress(TextColumn("{task.fields[info]}"), console=console)
     bar.start()

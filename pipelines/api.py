@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from fusion.errors import FusesegError
+from fuseseg.errors import FusesegError
 
 
 def load_config(config: str | Path | None = None, overrides: Sequence[str] = ()):

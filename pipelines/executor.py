@@ -50,7 +50,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from fusion.errors import ConfigError, FusesegError
+from fuseseg.errors import ConfigError, FusesegError
 
 KINDS = ("inprocess", "local", "slurm")
 

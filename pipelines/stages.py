@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fusion.data.io import atomic_write_bytes, atomic_write_text
-from fusion.data.pairs import MSRS_CLASSES, list_images, load_split, match_stems
-from fusion.data.paths import ensure_inside
-from fusion.errors import CheckpointError, ConfigError, DataError, FusesegError
+from fuseseg.data.io import atomic_write_bytes, atomic_write_text
+from fuseseg.data.pairs import MSRS_CLASSES, list_images, load_split, match_stems
+from fuseseg.data.paths import ensure_inside
+from fuseseg.errors import CheckpointError, ConfigError, DataError, FusesegError
 from fusion.pretrained import resolve_checkpoint
 from pipelines.config import dump_config, to_dict
 from pipelines.console import console
@@ -62,14 +62,14 @@ def _fusion_amp(cfg: ExperimentConfig, m: FusionMethodConfig) -> str:
 
 def _precision(device, amp: str) -> str:
     """What ``amp`` resolves to on ``device`` (``'fp32'``, ``'bf16'``, ``'fp16'``)."""
-    from fusion.runtime import resolve_device, resolve_precision
+    from fuseseg.runtime import resolve_device, resolve_precision
 
     return resolve_precision(resolve_device(device) if isinstance(device, str) else device, amp)
 
 
 def precision_summary(cfg: ExperimentConfig, device) -> dict:
     """The arithmetic of each computing stage on ``device``, for environment.json."""
-    from fusion.runtime import cpu_bf16_supported, precision_record, resolve_device
+    from fuseseg.runtime import cpu_bf16_supported, precision_record, resolve_device
 
     dev = resolve_device(device) if isinstance(device, str) else device
     out = {m.name: precision_record(dev, _fusion_amp(cfg, m), bool({**to_dict(cfg.fusion_train),
@@ -320,13 +320,13 @@ def stage_data(cfg: ExperimentConfig, run_dir: Path, plan: Plan) -> tuple[Path, 
     with _Stage(run_dir, "data", fp, plan, "data") as st:
         if not st.skip:
             if d.root is None:
-                from fusion.data.synthetic import make_synthetic
+                from fuseseg.data.synthetic import make_synthetic
 
                 _prepare_dir(root, fp, run_dir, "data", fresh=st.forced)
                 s = d.synthetic
                 make_synthetic(root, s.train, s.test, size=tuple(s.size), seed=s.seed, zoom=s.zoom)
             if d.validate:
-                from fusion.data.validate import validate_pairset
+                from fuseseg.data.validate import validate_pairset
 
                 for split in ("train", "test"):
                     pairs = load_split(root, split, d.layout, require_labels=True)
@@ -418,7 +418,7 @@ def stage_train_fusion(cfg: ExperimentConfig, run_dir: Path, plan: Plan, m: Fusi
 # ---------------------------------------------------------------- stage 3: fuse
 def _check_folder_method(cfg: ExperimentConfig, m: FusionMethodConfig, data_root: Path, split: str) -> Path:
     """Validate a folder of already fused images against the data set's names and sizes."""
-    from fusion.data.io import read_visible
+    from fuseseg.data.io import read_visible
 
     folder = Path(m.folder) / split
     paths = split_paths(cfg, data_root, split)
@@ -497,7 +497,7 @@ def stage_metrics(cfg: ExperimentConfig, run_dir: Path, plan: Plan, data_root: P
                                     out_dir=run_dir / "metrics", workers=cfg.metrics.workers,
                                     conventions=cfg.metrics.convention, metrics=cfg.metrics.names,
                                     progress=lambda done, total: bar.update(task, completed=done, total=total))
-            from fusion.data.io import atomic_write_text
+            from fuseseg.data.io import atomic_write_text
             from pipelines.report import metrics_markdown
 
             atomic_write_text(run_dir / "metrics" / "metrics.md",
@@ -533,7 +533,7 @@ class SegmentJob(StageJob):
     tensorboard: bool = False   # also log to out/tensorboard/
 
     def run(self) -> dict:
-        from fusion.data.io import atomic_write_text
+        from fuseseg.data.io import atomic_write_text
         from segmentation.evaluate import evaluate_segmenter
         from segmentation.train import train_segmenter
 
@@ -784,8 +784,8 @@ class _DecideOnly(Executor):
 
 def _run_stages(cfg: ExperimentConfig, plan: Plan, run_dir: Path) -> None:
     """Every stage in order: under the run lock, or, in a dry run, only deciding."""
+    from fuseseg.runtime import resolve_device, seed_everything
     from fusion.registry import get_entry, load_plugins
-    from fusion.runtime import resolve_device, seed_everything
 
     load_plugins(cfg.plugins)
     for m in cfg.fusion:
@@ -809,7 +809,7 @@ def _run_stages(cfg: ExperimentConfig, plan: Plan, run_dir: Path) -> None:
         plan.environment = environment_record(str(device), cfg.seed)
         plan.environment["precision"] = precision_summary(cfg, device)
     if cfg.tensorboard:   # a missing package fails now, not in the first training
-        from fusion.tblog import require_tensorboard
+        from fuseseg.tblog import require_tensorboard
 
         require_tensorboard()
 

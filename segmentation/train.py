@@ -58,10 +58,10 @@ from rich.markup import escape
 from rich.progress import Progress, TextColumn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from fusion.data.io import atomic_write_text
-from fusion.errors import CheckpointError, ConfigError, DataError, FusesegError
-from fusion.progress import epoch_line, make_progress
-from fusion.runtime import (
+from fuseseg.data.io import atomic_write_text
+from fuseseg.errors import CheckpointError, ConfigError, DataError, FusesegError
+from fuseseg.progress import epoch_line, make_progress
+from fuseseg.runtime import (
     OOMGuard,
     StopRequest,
     autocast,
@@ -78,7 +78,7 @@ from fusion.runtime import (
     to_memory_format,
     unwrap,
 )
-from fusion.tblog import TrainingLog
+from fuseseg.tblog import TrainingLog
 from segmentation.config import SegConfig
 from segmentation.data import LabelledFolder, build_train_transform, sample_seed
 from segmentation.evaluate import class_names, distributed_confusion
@@ -242,7 +242,7 @@ def train_segmenter(images_dir: Path | str, labels_dir: Path | str, cfg: SegConf
     CUDA, validation confusion matrices are summed over ranks, and only rank 0 writes files (see
     the module docstring). Ctrl-C saves the exact position and raises KeyboardInterrupt.
     ``tensorboard``: also log each epoch's losses, lr, images/s and validation mIoU to
-    ``out_dir/tensorboard/`` (:mod:`fusion.tblog`)."""
+    ``out_dir/tensorboard/`` (:mod:`fuseseg.tblog`)."""
     out_dir = Path(out_dir)
     device = resolve_device(cfg.device)
     rank, world = init_distributed(device)

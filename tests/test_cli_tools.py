@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fusion.errors import ConfigError
+from fuseseg.errors import ConfigError
 from pipelines.cli import main
 from pipelines.config import load_config, to_dict
 from pipelines.configdoc import field_docs

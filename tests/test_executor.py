@@ -47,8 +47,8 @@ from test_reliability import (  # noqa: F401 - the fixtures ws (the tiny data se
     ws,
 )
 
-from fusion.errors import ConfigError, FusesegError
-from fusion.runtime import load_checkpoint
+from fuseseg.errors import ConfigError, FusesegError
+from fuseseg.runtime import load_checkpoint
 from pipelines.cli import main
 from pipelines.executor import (
     Executor,

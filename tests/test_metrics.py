@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from scipy.signal import convolve2d
 
+from fuseseg.errors import DataError
 from fusion import metrics as M
-from fusion.errors import DataError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 VECTORS = SHARED / "data" / "metric-vectors"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fusion.errors import ConfigError, DataError, FusesegError
+from fuseseg.errors import ConfigError, DataError, FusesegError
 from pipelines.cli import main
 
 TINY = {
@@ -56,7 +56,7 @@ PLUGIN = textwrap.dedent('''
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A data set, a folder of 'published' fused images and a plug-in module, shared by the tests."""
-    from fusion.data.synthetic import make_synthetic
+    from fuseseg.data.synthetic import make_synthetic
 
     ws = tmp_path_factory.mktemp("pipeline")
     make_synthetic(ws / "data", 6, 4, size=(48, 64), seed=3, workers=1, progress=False)

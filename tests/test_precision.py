@@ -1,4 +1,4 @@
-"""Mixed precision on CPU and CUDA settings (fusion.runtime): what ``amp`` resolves to, that the
+"""Mixed precision on CPU and CUDA settings (fuseseg.runtime): what ``amp`` resolves to, that the
 autocast context is really entered (or not) in both trainers, fuse and evaluation, that bf16 and
 fp32 forward passes agree within stated tolerances, the fallback on CPUs without native bf16,
 and that the precision is recorded (checkpoints, protocol)."""
@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import segmentation.train as seg_train
-from fusion import runtime
-from fusion.errors import ConfigError
+from fuseseg import runtime
+from fuseseg.errors import ConfigError
 from fusion.sspfusion import SSPFusion
 from fusion.train import FusionTrainConfig, train_fusion
 from segmentation.config import SegConfig

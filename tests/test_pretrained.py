@@ -12,8 +12,8 @@ import torch
 from conftest import require_shared
 
 import fusion.pretrained as pretrained
-from fusion.data.io import read_visible
-from fusion.errors import CheckpointError
+from fuseseg.data.io import read_visible
+from fuseseg.errors import CheckpointError
 from fusion.fuse import fuse_folder, load_fusion_method
 from pipelines.cli import main
 

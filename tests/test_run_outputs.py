@@ -261,7 +261,7 @@ def test_readme_python_example_runs(quick, monkeypatch, capsys):
 
 
 def test_api_dry_run_and_fuse_match_the_cli(quick, monkeypatch):
-    from fusion.data.io import read_infrared, read_visible
+    from fuseseg.data.io import read_infrared, read_visible
     from pipelines import api as fs
 
     ws, run, _ = quick

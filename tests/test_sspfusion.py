@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fusion.errors import ConfigError
+from fuseseg.errors import ConfigError
 from fusion.losses import SSIMLoss, charbonnier, grad_loss, smooth_loss, ssim, ssim_loss
 from fusion.registry import create_method, get_entry
 from fusion.sspfusion import SSPFusion

@@ -17,7 +17,7 @@ def register(subparsers) -> None:
 
 
 def _missing(args) -> int:
-    from fusion.errors import ConfigError
+    from fuseseg.errors import ConfigError
 
     raise ConfigError("fuseseg bench needs the source checkout (the benchmarks/ package); run it from "
                       "the repository root, or use `python -m benchmarks` there.")

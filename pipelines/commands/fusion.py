@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fusion.data.paths import check_disjoint
-from fusion.errors import ConfigError
+from fuseseg.data.paths import check_disjoint
+from fuseseg.errors import ConfigError
 from pipelines.commands.common import count, out_folder
 from pipelines.config import load_section_config, parse_overrides
 from pipelines.console import console

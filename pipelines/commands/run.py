@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fusion.data.paths import check_disjoint
-from fusion.errors import ConfigError
+from fuseseg.data.paths import check_disjoint
+from fuseseg.errors import ConfigError
 from pipelines.console import console
 from pipelines.runstate import folder_lock
 

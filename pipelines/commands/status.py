@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from fusion.errors import ConfigError
+from fuseseg.errors import ConfigError
 from pipelines.console import console
 
 STYLE = {"done": "green", "running": "cyan", "queued": "blue", "failed": "bold red", "finished": "green",

@@ -953,7 +953,7 @@ def scene_rng(seed: int, index: int) -> np.random.Generator:
 
 
 def _write_png(path: Path, img: np.ndarray) -> None:
-    from fusion.data.io import write_image
+    from fuseseg.data.io import write_image
     write_image(path, img)
 
 
@@ -987,7 +987,7 @@ def _clear_previous(out: Path) -> None:
     if not old:
         return
     if not (out / "synthetic.json").is_file():
-        from fusion.errors import DataError
+        from fuseseg.errors import DataError
         raise DataError(f"{out}: holds {len(old)} files (e.g. {old[0]}) that make-synthetic did not "
                         "write (no synthetic.json there). Choose an empty or new output folder, or "
                         "remove those files.")
@@ -1012,7 +1012,7 @@ def make_synthetic(out, n_train: int, n_test: int, size: tuple[int, int] = (240,
     ``pairs_per_s``, ``workers``. ``zoom``: the cameras' focal-length factor (see
     :func:`render_scene`); recorded in the summary when it is not 1.
     """
-    from fusion.data.io import atomic_write_text
+    from fuseseg.data.io import atomic_write_text
 
     n_train, n_test = int(n_train), int(n_test)
     if n_train < 0 or n_test < 0 or n_train + n_test == 0:
@@ -1034,7 +1034,7 @@ def make_synthetic(out, n_train: int, n_test: int, size: tuple[int, int] = (240,
     chunks = [list(range(a, min(n, a + chunk))) for a in range(0, n, chunk)]
     bar = None
     if progress:
-        from fusion.progress import make_progress
+        from fuseseg.progress import make_progress
 
         bar = make_progress()
         bar.start()
@@ -1069,7 +1069,7 @@ def make_synthetic(out, n_train: int, n_test: int, size: tuple[int, int] = (240,
         "class_pixel_fraction": {CLASS_NAMES[k]: float(counts[k] / counts.sum()) for k in range(NUM_CLASSES)},
         "class_image_count": {CLASS_NAMES[k]: int(present[k]) for k in range(NUM_CLASSES)},
     }
-    manifest = {"generator": "fusion.data.synthetic", **{k: v for k, v in summary.items() if k != "out"}}
+    manifest = {"generator": "fuseseg.data.synthetic", **{k: v for k, v in summary.items() if k != "out"}}
     atomic_write_text(out / "synthetic.json", json.dumps(manifest, indent=1) + "\n")
     summary.update(seconds=seconds, pairs_per_s=n / seconds if seconds > 0 else math.inf, workers=workers)
     return summary
