@@ -100,7 +100,7 @@ def seg_loading(images: Path, labels: Path, crop: int, batch: int, workers: int,
 
 def fusion_train_rate(crop: int, batch: int, repeats: int, device=None) -> float:
     """Images/s of SSPFusion fusion-phase optimiser steps on random (batch, 1, crop, crop) pairs."""
-    from fusion.sspfusion import SSPFusion
+    from fusion.models.sspfusion import SSPFusion
 
     device = device or torch.device("cpu")
     torch.manual_seed(0)

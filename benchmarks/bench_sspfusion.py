@@ -42,7 +42,7 @@ from benchmarks.common import (
     timed,
 )
 from fuseseg import runtime
-from fusion.sspfusion import SSPFusion
+from fusion.models.sspfusion import SSPFusion
 
 H, W = 480, 640
 CROP = 256

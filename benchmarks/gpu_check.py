@@ -285,7 +285,7 @@ def check_ddp_nccl(ctx: Ctx) -> dict:
     import torch.distributed as dist
 
     from fuseseg.runtime import autocast
-    from fusion.sspfusion import SSPFusion
+    from fusion.models.sspfusion import SSPFusion
     from fusion.train import _Losses
     from segmentation.losses import DiceCELoss
     from segmentation.model import build_model
@@ -416,7 +416,7 @@ def check_paper_inference_and_memory(ctx: Ctx) -> dict:
     import torch
 
     from fuseseg.runtime import autocast, to_memory_format
-    from fusion.sspfusion import SSPFusion
+    from fusion.models.sspfusion import SSPFusion
     from segmentation.config import SegConfig
     from segmentation.evaluate import predict
     from segmentation.losses import DiceCELoss

@@ -12,7 +12,7 @@ from torch import nn
 import segmentation.train as seg_train
 from fuseseg import runtime
 from fuseseg.errors import ConfigError
-from fusion.sspfusion import SSPFusion
+from fusion.models.sspfusion import SSPFusion
 from fusion.train import FusionTrainConfig, train_fusion
 from segmentation.config import SegConfig
 from segmentation.model import build_model
