@@ -21,6 +21,9 @@ from typing import Any
 from fuseseg.data.io import atomic_write_text
 from fuseseg.errors import FusesegError
 
+# the stages of `fuseseg run`, in the order they run (their records are stages/<stage>[__...].json)
+STAGES = ("data", "train_fusion", "fuse", "metrics", "segment", "report")
+
 
 def fingerprint(*parts: Any) -> str:
     """A short stable hash of JSON-able ``parts`` (dict keys sorted)."""

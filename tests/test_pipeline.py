@@ -203,7 +203,8 @@ def test_folder_method_validation(workspace, monkeypatch):
     cfg = write_config(workspace, name="folderbad",
                        fusion=[{"name": "published", "type": "folder", "folder": str(broken)}])
     from pipelines.commands.run import load_experiment
-    from pipelines.stages import Plan, run_experiment
+    from pipelines.run import run_experiment
+    from pipelines.stages.base import Plan
 
     with pytest.raises(DataError) as e:
         run_experiment(load_experiment(str(cfg), []), Plan(only={"data", "train_fusion", "fuse"}))
@@ -237,7 +238,7 @@ def test_protocol_states_world_size_and_global_batch():
     from pipelines.config import load_config
     from pipelines.experiment import ExperimentConfig
     from pipelines.runstate import fingerprint
-    from pipelines.stages import protocol_of
+    from pipelines.stages.segment import protocol_of
 
     one = load_config(ExperimentConfig, None, [])
     four = load_config(ExperimentConfig, None, ["launcher=torchrun", "gpus=4"])

@@ -294,7 +294,8 @@ def test_fuse_runs_learned_methods_in_bf16_and_classical_ones_in_fp32(monkeypatc
 def test_protocol_names_the_precision_and_differs_between_precisions(cpu_probe):
     from pipelines.experiment import ExperimentConfig
     from pipelines.runstate import fingerprint
-    from pipelines.stages import precision_summary, protocol_of
+    from pipelines.stages.base import precision_summary
+    from pipelines.stages.segment import protocol_of
 
     cfg = ExperimentConfig()
     cfg.device = "cpu"

@@ -98,7 +98,7 @@ def test_shipped_metrics_are_reproduced_on_msrs(tmp_path):
 
 def test_experiment_checkpoint_pretrained_uses_the_shipped_weights(tmp_path, monkeypatch):
     from pipelines.experiment import FusionMethodConfig
-    from pipelines.stages import _check_fusion_methods
+    from pipelines.stages.train_fusion import check_fusion_methods as _check_fusion_methods
 
     m = FusionMethodConfig(name="sspfusion", checkpoint=Path("pretrained"))
     _check_fusion_methods([m])  # builds the method from the shipped file: no error

@@ -264,7 +264,7 @@ def test_a_stage_folder_fuseseg_did_not_make_is_never_deleted(tmp_path, capsys):
 
 def test_prepare_dir_clears_only_its_own_folders_and_stays_inside_the_run(tmp_path):
     from fuseseg.errors import FusesegError
-    from pipelines.stages import _prepare_dir
+    from pipelines.stages.base import prepare_dir as _prepare_dir
 
     run = tmp_path / "run"
     own = run / "fused" / "mean"

@@ -76,7 +76,9 @@ def load_experiment(config: str | None, overrides: list[str]):
 
 
 def run(args) -> int:
-    from pipelines.stages import STAGES, Plan, run_experiment
+    from pipelines.run import run_experiment
+    from pipelines.runstate import STAGES
+    from pipelines.stages.base import Plan
 
     overrides = list(args.overrides)
     if args.launcher:

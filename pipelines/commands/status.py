@@ -28,7 +28,7 @@ def register(sub) -> None:
 
 
 def status(args) -> int:
-    from pipelines.executor import status_rows
+    from pipelines.jobs import status_rows
 
     run_dir = args.run_dir
     if not (run_dir / "stages").is_dir() and not (run_dir / "config.yaml").is_file():
