@@ -13,7 +13,7 @@ from typing import Any, Literal
 from fuseseg.data.pairs import Layout
 from fuseseg.data.paths import check_plain_name
 from fuseseg.errors import ConfigError
-from fusion.train import FusionTrainConfig
+from fusion.train_config import FusionTrainConfig
 from pipelines.executor import ExecutorConfig
 from segmentation.config import SegConfig
 

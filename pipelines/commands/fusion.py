@@ -27,7 +27,7 @@ SECTION = "fusion_train"
 def load_train_config(path: str | Path | None, overrides: list[str]):
     """FusionTrainConfig from a YAML file (top-level keys or a ``fusion_train:`` section) plus
     ``key=value`` overrides."""
-    from fusion.train import FusionTrainConfig
+    from fusion.train_config import FusionTrainConfig
 
     return load_section_config(FusionTrainConfig, SECTION, path, overrides, inherit=("plugins",))
 

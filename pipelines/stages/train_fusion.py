@@ -22,7 +22,7 @@ def _method_train_cfg(cfg: ExperimentConfig, m: FusionMethodConfig, data_root: P
     base.update({"method": m.method, "method_kwargs": dict(m.kwargs), "device": device,
                  "plugins": list(cfg.plugins)})
     base["data_root"] = str(data_root)
-    from fusion.train import FusionTrainConfig
+    from fusion.train_config import FusionTrainConfig
 
     return from_dict(FusionTrainConfig, base, f"fusion[{m.name}].train")
 
