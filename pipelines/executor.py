@@ -1,7 +1,8 @@
 """Where the trainings of ``fuseseg run`` run: in this process, as local subprocesses, or as SLURM jobs.
 
-The stage graph (``pipelines/run.py``, stages in ``pipelines/stages/``) is the same for every executor. A training stage
-(``train_fusion/<method>``, ``segment/<variant>/seed<k>``) hands its body, a picklable
+The stage graph (``pipelines/run.py``, stages in ``pipelines/stages/``) is the same for every
+executor. A training stage (``train_fusion/<method>``, ``segment/<variant>/seed<k>``) hands its
+body, a picklable
 :class:`StageJob`, to :meth:`Executor.run`, which returns what the body returned. ``inprocess``
 (the default) calls it here. ``local`` and ``slurm`` submit it through submitit as its own job
 (``local``: a subprocess, at most ``jobs`` at once, ``CUDA_VISIBLE_DEVICES`` per job; ``slurm``:
