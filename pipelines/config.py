@@ -1,6 +1,6 @@
 """Typed configs: dataclasses loaded from YAML, ``a.b=value`` overrides, resolved-config dumps.
 
-Each stage owns a dataclass of its settings (e.g. ``fusion.train.FusionTrainConfig``,
+Each stage owns a dataclass of its settings (e.g. ``fusion.train_config.FusionTrainConfig``,
 ``segmentation.config.SegConfig``); :class:`pipelines.experiment.ExperimentConfig` composes
 them. This module turns YAML into those dataclasses: an unknown key is an error naming it and
 the valid keys, a value of the wrong type is an error naming the key and the expected type.

@@ -2,9 +2,8 @@
 
 The stage graph (``pipelines/run.py``, stages in ``pipelines/stages/``) is the same for every
 executor. A training stage (``train_fusion/<method>``, ``segment/<variant>/seed<k>``) hands its
-body, a picklable
-:class:`StageJob`, to :meth:`Executor.run`, which returns what the body returned. ``inprocess``
-(the default) calls it here. ``local`` and ``slurm`` submit it through submitit as its own job
+body, a picklable :class:`StageJob`, to :meth:`Executor.run`, which returns what the body
+returned. ``inprocess`` (the default) calls it here. ``local`` and ``slurm`` submit it through submitit as its own job
 (``local``: a subprocess, at most ``jobs`` at once, ``CUDA_VISIBLE_DEVICES`` per job; ``slurm``:
 an sbatch job) and wait for it; ``run_experiment`` runs the stage chains in threads
 (:meth:`Executor.spawn`), so each job is submitted as soon as what it needs is done::

@@ -63,7 +63,7 @@ _ACTIVE_LOCK = threading.Lock()
 
 
 def prepare_dir(path: Path, fp: str, run_dir: Path | None = None, key: str | None = None,
-                 fresh: bool = False) -> bool:
+                fresh: bool = False) -> bool:
     """Make ``path`` the output folder of a stage with fingerprint ``fp``.
 
     Returns True when the folder holds partial work of the *same* configuration (resume it);

@@ -31,7 +31,7 @@ def _method_train_cfg(cfg: ExperimentConfig, m: FusionMethodConfig, data_root: P
 class TrainFusionJob(StageJob):
     """The body of stage train_fusion/<method>: train into ``out`` (resuming from its last.pt)."""
 
-    tcfg: object            # fusion.train.FusionTrainConfig
+    tcfg: object            # fusion.train_config.FusionTrainConfig
     out: Path
     nproc: int = 1          # >1: under torchrun (DDP)
     tensorboard: bool = False   # also log to out/tensorboard/
