@@ -53,7 +53,7 @@ from fuseseg.errors import ConfigError, FusesegError
 from fuseseg.tblog import TrainingLog
 from fusion.datasets import EpochBatchSampler, PairDataset, worker_init
 from fusion.registry import create_method, get_entry, list_methods, load_plugins
-from fusion.train_config import (  # noqa: F401 - FusionTrainConfig: job pickles of 0.1.0 name it here
+from fusion.train_config import (  # FusionTrainConfig: job pickles of 0.1.0 name it fusion.train
     RUNTIME_KEYS,
     FusionTrainConfig,
     config_to_dict,
