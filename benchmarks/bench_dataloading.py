@@ -1,7 +1,7 @@
 """Data-loading speed of both trainers, next to the speed at which each trainer consumes samples.
 
 For a synthetic MSRS-like data set generated into a temporary folder
-(``fusion.data.synthetic.make_synthetic``): at the size of ``configs/default.yaml``'s synthetic
+(``fuseseg.data.synthetic.make_synthetic``): at the size of ``configs/default.yaml``'s synthetic
 set (the default run's data) and at 480x640 (MSRS, the paper's data), measures decoded and
 augmented samples/s of
 
@@ -100,7 +100,7 @@ def seg_loading(images: Path, labels: Path, crop: int, batch: int, workers: int,
 
 def fusion_train_rate(crop: int, batch: int, repeats: int, device=None) -> float:
     """Images/s of SSPFusion fusion-phase optimiser steps on random (batch, 1, crop, crop) pairs."""
-    from fusion.sspfusion import SSPFusion
+    from fusion.models.sspfusion import SSPFusion
 
     device = device or torch.device("cpu")
     torch.manual_seed(0)
@@ -153,8 +153,8 @@ def verdict(load_rate: float, train_rate: float) -> dict:
 
 
 def run(quick: bool = False) -> dict:
-    from fusion.data.pairs import load_split
-    from fusion.data.synthetic import make_synthetic
+    from fuseseg.data.pairs import load_split
+    from fuseseg.data.synthetic import make_synthetic
     from segmentation.config import DEFAULT_ENCODER, PAPER_ENCODER
 
     device = default_device()

@@ -88,7 +88,7 @@ def msrs_sspfusion_kwargs() -> dict:
 def sspfusion_saved(batch: int, crop: int, phase: str, amp: bool,
                     kwargs: dict | None = None) -> tuple[int, int, int]:
     """(saved activation bytes, parameter bytes, trained parameter bytes) of one SSPFusion training step's forward pass."""
-    from fusion.sspfusion import SSPFusion
+    from fusion.models.sspfusion import SSPFusion
 
     torch.manual_seed(0)
     model = SSPFusion(**(kwargs or {})).train()
@@ -151,7 +151,7 @@ def run(quick: bool = False) -> dict:
     kw = msrs_sspfusion_kwargs()
     cases = []
     for amp in (False, True):
-        from fusion.sspfusion import SSPFusion
+        from fusion.models.sspfusion import SSPFusion
 
         for phase in SSPFusion().phases:
             (s1, p, tr), (s2, _, _) = (sspfusion_saved(b, int(ft["crop_size"]), phase, amp, kw)

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(quick=args.quick)
     print_report(result)
     path = args.out or REPO / "results" / "benchmarks" / f"metrics-{dt.date.today().isoformat()}.json"
-    from fusion.data.io import atomic_write_text
+    from fuseseg.data.io import atomic_write_text
     atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     print(f"written: {path}")
     return 0

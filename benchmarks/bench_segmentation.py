@@ -42,7 +42,7 @@ from benchmarks.common import (
     seg_train_step,
     timed,
 )
-from fusion import runtime
+from fuseseg import runtime
 from segmentation.config import DEFAULT_ENCODER, PAPER_ENCODER, SegConfig
 from segmentation.evaluate import predict
 from segmentation.losses import DiceCELoss
@@ -208,7 +208,7 @@ def run(quick: bool = False) -> dict:
     out_dir = REPO / "results" / "benchmarks"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"segmentation-{dt.date.today().isoformat()}.json"
-    from fusion.data.io import atomic_write_text
+    from fuseseg.data.io import atomic_write_text
 
     atomic_write_text(path, json.dumps(result, indent=2))
     result["json_path"] = str(path)

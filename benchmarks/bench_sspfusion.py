@@ -41,8 +41,8 @@ from benchmarks.common import (
     rate_figures,
     timed,
 )
-from fusion import runtime
-from fusion.sspfusion import SSPFusion
+from fuseseg import runtime
+from fusion.models.sspfusion import SSPFusion
 
 H, W = 480, 640
 CROP = 256
@@ -190,7 +190,7 @@ def run(quick: bool = False) -> dict:
     out_dir = REPO / "results" / "benchmarks"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"sspfusion-{dt.date.today().isoformat()}.json"
-    from fusion.data.io import atomic_write_text
+    from fuseseg.data.io import atomic_write_text
 
     atomic_write_text(path, json.dumps(result, indent=2))
     result["json_path"] = str(path)

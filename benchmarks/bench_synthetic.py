@@ -9,7 +9,7 @@ Measures, in one run:
 * the CPU milliseconds per pair (this process and its workers), which other processes on the
   machine disturb less than wall-clock time;
 * ``render_scene`` alone (no files): median milliseconds per scene in this process;
-* the median object/ring contrast (``fusion.data.synthetic.object_contrast``) per class in
+* the median object/ring contrast (``fuseseg.data.synthetic.object_contrast``) per class in
   infrared and visible, at night and by day, and the ratios the tests assert (night people
   IR/VI; cones and bumps VI/IR).
 
@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fusion.data.synthetic import make_synthetic, measure_contrast, render_scene, scene_rng
+from fuseseg.data.synthetic import make_synthetic, measure_contrast, render_scene, scene_rng
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (240, 320)

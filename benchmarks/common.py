@@ -177,7 +177,7 @@ def default_record_path(today: dt.date | None = None) -> Path:
 def write_record(record: dict, path: Path | str | None = None) -> Path:
     """Write ``record`` as indented JSON, atomically (default ``results/benchmarks/<date>.json``);
     values JSON cannot hold (paths, numpy scalars) are written as strings / numbers."""
-    from fusion.data.io import atomic_write_text
+    from fuseseg.data.io import atomic_write_text
 
     missing = [k for k in RECORD_KEYS if k not in record]
     if missing:
@@ -275,7 +275,7 @@ def gflops_figures(section: str, name: str, gflops: float, rates: dict[str, floa
 def seg_train_step(net, opt, crit, x, y, device, amp: str = "auto"):
     """One DeepLabV3+ optimiser step as ``segmentation.train`` runs it: forward under autocast
     for ``amp``, Dice+CE in float32, backward, step. Returns the loss."""
-    from fusion.runtime import autocast
+    from fuseseg.runtime import autocast
 
     with autocast(device, amp):
         logits = net(x)
@@ -287,7 +287,7 @@ def seg_train_step(net, opt, crit, x, y, device, amp: str = "auto"):
 
 
 def precision_of(amp: str) -> dict:
-    """``fusion.runtime.precision_record`` on the CPU for ``amp``."""
-    from fusion.runtime import precision_record
+    """``fuseseg.runtime.precision_record`` on the CPU for ``amp``."""
+    from fuseseg.runtime import precision_record
 
     return precision_record("cpu", amp)

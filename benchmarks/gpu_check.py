@@ -65,7 +65,7 @@ class Ctx:
     def dataset(self) -> Path:
         """A small labelled synthetic set (MSRS layout), made once: 16 train + 8 test, 96x128."""
         if self.data is None:
-            from fusion.data.synthetic import make_synthetic
+            from fuseseg.data.synthetic import make_synthetic
 
             self.data = self.work / "data"
             make_synthetic(self.data, 16, 8, size=(96, 128), seed=0, workers=1, progress=False)
@@ -220,7 +220,7 @@ def check_environment(ctx: Ctx) -> dict:
         x = torch.randn(256, 256, device=ctx.device)
         if not torch.allclose((x @ x).cpu(), x.cpu() @ x.cpu(), rtol=1e-2, atol=1e-2):
             raise AssertionError("a CUDA matmul disagrees with the CPU")
-    from fusion.runtime import resolve_precision
+    from fuseseg.runtime import resolve_precision
 
     out["amp_auto"] = resolve_precision(ctx.device, "auto")
     return out
@@ -235,7 +235,7 @@ def check_fusion_bf16_channels_last(ctx: Ctx) -> dict:
 
 def check_fusion_fp16_scaler(ctx: Ctx) -> dict:
     _need_cuda(ctx)
-    from fusion.runtime import needs_grad_scaler
+    from fuseseg.runtime import needs_grad_scaler
 
     if not needs_grad_scaler(ctx.device, "fp16"):
         raise AssertionError("amp=fp16 on CUDA does not ask for a GradScaler")
@@ -284,8 +284,8 @@ def check_ddp_nccl(ctx: Ctx) -> dict:
     import torch
     import torch.distributed as dist
 
-    from fusion.runtime import autocast
-    from fusion.sspfusion import SSPFusion
+    from fuseseg.runtime import autocast
+    from fusion.models.sspfusion import SSPFusion
     from fusion.train import _Losses
     from segmentation.losses import DiceCELoss
     from segmentation.model import build_model
@@ -359,7 +359,7 @@ def _expect_oom(ctx: Ctx, fn: Callable[[], Any], key: str) -> str:
     fail with fuseseg's one-line out-of-memory error naming ``key``."""
     import torch
 
-    from fusion.errors import FusesegError
+    from fuseseg.errors import FusesegError
 
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(ctx.device).total_memory
@@ -415,8 +415,8 @@ def check_paper_inference_and_memory(ctx: Ctx) -> dict:
     _need_cuda(ctx)
     import torch
 
-    from fusion.runtime import autocast, to_memory_format
-    from fusion.sspfusion import SSPFusion
+    from fuseseg.runtime import autocast, to_memory_format
+    from fusion.models.sspfusion import SSPFusion
     from segmentation.config import SegConfig
     from segmentation.evaluate import predict
     from segmentation.losses import DiceCELoss
@@ -602,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     Console(width=max(Console().width, 120)).print(results_table(
         results, f"fuseseg GPU acceptance check on {dev['name']}: {record['passed']} passed, "
                  f"{record['failed']} failed, {record['skipped']} skipped, {wall:.0f} s"))
-    from fusion.data.io import atomic_write_text
+    from fuseseg.data.io import atomic_write_text
 
     path = Path(args.out) if args.out else RESULTS / f"gpu-check-{dt.date.today().isoformat()}.json"
     atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.sspfusion_evidence import REAL, REPO, score_method
-from fusion import runtime
+from fuseseg import runtime
 from fusion.pretrained import sha256, shipped_files
 
 COMMAND = "fuseseg train-fusion configs/sspfusion-pretrain.yaml --out runs/sspfusion-pretrain"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fusion.data.colour import luminance, recolour
+from fuseseg.data.colour import luminance, recolour
 
 
 class LuminanceFusion(nn.Module):

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from fusion.data.colour import KB, KG, KR
-from fusion.data.io import read_infrared, read_visible
-from fusion.data.pairs import PairSet
-from fusion.errors import DataError
+from fuseseg.data.colour import KB, KG, KR
+from fuseseg.data.io import read_infrared, read_visible
+from fuseseg.data.pairs import PairSet
+from fuseseg.errors import DataError
 
 
 def visible_luminance_u8(vi: np.ndarray) -> np.ndarray:
@@ -52,7 +52,7 @@ def _pad_to(img: np.ndarray, h: int, w: int) -> np.ndarray:
 
 
 class PairDataset(Dataset):
-    """Infrared / visible-luminance pairs of a :class:`fusion.data.pairs.PairSet` as tensors.
+    """Infrared / visible-luminance pairs of a :class:`fuseseg.data.pairs.PairSet` as tensors.
 
     ``ds[i]`` (or ``ds[(i, epoch)]``) -> ``(ir, vi_y)``, two float32 tensors of shape (1, h, w)
     with values in [0, 1]: the infrared (16-bit files mapped with ``ir16``) and the luminance Y of

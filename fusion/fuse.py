@@ -8,7 +8,6 @@ and existing outputs are skipped, so a killed run redoes only the missing images
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import weakref
@@ -21,11 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from fusion import runtime
-from fusion.data.io import atomic_write_text, read_infrared, read_visible, write_image
-from fusion.data.pairs import find_pairs
-from fusion.data.paths import check_disjoint
-from fusion.errors import CheckpointError, ConfigError, DataError, FusesegError
+from fuseseg import runtime
+from fuseseg.data.io import atomic_write_text, read_infrared, read_visible, sha256_file, write_image
+from fuseseg.data.pairs import find_pairs
+from fuseseg.data.paths import check_disjoint
+from fuseseg.errors import CheckpointError, ConfigError, DataError, FusesegError
 from fusion.registry import create_method, get_entry, load_plugins
 
 
@@ -97,20 +96,12 @@ def load_fusion_method(name: str | None = None, checkpoint: Path | str | None = 
     source = {"method": method_name if checkpoint is not None else name,
               "kwargs": build_kwargs if checkpoint is not None else dict(kwargs or {}),
               "checkpoint": str(checkpoint) if checkpoint is not None else None,
-              "checkpoint_sha256": _sha256(Path(checkpoint)) if checkpoint is not None else None}
+              "checkpoint_sha256": sha256_file(checkpoint) if checkpoint is not None else None}
     try:
         method._fuseseg_source = source  # what fuse_folder records in its output folder
     except AttributeError:  # pragma: no cover - a callable without attributes
         pass
     return method
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------- running a method
@@ -388,7 +379,7 @@ def fuse_folder(method, ir_dir: Path | str, vi_dir: Path | str, out_dir: Path | 
 
     Pairs of the same size and channel count are fused in batches of up to ``batch_size``
     (folders may mix sizes); inference runs under ``torch.inference_mode`` and autocast in the
-    precision ``amp`` resolves to (:func:`fusion.runtime.resolve_precision`: bf16 on CUDA and on a
+    precision ``amp`` resolves to (:func:`fuseseg.runtime.resolve_precision`: bf16 on CUDA and on a
     CPU with native bf16, channels-last with bf16 on a CPU). Outputs already present are skipped when ``skip_existing``. Decoding happens in
     ``workers`` DataLoader processes (0: in this process); memory does not grow with the folder
     size. ``out_dir`` may not be, contain or lie inside ``ir_dir``/``vi_dir``; it records the
@@ -414,7 +405,7 @@ def fuse_folder(method, ir_dir: Path | str, vi_dir: Path | str, out_dir: Path | 
                                          num_workers=workers, collate_fn=_identity)
     bar = task = None
     if progress and todo:
-        from fusion.progress import make_progress
+        from fuseseg.progress import make_progress
 
         bar = make_progress()
         bar.start()

@@ -16,7 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fusion.errors import CheckpointError
+from fuseseg.data.io import sha256_file
+from fuseseg.errors import CheckpointError
 
 PRETRAINED = "pretrained"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -34,9 +35,7 @@ def has_shipped(method: str | None) -> bool:
 
 def sha256(path: Path) -> str:
     """Hex SHA-256 of a file (the same digest the fuse provenance records)."""
-    from fusion.fuse import _sha256
-
-    return _sha256(Path(path))
+    return sha256_file(path)
 
 
 def shipped_info(method: str = "sspfusion") -> dict[str, Any]:

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fusion.errors import ConfigError
+from fuseseg.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class MethodEntry:
 
 _REGISTRY: dict[str, MethodEntry] = {}
 _BUILTINS_LOADED = False
-BUILTIN_MODULES = ("fusion.baselines", "fusion.sspfusion")
+BUILTIN_MODULES = ("fusion.baselines", "fusion.models.sspfusion")
 
 
 def register_method(name: str, *, trainable: bool = False, description: str | None = None):

@@ -20,9 +20,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fusion.data.io import atomic_write_text
-from fusion.data.pairs import list_images, match_stems
-from fusion.errors import DataError
+from fuseseg.data.io import atomic_write_text
+from fuseseg.data.pairs import list_images, match_stems
+from fuseseg.errors import DataError
 from fusion.metrics import (
     LOWER_IS_BETTER,
     Convention,

@@ -27,7 +27,7 @@ Ctrl-C (SIGINT) stops at the next step boundary and writes ``last.pt`` for that 
 re-raised after printing how to resume. A non-finite loss stops the run with a FusesegError
 naming phase, epoch, step and the loss components; ``last.pt`` keeps the last good epoch.
 
-Devices: CUDA when present (``device='auto'``), autocast (``amp``, :func:`fusion.runtime.resolve_precision`:
+Devices: CUDA when present (``device='auto'``), autocast (``amp``, :func:`fuseseg.runtime.resolve_precision`:
 bf16, or fp16 with a GradScaler, on CUDA; bf16 on a CPU with native bf16; losses stay float32),
 channels_last (always with bf16 on a CPU) and optional ``torch.compile``; the precision used is
 stored in every checkpoint (``precision``). Multi-GPU / multi-process with ``torchrun
@@ -38,193 +38,39 @@ writes files and prints.
 """
 from __future__ import annotations
 
-import csv
-import dataclasses
 import importlib.metadata
-import io
-import json
-import math
 import platform
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from fusion import runtime
-from fusion.data.io import atomic_write_text, write_image
-from fusion.data.pairs import PairSet, detect_splits, find_pairs, load_split
+from fuseseg import runtime
+from fuseseg.data.io import atomic_write_text
+from fuseseg.errors import ConfigError, FusesegError
+from fuseseg.tblog import TrainingLog
 from fusion.datasets import EpochBatchSampler, PairDataset, worker_init
-from fusion.errors import ConfigError, FusesegError
-from fusion.progress import epoch_line, format_fields
 from fusion.registry import create_method, get_entry, list_methods, load_plugins
-from fusion.tblog import TrainingLog
-
-# settings that may differ between a run and its resumption (they do not change the maths on CPU)
-RUNTIME_KEYS = ("workers", "device", "amp", "compile", "channels_last", "log_every", "cache_images")
-
-
-@dataclass
-class FusionTrainConfig:
-    """Settings of ``fuseseg train-fusion`` (YAML keys of the same names).
-
-    Data: ``data_root`` (an MSRS-layout root, whose ``split`` folder is used, or a bare pair folder
-    holding ``ir/`` and ``vi/``), or ``ir_dir`` + ``vi_dir`` explicitly. ``batch_size`` is the
-    global batch (split across DDP processes). Paper values (Sec. 3.1): 256 crops, Adam (0.9,
-    0.999), lr 2e-4 with cosine annealing, 50 structure epochs then 300 epochs; the paper gives no
-    batch size (8 is this project's choice).
-
-    More data: ``extra_data`` (more folders, each read like ``data_root``) and
-    ``synthetic_pairs`` > 0 synthetic day/night street scenes (:mod:`fusion.data.synthetic`, size
-    ``synthetic_size``, seed ``synthetic_seed``) rendered into ``OUT/synthetic`` on the first start
-    (same seed: byte-identical files), all trained on together.
-
-    ``aug_gain`` / ``aug_gamma`` ([low, high], default [1, 1] = off, the paper's choice): the joint
-    photometric augmentation ``x -> clip(g x^gamma, 0, 1)``, one (g, gamma) per sample applied to
-    both modalities (see :class:`fusion.datasets.PairDataset`)."""
-
-    method: str = "sspfusion"   # registered trainable fusion method to train
-    method_kwargs: dict[str, Any] = field(default_factory=dict)   # keyword arguments of the method (e.g. channels)
-    plugins: list[str] = field(default_factory=list)   # modules that register fusion methods
-    data_root: str | None = None   # MSRS-layout root (its `split` folder) or a folder holding ir/ and vi/
-    split: str = "train"   # split folder of data_root to train on
-    ir_dir: str | None = None   # infrared folder (instead of data_root)
-    vi_dir: str | None = None   # visible folder (instead of data_root)
-    extra_data: list[str] = field(default_factory=list)   # more training folders, each read like data_root
-    synthetic_pairs: int = 0   # > 0: also train on that many synthetic scenes (rendered into OUT/synthetic)
-    synthetic_size: tuple[int, int] = (240, 320)   # H, W of the synthetic scenes
-    synthetic_seed: int = 0   # seed of the synthetic scenes (same seed: same files)
-    structure_epochs: int = 50   # epochs of the structure (SFE) phase
-    epochs: int = 300   # epochs of the fusion phase
-    batch_size: int = 8   # global batch (split across DDP processes)
-    crop_size: int | None = 256   # random square training crop; null = whole images
-    vflip: bool = False   # random vertical flips too (horizontal ones always)
-    aug_gain: tuple[float, float] = (1.0, 1.0)   # joint photometric gain range [low, high]; [1, 1] = off
-    aug_gamma: tuple[float, float] = (1.0, 1.0)   # joint photometric gamma range [low, high]; [1, 1] = off
-    lr: float = 2e-4   # Adam learning rate at the start of each phase (cosine decay)
-    min_lr: float = 0.0   # learning rate at the end of each phase
-    betas: tuple[float, float] = (0.9, 0.999)   # Adam betas
-    weight_decay: float = 0.0   # Adam weight decay
-    workers: int = 4   # DataLoader worker processes (0: load in the training process)
-    seed: int = 0   # seeds initialisation, crops and batch order
-    device: str = "auto"   # auto | cpu | cuda | cuda:1 ...
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"   # mixed precision: auto | off (fp32) | bf16 | fp16
-    channels_last: bool = False   # channels-last memory format
-    compile: bool = False   # torch.compile the training step
-    ddp_find_unused: bool = False   # DDP find_unused_parameters (a method with parameters unused in a phase)
-    max_steps_per_epoch: int | None = None   # cap on optimiser steps per epoch (tiny runs); null = full epochs
-    log_every: int = 10   # steps between two progress-bar updates of the loss
-    cache_images: bool = False   # keep the decoded training images in memory
-    ir16: Literal["minmax", "scale"] = "minmax"   # 16-bit infrared -> 8-bit mapping: minmax (per image) or scale (/257)
-
-    def __post_init__(self):
-        for key in ("structure_epochs", "epochs", "workers"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
-        if self.synthetic_pairs < 0 or min(self.synthetic_size) < 16:
-            raise ValueError(f"synthetic_pairs must be >= 0 and synthetic_size at least [16, 16], got "
-                             f"{self.synthetic_pairs} and {list(self.synthetic_size)}")
-        for key in ("batch_size", "log_every"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
-            raise ValueError(f"max_steps_per_epoch must be >= 1 or null, got {self.max_steps_per_epoch}")
-        if self.crop_size is not None and self.crop_size < 8:
-            raise ValueError(f"crop_size must be >= 8 pixels or null, got {self.crop_size}")
-        for key in ("aug_gain", "aug_gamma"):
-            lo, hi = getattr(self, key)
-            if not 0 < lo <= hi:
-                raise ValueError(f"{key} must be [low, high] with 0 < low <= high, got {[lo, hi]}")
-        if self.structure_epochs + self.epochs == 0:
-            raise ValueError("structure_epochs=0 and epochs=0 train nothing (final.pt would hold an untrained "
-                             "model); give at least one epoch")
-        if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
-
-
-    def photometric_range(self) -> tuple[tuple[float, float], tuple[float, float]] | None:
-        """The joint photometric augmentation of :class:`fusion.datasets.PairDataset` (None: off)."""
-        rng = (tuple(self.aug_gain), tuple(self.aug_gamma))
-        return None if rng == ((1.0, 1.0), (1.0, 1.0)) else rng
-
-
-def config_to_dict(cfg: FusionTrainConfig) -> dict[str, Any]:
-    """The config as plain YAML-able data (tuples as lists)."""
-    def plain(v):
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, Path):
-            return str(v)
-        return v
-    return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-
-
-def _root_pairs(root: str | Path, split: str, key: str) -> PairSet:
-    splits = detect_splits(root)
-    if splits == [None]:
-        return load_split(root, None)
-    if split not in splits:
-        raise ConfigError(f"fusion_train.split={split!r}, but {key} {root} only has the "
-                          f"split(s) {', '.join(s for s in splits if s)}. Set split accordingly.")
-    return load_split(root, split)
-
-
-def resolve_pairs(cfg: FusionTrainConfig, out_dir: Path | None = None) -> PairSet:
-    """The training pairs named by the config (see :class:`FusionTrainConfig`): ``data_root`` (or
-    ``ir_dir`` + ``vi_dir``), then each of ``extra_data``, then the synthetic scenes in
-    ``out_dir/synthetic`` (rendered by :func:`render_synthetic`)."""
-    sets: list[PairSet] = []
-    if cfg.ir_dir or cfg.vi_dir:
-        if not (cfg.ir_dir and cfg.vi_dir):
-            raise ConfigError("fusion_train: set both ir_dir and vi_dir (or data_root instead).")
-        sets.append(find_pairs(cfg.ir_dir, cfg.vi_dir))
-    elif cfg.data_root:
-        sets.append(_root_pairs(cfg.data_root, cfg.split, "data_root"))
-    sets += [_root_pairs(r, cfg.split, "extra_data") for r in cfg.extra_data]
-    if cfg.synthetic_pairs:
-        if out_dir is None:
-            raise ConfigError("fusion_train.synthetic_pairs needs a run folder to render into")
-        sets.append(load_split(out_dir / "synthetic", "train"))
-    if not sets:
-        raise ConfigError("fusion_train: no training data. Set data_root (an MSRS-layout root or a "
-                          "folder with ir/ and vi/), or ir_dir and vi_dir, or synthetic_pairs.")
-    return sets[0] if len(sets) == 1 else merge_pairsets(sets)
-
-
-def merge_pairsets(sets: list[PairSet]) -> PairSet:
-    """One PairSet of several; stems become ``"<j>/<stem>"`` (j = the set's index), so equal file
-    names in different folders stay distinct."""
-    out = PairSet(sets[0].ir_dir, sets[0].vi_dir)
-    for j, ps in enumerate(sets):
-        for stem in ps.stems:
-            key = f"{j}/{stem}"
-            out.stems.append(key)
-            out.ir[key], out.vi[key] = ps.ir[stem], ps.vi[stem]
-    return out
-
-
-def render_synthetic(cfg: FusionTrainConfig, out_dir: Path) -> None:
-    """Render ``cfg.synthetic_pairs`` synthetic training scenes into ``out_dir/synthetic`` unless
-    the same set (count, size, seed, per ``synthetic.json``) is already there."""
-    if not cfg.synthetic_pairs:
-        return
-    from fusion.data.synthetic import make_synthetic
-
-    dest = out_dir / "synthetic"
-    want = {"train": cfg.synthetic_pairs, "size": list(cfg.synthetic_size), "seed": cfg.synthetic_seed}
-    try:
-        have = json.loads((dest / "synthetic.json").read_text())
-        if all(have.get(k) == v for k, v in want.items()) and have.get("test") == 0:
-            return
-    except (OSError, ValueError):
-        pass
-    make_synthetic(dest, cfg.synthetic_pairs, 0, tuple(cfg.synthetic_size), cfg.synthetic_seed,
-                   workers=1, progress=False)
+from fusion.train_config import (  # FusionTrainConfig: job pickles of 0.1.0 name it fusion.train
+    RUNTIME_KEYS,
+    FusionTrainConfig,
+    config_to_dict,
+    render_synthetic,
+    resolve_pairs,
+)
+from fusion.train_log import (
+    EpochAcc,
+    format_components,
+    log_epoch,
+    progress_bar,
+    report_verdict,
+    save_snapshots,
+    trivial_fusion_losses,
+    verdict,
+    write_log,
+)
 
 
 def _versions() -> dict[str, str]:
@@ -245,30 +91,6 @@ class _Losses(nn.Module):
 
     def forward(self, ir, vi_y, phase: str):
         return self.model.training_losses(ir, vi_y, phase)
-
-
-def _log_columns(rows: list[dict]) -> list[str]:
-    head, tail = ["phase", "epoch", "global_step"], ["loss", "lr", "images_per_s", "seconds"]
-    comps: list[str] = []
-    for r in rows:
-        for k in r:
-            if k not in head and k not in tail and k not in comps:
-                comps.append(k)
-    return head + comps + tail
-
-
-def write_log(path: Path, rows: list[dict]) -> None:
-    """Write the per-epoch rows as CSV atomically (columns: the union over rows)."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=_log_columns(rows), restval="", lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    atomic_write_text(path, buf.getvalue())
-
-
-def _fmt(comps: dict[str, float]) -> str:
-    return " ".join(f"{k} {v:.4g}" for k, v in comps.items())
 
 
 def _check_resumable(saved: dict, cfg: FusionTrainConfig, path: Path) -> None:
@@ -300,7 +122,7 @@ def _phase_params(model: nn.Module, phase: str) -> list[nn.Parameter]:
 def train_fusion(cfg: FusionTrainConfig, out_dir: Path | str, resume: bool = False,
                  progress: bool = True, tensorboard: bool = False) -> Path:
     """Train ``cfg.method`` and return the path of ``out_dir/final.pt`` (see the module doc).
-    ``tensorboard``: also log to ``out_dir/tensorboard/`` (:mod:`fusion.tblog`)."""
+    ``tensorboard``: also log to ``out_dir/tensorboard/`` (:mod:`fuseseg.tblog`)."""
     device = runtime.resolve_device(cfg.device)
     was_initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
     if device.type == "cuda" and device.index is None:
@@ -316,9 +138,8 @@ def train_fusion(cfg: FusionTrainConfig, out_dir: Path | str, resume: bool = Fal
 
 def _train(cfg: FusionTrainConfig, out_dir: Path, resume: bool, progress: bool,
            device: torch.device, rank: int, world: int, tensorboard: bool = False) -> Path:
-    """The training run, as a few named steps: open the run folder, build model and data, then
-    the flat loop (phase set-up, per step forward/check/backward, per epoch log row and
-    checkpoint), then the final checkpoint and the verdict."""
+    """The training run: open the run folder, build model and data, then the flat loop (phase set-up,
+    each epoch's steps, its log row and checkpoint), then the final checkpoint and the verdict."""
     from rich.console import Console
 
     main = rank == 0
@@ -326,7 +147,7 @@ def _train(cfg: FusionTrainConfig, out_dir: Path, resume: bool, progress: bool,
     last_path, final_path = out_dir / "last.pt", out_dir / "final.pt"
 
     ckpt = _open_run(cfg, out_dir, resume, console)
-    if ckpt is not None and ckpt.get("complete"):
+    if ckpt is not None and ckpt.get("complete"):   # nothing left to train: (re)write final.pt only
         if main and not final_path.exists():
             runtime.save_checkpoint(final_path, _final_payload(ckpt))
         console.print(f"training in {out_dir} is already complete: {final_path}")
@@ -341,24 +162,17 @@ def _train(cfg: FusionTrainConfig, out_dir: Path, resume: bool, progress: bool,
     st = _State.resume_from(ckpt, cfg, last_path)
     precision = runtime.precision_record(device, cfg.amp, cfg.channels_last)
     if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        import yaml
-        atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        console.print(f"training {cfg.method} on {len(dataset)} pairs, {world} process(es) on {device}, "
-                      f"global batch {cfg.batch_size}, {precision['precision']}, {steps_per_epoch} steps/epoch, phases "
-                      + ", ".join(f"{p} x{n}" for p, n in phases) + f" -> {out_dir}")
+        _announce(cfg, out_dir, console, len(dataset), world, device, precision, steps_per_epoch, phases)
 
     def save(path: Path, pi: int, ep: int, step: int, opt=None, sched=None, scaler=None, acc=None) -> None:
         if main:
             runtime.save_checkpoint(path, _payload(cfg, model, init_kwargs, phases, st, pi, ep, step,
                                                    opt, sched, scaler, acc))
 
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     stop = runtime.StopRequest()  # first Ctrl-C: stop at the next step; second: at once
-    bar = _progress_bar(console) if progress and main else None
+    bar = progress_bar(console) if progress and main else None
     tb = TrainingLog(out_dir, tensorboard and main, purge_step=st.global_step)
-    position = "before the first epoch"
     ir = vi_y = None  # the last batch, shown in TensorBoard
     try:
         with stop:
@@ -376,65 +190,28 @@ def _train(cfg: FusionTrainConfig, out_dir: Path, resume: bool, progress: bool,
                                     info="") if bar is not None else None
                 for ep in range(first_epoch, n_epochs):
                     step0 = st.step if (pi == st.phase_index and ep == first_epoch) else 0
-                    acc = _EpochAcc.resume(st.epoch_acc if step0 > 0 else None)
-                    st.epoch_acc = None
                     sampler.set_epoch(epoch_offset + ep, start_batch=step0)
-                    if bar is not None:
-                        bar.update(task, description=f"{phase} {ep + 1}/{n_epochs}")
-                        if step0:
-                            bar.advance(task, step0)
-                    batches = iter(loader)
-                    for step in range(step0, steps_per_epoch):
-                        position = (f"phase {phase!r}, epoch {ep + 1}/{n_epochs}, "
-                                    f"step {step + 1}/{steps_per_epoch}")
-                        ir, vi_y = _to_device(next(batches), device, precision["channels_last"])
-                        opt.zero_grad(set_to_none=True)
-                        with runtime.autocast(device, cfg.amp):
-                            loss, comps = loss_fn(ir, vi_y, phase)
-                        comps = {k: float(v) for k, v in comps.items()}
-                        if _check_step(loss, comps, stop, world, position, st.global_step, cfg, last_path):
-                            acc.pause()
-                            save(last_path, pi, ep, step, opt, sched, scaler, acc.state())
-                            position = (f"phase {phase!r}, epoch {ep + 1}/{n_epochs}, "
-                                        f"step {step}/{steps_per_epoch}")
-                            raise KeyboardInterrupt("saved")
-                        scaler.scale(loss).backward()
-                        scaler.step(opt)
-                        scaler.update()
-                        sched.step()
-                        st.global_step += 1
-                        if phase == "fusion":
-                            comps.update(trivial_fusion_losses(runtime.unwrap(model), ir, vi_y))
-                        acc.add(comps, float(loss.detach()))
-                        if bar is not None:
-                            bar.advance(task)
-                            if (step + 1) % cfg.log_every == 0 or step + 1 == steps_per_epoch:
-                                bar.update(task, info=f"{_fmt(comps)} | loss {float(loss.detach()):.4g} | "
-                                                      f"{acc.rate(step + 1 - step0, cfg.batch_size):.1f} img/s")
+                    acc, ir, vi_y = _run_epoch(cfg, model, (opt, sched, scaler, loss_fn), loader, st, stop, save,
+                                               bar, task, pi, phase, ep, n_epochs, step0, steps_per_epoch,
+                                               device, world, precision["channels_last"], last_path)
                     # ------------------------------------------------------ epoch end
                     st.rows.append(acc.row(phase, ep + 1, st.global_step, opt, steps_per_epoch, cfg.batch_size))
                     save(last_path, pi, ep + 1, 0, opt, sched, scaler)
                     if main:
                         write_log(out_dir / "log.csv", st.rows)
-                        _log_epoch(bar, task, tb, st.rows[-1], phases, pi, n_epochs, cfg.method, model, ir, vi_y)
-                    position = f"the end of phase {phase!r} epoch {ep + 1}/{n_epochs}"
+                        log_epoch(bar, task, tb, st.rows[-1], phases, pi, n_epochs, cfg.method, model, ir, vi_y)
+                    st.position = f"the end of phase {phase!r} epoch {ep + 1}/{n_epochs}"
                     if stop.requested:
                         raise KeyboardInterrupt("saved")
                 epoch_offset += n_epochs
-                if main:
-                    save_snapshots(runtime.unwrap(model), ir, vi_y, phase, out_dir)
+                save_snapshots(runtime.unwrap(model), ir, vi_y, phase, out_dir, enabled=main)
     except KeyboardInterrupt as exc:
         if main:
-            saved = str(exc) == "saved"
-            what = (f"saved {last_path} at {position}" if saved else
-                    f"{last_path} holds the last completed epoch" if last_path.exists()
-                    else "no checkpoint was written yet")
-            console.print(f"[yellow]interrupted:[/] {what}. Resume with: fuseseg train-fusion "
-                          f"{out_dir / 'config.yaml'} --out {out_dir} --resume")
+            _say_interrupted(console, str(exc) == "saved", st.position, out_dir)
         raise
     except torch.cuda.OutOfMemoryError as exc:
         raise runtime.oom_error(
-            exc, f"training {cfg.method} in {position} on {device} (crop {cfg.crop_size}, {world} "
+            exc, f"training {cfg.method} in {st.position} on {device} (crop {cfg.crop_size}, {world} "
             f"process(es); {last_path} keeps the last completed epoch)", "fusion_train.batch_size",
             cfg.batch_size) from exc
     finally:
@@ -445,17 +222,90 @@ def _train(cfg: FusionTrainConfig, out_dir: Path, resume: bool, progress: bool,
             p.requires_grad_(True)
 
     if main:
-        final = _payload(cfg, model, init_kwargs, phases, st, len(phases) - 1,
-                         phases[-1][1] if phases else 0, 0)
-        final["complete"] = True
-        final["verdict"] = verdict(st.rows)
-        runtime.save_checkpoint(last_path, final)
-        runtime.save_checkpoint(final_path, _final_payload(final))
-        report_verdict(final["verdict"], out_dir, console)
-        console.print(f"done: {final_path}")
+        _finish(cfg, model, init_kwargs, phases, st, out_dir, console)
     if world > 1:
         torch.distributed.barrier()
     return final_path
+
+
+def _announce(cfg: FusionTrainConfig, out_dir: Path, console, n_pairs: int, world: int, device: torch.device,
+              precision: dict, steps_per_epoch: int, phases) -> None:
+    """Write the resolved ``config.yaml`` and say in one line what is trained, on what, how."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    import yaml
+    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    console.print(f"training {cfg.method} on {n_pairs} pairs, {world} process(es) on {device}, "
+                  f"global batch {cfg.batch_size}, {precision['precision']}, {steps_per_epoch} steps/epoch, phases "
+                  + ", ".join(f"{p} x{n}" for p, n in phases) + f" -> {out_dir}")
+
+
+def _run_epoch(cfg: FusionTrainConfig, model: nn.Module, tools, loader, st: _State, stop: runtime.StopRequest,
+               save, bar, task, pi: int, phase: str, ep: int, n_epochs: int, step0: int, steps_per_epoch: int,
+               device: torch.device, world: int, channels_last: bool, last_path: Path):
+    """The optimiser steps of epoch ``ep`` of phase ``pi`` from ``step0`` on (forward, check, backward,
+    schedule); a stop request saves the exact position and raises KeyboardInterrupt. ``tools``:
+    (opt, sched, scaler, loss_fn) of :func:`_setup_phase`. Returns (the epoch's sums, the last batch)."""
+    opt, sched, scaler, loss_fn = tools
+    acc = EpochAcc.resume(st.epoch_acc if step0 > 0 else None)
+    st.epoch_acc = None
+    if bar is not None:
+        bar.update(task, description=f"{phase} {ep + 1}/{n_epochs}")
+        if step0:
+            bar.advance(task, step0)
+    ir = vi_y = None
+    batches = iter(loader)
+    for step in range(step0, steps_per_epoch):
+        st.position = (f"phase {phase!r}, epoch {ep + 1}/{n_epochs}, "
+                       f"step {step + 1}/{steps_per_epoch}")
+        ir, vi_y = _to_device(next(batches), device, channels_last)
+        opt.zero_grad(set_to_none=True)
+        with runtime.autocast(device, cfg.amp):
+            loss, comps = loss_fn(ir, vi_y, phase)
+        comps = {k: float(v) for k, v in comps.items()}
+        if _check_step(loss, comps, stop, world, st.position, st.global_step, cfg, last_path):
+            acc.pause()
+            save(last_path, pi, ep, step, opt, sched, scaler, acc.state())
+            st.position = (f"phase {phase!r}, epoch {ep + 1}/{n_epochs}, "
+                           f"step {step}/{steps_per_epoch}")
+            raise KeyboardInterrupt("saved")
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        st.global_step += 1
+        if phase == "fusion":
+            comps.update(trivial_fusion_losses(runtime.unwrap(model), ir, vi_y))
+        acc.add(comps, float(loss.detach()))
+        if bar is not None:
+            bar.advance(task)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == steps_per_epoch:
+                bar.update(task, info=f"{format_components(comps)} | loss {float(loss.detach()):.4g} | "
+                                      f"{acc.rate(step + 1 - step0, cfg.batch_size):.1f} img/s")
+    return acc, ir, vi_y
+
+
+def _say_interrupted(console, saved: bool, position: str, out_dir: Path) -> None:
+    """Ctrl-C: what the last checkpoint holds, and the command that resumes."""
+    last_path = out_dir / "last.pt"
+    what = (f"saved {last_path} at {position}" if saved else
+            f"{last_path} holds the last completed epoch" if last_path.exists()
+            else "no checkpoint was written yet")
+    console.print(f"[yellow]interrupted:[/] {what}. Resume with: fuseseg train-fusion "
+                  f"{out_dir / 'config.yaml'} --out {out_dir} --resume")
+
+
+def _finish(cfg: FusionTrainConfig, model: nn.Module, init_kwargs, phases, st: _State, out_dir: Path,
+            console) -> None:
+    """The complete run's checkpoints (``last.pt`` marked complete, ``final.pt``) and its verdict."""
+    last_path, final_path = out_dir / "last.pt", out_dir / "final.pt"
+    final = _payload(cfg, model, init_kwargs, phases, st, len(phases) - 1,
+                     phases[-1][1] if phases else 0, 0)
+    final["complete"] = True
+    final["verdict"] = verdict(st.rows)
+    runtime.save_checkpoint(last_path, final)
+    runtime.save_checkpoint(final_path, _final_payload(final))
+    report_verdict(final["verdict"], out_dir, console)
+    console.print(f"done: {final_path}")
 
 
 # ---------------------------------------------------------------------- steps of _train
@@ -524,6 +374,7 @@ class _State:
     global_step: int = 0
     rows: list[dict] = field(default_factory=list)
     epoch_acc: dict | None = None
+    position: str = "before the first epoch"   # for messages only (not checkpointed)
 
     @classmethod
     def resume_from(cls, ckpt: dict | None, cfg: FusionTrainConfig, path: Path) -> _State:
@@ -551,46 +402,6 @@ def _payload(cfg, model, init_kwargs, phases, st: _State, pi, ep, step, opt=None
             "epoch_acc": acc, "log": st.rows, "complete": False, "versions": _versions(),
             "precision": runtime.precision_record(next(runtime.unwrap(model).parameters()).device,
                                                   cfg.amp, cfg.channels_last)}
-
-
-def _progress_bar(console):
-    from rich.progress import TextColumn
-
-    from fusion.progress import make_progress
-
-    bar = make_progress(TextColumn("{task.fields[info]}"), console=console)
-    bar.start()
-    return bar
-
-
-def _log_epoch(bar, task, tb: TrainingLog, row: dict[str, Any], phases, pi: int, n_epochs: int, method: str,
-               model: nn.Module, ir: torch.Tensor | None, vi_y: torch.Tensor | None, n_images: int = 3) -> None:
-    """An epoch's log row as one plain line (where the console is not a terminal; ETA from this
-    epoch's time x the epochs left in every phase) and, with TensorBoard, as scalars
-    (``loss/<component>``, ``lr``, ``images_per_s``) and up to ``n_images`` pairs of the epoch's last
-    batch as infrared | visible Y | fused rows."""
-    skip = ("phase", "epoch", "global_step", "seconds")
-    if bar is not None:
-        left = n_epochs - int(row["epoch"]) + sum(n for _, n in phases[pi + 1:])
-        epoch_line(bar, task, f"train {method} {row['phase']} epoch {row['epoch']}/{n_epochs}: "
-                   + format_fields({k: v for k, v in row.items() if k not in skip}),
-                   eta_s=left * float(row["seconds"]))
-    if tb.writer is None:
-        return
-    step = int(row["global_step"])
-    tb.scalars(step, {k: v for k, v in row.items() if k not in skip + ("lr", "images_per_s")}, "loss/")
-    tb.scalars(step, {"lr": row["lr"], "images_per_s": row["images_per_s"], "epoch_seconds": row["seconds"]})
-    if ir is None:
-        return
-    net = runtime.unwrap(model)
-    was_training = net.training
-    net.eval()
-    with torch.no_grad():
-        a, b = ir[:n_images].float(), vi_y[:n_images].float()
-        fused = net(a, b).float().clamp(0, 1)
-    net.train(was_training)
-    tb.images(step, f"fused/{row['phase']}", [[x[0].cpu().numpy() for x in (a[i], b[i], fused[i])]
-                                               for i in range(a.shape[0])])
 
 
 def _setup_phase(cfg: FusionTrainConfig, model: nn.Module, phase: str, total_steps: int,
@@ -639,120 +450,10 @@ def _check_step(loss: torch.Tensor, comps: dict, stop: runtime.StopRequest, worl
     if bad:
         raise FusesegError(
             f"training diverged: non-finite loss ({float(loss.detach()):g}) in {position} (global "
-            f"step {global_step + 1}); loss components: {_fmt(comps) or '(none)'}. The last good "
+            f"step {global_step + 1}); loss components: {format_components(comps) or '(none)'}. The last good "
             f"checkpoint is kept: {last_path} ({'none yet' if not last_path.exists() else 'end of the last completed epoch'}). "
             f"Lower lr (now {cfg.lr:g}) or set amp=off, then retrain or resume with --resume.")
     return stop_now
-
-
-class _EpochAcc:
-    """Running sums of one epoch's loss components (resumable mid-epoch: :meth:`state`)."""
-
-    def __init__(self, sums: dict, count: int, seconds: float):
-        self.sums, self.count = dict(sums), count
-        self.t_segment = time.perf_counter()
-        self.t_start = self.t_segment - seconds
-
-    @classmethod
-    def resume(cls, state: dict | None) -> _EpochAcc:
-        state = state or {"sums": {}, "count": 0, "seconds": 0.0}
-        return cls(state["sums"], state["count"], state["seconds"])
-
-    def add(self, comps: dict[str, float], loss: float) -> None:
-        self.count += 1
-        for k, v in comps.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.sums["loss"] = self.sums.get("loss", 0.0) + loss
-
-    def pause(self) -> None:
-        self.seconds = time.perf_counter() - self.t_start
-
-    def state(self) -> dict:
-        return {"sums": dict(self.sums), "count": self.count,
-                "seconds": getattr(self, "seconds", time.perf_counter() - self.t_start)}
-
-    def rate(self, steps: int, batch: int) -> float:
-        return steps * batch / max(1e-9, time.perf_counter() - self.t_segment)
-
-    def row(self, phase: str, epoch: int, global_step: int, opt, steps_per_epoch: int, batch: int) -> dict:
-        seconds = time.perf_counter() - self.t_start
-        n = max(1, self.count)
-        row: dict[str, Any] = {"phase": phase, "epoch": epoch, "global_step": global_step}
-        row.update({k: v / n for k, v in self.sums.items() if k != "loss"})
-        row.update({"loss": self.sums.get("loss", math.nan) / n, "lr": float(opt.param_groups[0]["lr"]),
-                    "images_per_s": steps_per_epoch * batch / max(seconds, 1e-9), "seconds": seconds})
-        return row
-
-
-# ---------------------------------------------------------------------- diagnostics
-def save_snapshots(model: nn.Module, ir: torch.Tensor | None, vi_y: torch.Tensor | None, phase: str,
-                   out_dir: Path) -> list[Path]:
-    """At the end of ``phase``: the method's ``phase_snapshot(ir, vi_y, phase)`` pictures (optional;
-    {name: (H, W) grey tensor in [0, 1]}) of the phase's last batch, written atomically as
-    ``out_dir/snapshots/<phase>/<name>.png``; the paths written."""
-    fn = getattr(model, "phase_snapshot", None)
-    if fn is None or ir is None:
-        return []
-    was_training = model.training
-    model.eval()
-    try:
-        pictures = fn(ir, vi_y, phase)
-    finally:
-        model.train(was_training)
-    paths = []
-    for name, img in pictures.items():
-        path = out_dir / "snapshots" / phase / f"{name}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_image(path, (img.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy())
-        paths.append(path)
-    return paths
-
-
-
-@torch.no_grad()
-def trivial_fusion_losses(model: nn.Module, ir: torch.Tensor, vi_y: torch.Tensor) -> dict[str, float]:
-    """``fus_max`` and ``fus_mean``: the model's fusion loss (``model.fusion_loss``) of the trivial
-    answers ``max(IR, VI_Y)`` and ``(IR + VI_Y) / 2`` on the same batch; {} for a method without
-    ``fusion_loss``. A trained model whose ``fus`` is not below ``fus_max`` has not learned what
-    its own loss rewards."""
-    fn = getattr(model, "fusion_loss", None)
-    if fn is None:
-        return {}
-    ir, vi_y = ir.float(), vi_y.float()
-    return {"fus_max": float(fn(torch.maximum(ir, vi_y), ir, vi_y)),
-            "fus_mean": float(fn(0.5 * (ir + vi_y), ir, vi_y))}
-
-
-def verdict(rows: list[dict]) -> dict[str, Any]:
-    """Did the model beat ``max(IR, VI_Y)`` on its own fusion loss? Judged on the last fusion
-    epoch's means (``fus`` against ``fus_max`` on the same batches). ``status``: "converged"
-    (fus < fus_max), "undertrained" (not), or "unknown" (no such columns)."""
-    last = next((r for r in reversed(rows) if r.get("phase") == "fusion"), None)
-    if last is None or "fus" not in last or "fus_max" not in last:
-        return {"status": "unknown", "reason": "no fusion epoch with fus / fus_max columns"}
-    out = {k: float(last[k]) for k in ("fus", "fus_max", "fus_mean") if k in last}
-    out.update(epoch=int(last["epoch"]), global_step=int(last["global_step"]))
-    out["beat_max"] = out["fus"] < out["fus_max"]
-    out["status"] = "converged" if out["beat_max"] else "undertrained"
-    ious = {k: float(v) for k, v in last.items() if k.startswith("iou")}
-    if ious:
-        out["structure_iou"] = ious
-    return out
-
-
-def report_verdict(v: dict[str, Any], out_dir: Path, console) -> None:
-    """Write ``verdict.json`` into the run folder and print the verdict (loudly when undertrained)."""
-    atomic_write_text(out_dir / "verdict.json", json.dumps(v, indent=2) + "\n")
-    if v["status"] == "unknown":
-        console.print(f"verdict: not measured ({v['reason']})")
-    elif v["beat_max"]:
-        console.print(f"verdict: converged: fusion loss {v['fus']:.4f} < {v['fus_max']:.4f} of "
-                      f"max(IR, VI_Y) (mean: {v.get('fus_mean', math.nan):.4f}) in the last epoch")
-    else:
-        console.print(f"[bold red]WARNING: UNDERTRAINED[/]: fusion loss {v['fus']:.4f} is not below "
-                      f"{v['fus_max']:.4f}, the loss of the trivial max(IR, VI_Y), in the last epoch. "
-                      "The model has not learned what its loss rewards: train longer (epochs), "
-                      "or see fusion/README.md for a converging recipe.")
 
 
 def _final_payload(ckpt: dict) -> dict:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from fusion.errors import FusesegError
+from fuseseg.errors import FusesegError
 
 
 def load_config(config: str | Path | None = None, overrides: Sequence[str] = ()):
@@ -40,7 +40,8 @@ def run(config: str | Path | None = None, overrides: Sequence[str] = (), *, only
         variants: Sequence[str] | None = None) -> Path:
     """Run (or resume) an experiment exactly as ``fuseseg run CONFIG key=value ...`` does, and
     return its run folder. ``only``: stage names; ``variants``: the variants to segment."""
-    from pipelines.stages import Plan, run_experiment
+    from pipelines.run import run_experiment
+    from pipelines.stages.base import Plan
 
     cfg = load_config(config, overrides)
     return run_experiment(cfg, Plan(only=set(only) if only else None, variants=list(variants) if variants else None))
@@ -50,7 +51,8 @@ def dry_run(config: str | Path | None = None, overrides: Sequence[str] = (), *,
             only: Sequence[str] | None = None, variants: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """What :func:`run` would do, writing nothing (``fuseseg run --dry-run``): one
     ``{"stage", "run" (bool), "why"}`` per stage, e.g. ``why = "changed: fusion_train.lr"``."""
-    from pipelines.stages import Plan, run_experiment
+    from pipelines.run import run_experiment
+    from pipelines.stages.base import Plan
 
     plan = Plan(only=set(only) if only else None, variants=list(variants) if variants else None, dry_run=True)
     run_experiment(load_config(config, overrides), plan)

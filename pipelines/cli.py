@@ -95,7 +95,7 @@ def _os_error_line(exc: OSError) -> str:
 def _error_line(exc: BaseException) -> tuple[str, int]:
     """(message, exit code) for an exception that reached the top: 2 for usage/config mistakes,
     1 for everything else."""
-    from fusion.errors import ConfigError, FusesegError
+    from fuseseg.errors import ConfigError, FusesegError
 
     if isinstance(exc, ConfigError):
         return str(exc), 2
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                           "and `segment train` add --resume).", highlight=False)
         return 130
     except Exception as exc:
-        from fusion.errors import FusesegError
+        from fuseseg.errors import FusesegError
 
         if show_traceback and not isinstance(exc, FusesegError):
             raise

@@ -1,6 +1,6 @@
 """Typed configs: dataclasses loaded from YAML, ``a.b=value`` overrides, resolved-config dumps.
 
-Each stage owns a dataclass of its settings (e.g. ``fusion.train.FusionTrainConfig``,
+Each stage owns a dataclass of its settings (e.g. ``fusion.train_config.FusionTrainConfig``,
 ``segmentation.config.SegConfig``); :class:`pipelines.experiment.ExperimentConfig` composes
 them. This module turns YAML into those dataclasses: an unknown key is an error naming it and
 the valid keys, a value of the wrong type is an error naming the key and the expected type.
@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
-from fusion.errors import ConfigError
+from fuseseg.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -220,6 +220,6 @@ def load_section_config(cls: type[T], section: str, path: Path | str | None, ove
 
 def dump_config(cfg, path: Path | str) -> None:
     """Write the resolved config ``cfg`` as YAML to ``path`` (atomically)."""
-    from fusion.data.io import atomic_write_text
+    from fuseseg.data.io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from fusion.data.pairs import Layout
-from fusion.data.paths import check_plain_name
-from fusion.errors import ConfigError
-from fusion.train import FusionTrainConfig
+from fuseseg.data.pairs import Layout
+from fuseseg.data.paths import check_plain_name
+from fuseseg.errors import ConfigError
+from fusion.train_config import FusionTrainConfig
 from pipelines.executor import ExecutorConfig
 from segmentation.config import SegConfig
 
@@ -32,7 +32,7 @@ class SyntheticConfig:
     zoom: float = 1.0                      # cameras' focal-length factor: objects appear `zoom` times larger
 
     def __post_init__(self):
-        from fusion.data.synthetic import valid_zoom
+        from fuseseg.data.synthetic import valid_zoom
 
         if not valid_zoom(self.zoom):
             raise ConfigError(f"data.synthetic.zoom={self.zoom!r}: give a focal-length factor > 0 "

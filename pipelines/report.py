@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fusion.data.io import atomic_write_text
-from fusion.errors import FusesegError
+from fuseseg.data.io import atomic_write_text
+from fuseseg.errors import FusesegError
 from segmentation.metrics import miou as miou_from_confusion
 
 
@@ -245,7 +245,7 @@ def svg_bar_chart(values: list[tuple[str, float, float]], title: str = "mIoU per
 
 
 def png_data_uri(img: np.ndarray) -> str:
-    from fusion.data.io import encode_image
+    from fuseseg.data.io import encode_image
 
     return "data:image/png;base64," + base64.b64encode(encode_image(img)).decode()
 
@@ -321,8 +321,8 @@ def scene_rows(run_dir: Path, test: dict[str, Path], fused_test: dict[str, Path 
     """The scene grid: for up to ``n_scenes`` test scenes (night and day alternating) the
     infrared, visible, every fused image (``fused_test``: method -> its test folder), the ground
     truth and each variant's prediction (segmentation ``seed``). ``test``: {ir, vi, labels} folders."""
-    from fusion.data.io import read_infrared, read_label, read_visible
-    from fusion.data.pairs import day_or_night, find_pairs, list_images
+    from fuseseg.data.io import read_infrared, read_label, read_visible
+    from fuseseg.data.pairs import day_or_night, find_pairs, list_images
     from segmentation.palette import colorize
 
     pairs = find_pairs(test["ir"], test["vi"], test["labels"])
@@ -388,7 +388,7 @@ def write_report(run_dir: Path, sections: list[tuple[str, str]], chart_svg: str,
     ``sections``: (title, markdown body); ``figure_rows``: (scene name, [(column title, RGB or
     grey uint8 image)]) for the figure grid; ``plots``: (title, file name, PNG bytes) from
     :func:`report_plots`, written to ``figures/`` and embedded in the HTML."""
-    from fusion.data.io import atomic_write_bytes, write_image
+    from fuseseg.data.io import atomic_write_bytes, write_image
 
     md = ["# fuseseg report", ""]
     for title, body in sections:

@@ -18,8 +18,11 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from fusion.data.io import atomic_write_text
-from fusion.errors import FusesegError
+from fuseseg.data.io import atomic_write_text
+from fuseseg.errors import FusesegError
+
+# the stages of `fuseseg run`, in the order they run (their records are stages/<stage>[__...].json)
+STAGES = ("data", "train_fusion", "fuse", "metrics", "segment", "report")
 
 
 def fingerprint(*parts: Any) -> str:
@@ -43,7 +46,7 @@ def folder_manifest(root: Path) -> str:
 
     An edited, added or removed file changes it, so stages fingerprinted with it are redone;
     the files are not read (a stat each). A dangling symlink is a DataError naming it."""
-    from fusion.errors import DataError
+    from fuseseg.errors import DataError
 
     root = Path(root)
     entries = []

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from fusion.errors import ConfigError
+from fuseseg.errors import ConfigError
 
 # Measured on 2 CPU cores (benchmarks/bench_segmentation.py): timm's MobileNetV3-small trains
 # ~2.5x faster than resnet18 / mobilenet_v2 at 256x256 and infers ~2-3x faster at 480x640.

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fusion.data.io import read_label, read_visible
-from fusion.data.pairs import IGNORE_INDEX, list_images, match_stems
-from fusion.errors import ConfigError, DataError
+from fuseseg.data.io import read_label, read_visible
+from fuseseg.data.pairs import IGNORE_INDEX, list_images, match_stems
+from fuseseg.errors import ConfigError, DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from rich.progress import Progress
 
-from fusion.data.io import write_image
-from fusion.data.pairs import IGNORE_INDEX, MSRS_CLASSES
-from fusion.data.paths import check_disjoint
-from fusion.errors import ConfigError
-from fusion.progress import make_progress
-from fusion.runtime import (
+from fuseseg.data.io import write_image
+from fuseseg.data.pairs import IGNORE_INDEX, MSRS_CLASSES
+from fuseseg.data.paths import check_disjoint
+from fuseseg.errors import ConfigError
+from fuseseg.progress import make_progress
+from fuseseg.runtime import (
     OOMGuard,
     autocast,
     dist_info,
@@ -60,7 +60,7 @@ class SegResult:
     num_images: int = 0
     image_names: list[str] = field(default_factory=list)
     per_image_confusion: np.ndarray | None = None  # (N, C, C) int64, summing to ``confusion``
-    precision: dict | None = None  # fusion.runtime.precision_record of the evaluation
+    precision: dict | None = None  # fuseseg.runtime.precision_record of the evaluation
     iou: np.ndarray = field(init=False)
     miou: float = field(init=False)
     miou_all: float = field(init=False)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from segmentation_models_pytorch.losses import DiceLoss
 from torch import nn
 
-from fusion.data.pairs import IGNORE_INDEX
+from fuseseg.data.pairs import IGNORE_INDEX
 
 
 class DiceCELoss(nn.Module):

@@ -13,8 +13,8 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
-from fusion.errors import ConfigError
-from fusion.runtime import load_checkpoint, load_state_dict_checked
+from fuseseg.errors import ConfigError
+from fuseseg.runtime import load_checkpoint, load_state_dict_checked
 
 ARCH = "DeepLabV3Plus"
 PHASES = ("frozen", "full")

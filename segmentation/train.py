@@ -48,6 +48,7 @@ import io
 import math
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -58,10 +59,10 @@ from rich.markup import escape
 from rich.progress import Progress, TextColumn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from fusion.data.io import atomic_write_text
-from fusion.errors import CheckpointError, ConfigError, DataError, FusesegError
-from fusion.progress import epoch_line, make_progress
-from fusion.runtime import (
+from fuseseg.data.io import atomic_write_text
+from fuseseg.errors import CheckpointError, ConfigError, DataError, FusesegError
+from fuseseg.progress import epoch_line, make_progress
+from fuseseg.runtime import (
     OOMGuard,
     StopRequest,
     autocast,
@@ -78,7 +79,7 @@ from fusion.runtime import (
     to_memory_format,
     unwrap,
 )
-from fusion.tblog import TrainingLog
+from fuseseg.tblog import TrainingLog
 from segmentation.config import SegConfig
 from segmentation.data import LabelledFolder, build_train_transform, sample_seed
 from segmentation.evaluate import class_names, distributed_confusion
@@ -229,6 +230,42 @@ def _resume_hint(images_dir, labels_dir, out_dir: Path, val_images_dir, val_labe
     return cmd + " --resume"
 
 
+@dataclass
+class _Run:
+    """What the steps of one training share: the data, the model and its optimiser, where the
+    training stands (``global_step``, ``phase``), and the last checkpoint's contents."""
+
+    cfg: SegConfig
+    device: torch.device
+    rank: int
+    world: int
+    images_dir: Path | str
+    labels_dir: Path | str
+    train_ds: LabelledFolder
+    val_ds: LabelledFolder | None
+    per_batch: dict[str, int]              # this process's share of each phase's global batch
+    n_steps: dict[str, int]                # optimiser steps per epoch of each phase
+    total_steps: int
+    model: torch.nn.Module
+    precision: dict
+    criterion: DiceCELoss
+    scaler: torch.amp.GradScaler
+    optimizer: torch.optim.SGD | None = None
+    phase: str | None = None
+    net: torch.nn.Module | None = None     # the model, wrapped in DDP when world > 1
+    start_epoch: int = 0
+    start_step: int = 0                    # steps of start_epoch already done (a run resumed after Ctrl-C)
+    global_step: int = 0
+    rows: list[dict] = field(default_factory=list)   # log.csv
+    epoch_acc: dict | None = None          # the interrupted epoch's partial loss sums
+    payload: dict | None = None            # the last checkpoint written (or resumed from)
+    position: str = "before the first step"
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
 def train_segmenter(images_dir: Path | str, labels_dir: Path | str, cfg: SegConfig,
                     out_dir: Path | str, resume: bool = False, progress: bool = True,
                     val_images_dir: Path | str | None = None,
@@ -242,7 +279,7 @@ def train_segmenter(images_dir: Path | str, labels_dir: Path | str, cfg: SegConf
     CUDA, validation confusion matrices are summed over ranks, and only rank 0 writes files (see
     the module docstring). Ctrl-C saves the exact position and raises KeyboardInterrupt.
     ``tensorboard``: also log each epoch's losses, lr, images/s and validation mIoU to
-    ``out_dir/tensorboard/`` (:mod:`fusion.tblog`)."""
+    ``out_dir/tensorboard/`` (:mod:`fuseseg.tblog`)."""
     out_dir = Path(out_dir)
     device = resolve_device(cfg.device)
     rank, world = init_distributed(device)
@@ -257,6 +294,45 @@ def train_segmenter(images_dir: Path | str, labels_dir: Path | str, cfg: SegConf
                               "--resume to start training.")
 
     seed_everything(cfg.seed)
+    run = _setup(cfg, device, rank, world, images_dir, labels_dir, val_images_dir, val_labels_dir)
+    if resume:
+        _restore(run, last_path, log_path)
+    elif main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    oom = OOMGuard("training the segmenter", "segmentation.batch_size", cfg.batch_size)
+    stop = StopRequest()
+    tb = TrainingLog(out_dir, tensorboard and main, purge_step=run.start_epoch + 1)
+    try:
+        with _progress(progress and main) as bar, oom, stop:
+            task = bar.add_task("segmentation", total=run.total_steps, completed=run.global_step,
+                                loss=float("nan"),
+                                lr=cosine_lr(run.global_step, run.total_steps, cfg.lr, cfg.min_lr))
+            for epoch in range(run.start_epoch, cfg.epochs):
+                sums, seconds = _train_epoch(run, epoch, oom, stop, bar, task, last_path)
+                _end_epoch(run, epoch, sums, seconds, progress, bar, task, tb, log_path, last_path)
+    except KeyboardInterrupt as exc:
+        if main:
+            what = (f"saved {last_path} at {run.position}" if str(exc) == "saved" else
+                    f"{last_path} holds the last completed epoch" if last_path.exists()
+                    else "no checkpoint was written yet")
+            hint = _resume_hint(images_dir, labels_dir, out_dir, val_images_dir, val_labels_dir)
+            console.print(f"[yellow]interrupted:[/] {escape(what)}. Resume with: {escape(hint)}",
+                          highlight=False, soft_wrap=True)
+        raise
+    finally:
+        tb.close()
+    if main and run.payload is not None and (not final_path.exists() or run.start_epoch < cfg.epochs):
+        save_checkpoint(final_path, run.payload)
+    if world > 1:
+        torch.distributed.barrier()
+    return final_path
+
+
+def _setup(cfg: SegConfig, device: torch.device, rank: int, world: int, images_dir, labels_dir,
+           val_images_dir, val_labels_dir) -> _Run:
+    """The data sets, the schedule (steps per epoch of each phase) and the model, loss and scaler."""
     train_ds = LabelledFolder(images_dir, labels_dir, cfg.num_classes,
                               build_train_transform(cfg.crop_size, cfg.scale_range, cfg.hflip),
                               cfg.normalisation, cfg.in_channels, cfg.seed)
@@ -282,181 +358,185 @@ def train_segmenter(images_dir: Path | str, labels_dir: Path | str, cfg: SegConf
         model = model.to(memory_format=torch.channels_last)
     criterion = DiceCELoss(cfg.ce_weight, cfg.dice_weight)
     scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(device, cfg.amp))
-    optimizer, cur_phase, start_epoch, start_step, global_step, rows = None, None, 0, 0, 0, []
-    epoch_acc: dict | None = None
-    payload: dict | None = None
-    if resume:
-        ckpt = load_checkpoint(last_path, expect={"kind": "segmentation", "arch": ARCH})
-        _check_resume_config(cfg, ckpt["config"], last_path)
-        load_state_dict_checked(model, ckpt["state_dict"], last_path)
-        cur_phase = ckpt["phase"]
-        set_phase(model, cur_phase)
-        optimizer = restore_optimizer(model, cfg, ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, global_step = int(ckpt["epoch"]), int(ckpt["global_step"])
-        start_step, epoch_acc = int(ckpt.get("step_in_epoch", 0)), ckpt.get("epoch_acc")
-        saved_world = int(ckpt.get("sampler", {}).get("world", world))
-        if start_step and saved_world != world:
-            raise CheckpointError(f"cannot resume {last_path}: it was interrupted inside epoch "
-                                  f"{start_epoch + 1} of a run on {saved_world} process(es), and the "
-                                  f"data order within an epoch depends on that number (now {world}). "
-                                  f"Resume with {saved_world} process(es).")
-        set_rng_state(ckpt["rng"])
-        rows = _read_log(log_path, start_epoch)
-        payload = ckpt
-    elif main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return _Run(cfg, device, rank, world, images_dir, labels_dir, train_ds, val_ds, per_batch, n_steps,
+                total_steps, model, precision, criterion, scaler)
 
-    def make_payload(epoch_done: int, step_in_epoch: int, phase: str, bs: int, acc: dict | None,
-                     val_cm: torch.Tensor | None) -> dict:
-        """Checkpoint of the position "``epoch_done`` epochs and ``step_in_epoch`` steps of the
-        next one are done" (``step_in_epoch`` 0: an epoch boundary)."""
-        return {
-            "kind": "segmentation", "arch": ARCH, "kwargs": cfg.model_kwargs(),
-            "config": cfg.to_dict(), "epoch": epoch_done, "step_in_epoch": step_in_epoch,
-            "phase": phase, "global_step": global_step, "state_dict": unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": {"type": "cosine", "lr": cfg.lr, "min_lr": cfg.min_lr,
-                          "total_steps": total_steps, "step": global_step},
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "rng": get_rng_state(),
-            "sampler": {"type": "DistributedSampler", "seed": cfg.seed, "epoch": epoch_done,
-                        "start_batch": step_in_epoch, "batch_size": bs, "world": world},
-            "epoch_acc": acc, "normalisation": cfg.normalisation,
-            "class_names": class_names(cfg.num_classes),
-            "data": {"images": str(images_dir), "labels": str(labels_dir)},
-            "val_confusion": None if val_cm is None else val_cm.cpu().numpy().astype(np.int64),
-            "precision": precision,
-        }
 
-    net = model
-    position = "before the first step"
-    oom = OOMGuard("training the segmenter", "segmentation.batch_size", cfg.batch_size)
-    stop = StopRequest()
-    tb = TrainingLog(out_dir, tensorboard and main, purge_step=start_epoch + 1)
-    try:
-        with _progress(progress and main) as bar, oom, stop:
-            task = bar.add_task("segmentation", total=total_steps, completed=global_step,
-                                loss=float("nan"),
-                                lr=cosine_lr(global_step, total_steps, cfg.lr, cfg.min_lr))
-            for epoch in range(start_epoch, cfg.epochs):
-                phase = phase_of(epoch, cfg)
-                if phase != cur_phase:
-                    set_phase(model, phase)
-                    optimizer = build_optimizer(model, cfg, optimizer)
-                    cur_phase = phase
-                    net = model
-                if world > 1 and net is model:  # (re)wrap: DDP registers the trainable parameters
-                    net = torch.nn.parallel.DistributedDataParallel(
-                        model, device_ids=[device.index] if device.type == "cuda" else None)
-                bs = per_batch[phase]   # this process's share of the global batch
-                oom.where = (f"training the segmenter (epoch {epoch + 1}, phase {phase}, crop "
-                             f"{cfg.crop_size}, on {device})")
-                oom.key, oom.value = ("segmentation.frozen_batch_size" if phase == "frozen" else
-                                      "segmentation.batch_size"), batch_size_of(phase, cfg)
-                step0 = start_step if epoch == start_epoch else 0
-                train_ds.set_epoch(epoch)
-                sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
-                                             seed=cfg.seed, drop_last=True)
-                sampler.set_epoch(epoch)
-                # this rank's samples of the epoch's remaining steps (a resumed epoch skips the
-                # first step0 batches; the order itself depends only on (seed, epoch))
-                order = list(sampler)[step0 * bs:n_steps[phase] * bs]
-                gen = torch.Generator().manual_seed(sample_seed(cfg.seed, epoch, 1))
-                loader = DataLoader(train_ds, batch_size=bs, sampler=order, num_workers=cfg.workers,
-                                    drop_last=True, pin_memory=device.type == "cuda", generator=gen,
-                                    worker_init_fn=_loader_worker_init)
-                bar.update(task, description=f"seg {phase} {epoch + 1}/{cfg.epochs}")
-                train_mode(model)
-                sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, ce, dice, steps
-                done_before = 0.0
-                if step0 and epoch_acc is not None:
-                    done_before = float(epoch_acc["seconds"])
-                    if main:  # rank 0 carries the all-ranks sums of the interrupted part
-                        sums += torch.tensor(epoch_acc["sums"], dtype=torch.float64, device=device)
-                epoch_acc = None
-                t0 = time.perf_counter() - done_before
-                for step, (x, y) in enumerate(loader, start=step0):
-                    position = f"epoch {epoch + 1}/{cfg.epochs}, step {step}/{n_steps[phase]} done"
-                    if stop.agreed(device, world):  # before the forward: BN stats, RNG untouched
-                        if world > 1:
-                            torch.distributed.all_reduce(sums)
-                        acc = {"sums": sums.tolist(), "seconds": time.perf_counter() - t0}
-                        if main:
-                            save_checkpoint(last_path, make_payload(epoch, step, phase, bs, acc, None))
-                        raise KeyboardInterrupt("saved")
-                    lr = cosine_lr(global_step, total_steps, cfg.lr, cfg.min_lr)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    x = to_memory_format(x.to(device, non_blocking=True), precision["channels_last"])
-                    y = y.to(device, non_blocking=True)
-                    with autocast(device, cfg.amp):
-                        logits = net(x)
-                    loss, ce, dice = criterion(logits, y)
-                    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-                    if world > 1:  # every rank stops together (no rank left waiting in backward)
-                        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-                    if bad.item():
-                        shown = (loss.item() if not torch.isfinite(loss.detach())
-                                 else "non-finite on another process")
-                        raise FusesegError(
-                            f"segmentation loss is {shown} at epoch {epoch + 1}, step {step + 1} "
-                            f"(global step {global_step + 1}, lr {lr:.3g}, phase {phase}; loss "
-                            f"components: ce {float(ce):.4g}, dice {float(dice):.4g}). Lower lr, "
-                            "set amp=off, or check this data's images and labels; "
-                            f"`--resume` restarts from the last good checkpoint {last_path}.")
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    global_step += 1
-                    sums += torch.stack([loss.detach().double(), ce.double(), dice.double(),
-                                         torch.ones((), dtype=torch.float64, device=device)])
-                    bar.update(task, advance=1, loss=float(loss.detach()), lr=lr)
-                seconds = time.perf_counter() - t0
-                if world > 1:
-                    torch.distributed.all_reduce(sums)
-                mean = (sums[:3] / sums[3].clamp_min(1)).tolist()
-                images_per_s = float(sums[3].item()) * bs / max(seconds, 1e-9)  # all ranks' images
-                lr = cosine_lr(global_step - 1, total_steps, cfg.lr, cfg.min_lr)  # the epoch's last step
+def _restore(run: _Run, last_path: Path, log_path: Path) -> None:
+    """Continue from ``last.pt``: weights, phase, optimiser, scaler, position, RNG states, log rows."""
+    cfg, world = run.cfg, run.world
+    ckpt = load_checkpoint(last_path, expect={"kind": "segmentation", "arch": ARCH})
+    _check_resume_config(cfg, ckpt["config"], last_path)
+    load_state_dict_checked(run.model, ckpt["state_dict"], last_path)
+    run.phase = ckpt["phase"]
+    set_phase(run.model, run.phase)
+    run.optimizer = restore_optimizer(run.model, cfg, ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        run.scaler.load_state_dict(ckpt["scaler"])
+    run.start_epoch, run.global_step = int(ckpt["epoch"]), int(ckpt["global_step"])
+    run.start_step, run.epoch_acc = int(ckpt.get("step_in_epoch", 0)), ckpt.get("epoch_acc")
+    saved_world = int(ckpt.get("sampler", {}).get("world", world))
+    if run.start_step and saved_world != world:
+        raise CheckpointError(f"cannot resume {last_path}: it was interrupted inside epoch "
+                              f"{run.start_epoch + 1} of a run on {saved_world} process(es), and the "
+                              f"data order within an epoch depends on that number (now {world}). "
+                              f"Resume with {saved_world} process(es).")
+    set_rng_state(ckpt["rng"])
+    run.rows = _read_log(log_path, run.start_epoch)
+    run.payload = ckpt
 
-                val_cm, val_miou = None, None
-                last_epoch = epoch + 1 == cfg.epochs
-                if val_ds is not None and cfg.val_every and ((epoch + 1) % cfg.val_every == 0 or last_epoch):
-                    val_cm = distributed_confusion(model, val_ds, device, cfg.amp, progress=progress)
-                    val_miou = miou(val_cm, cfg.miou_convention)
 
-                position = f"the end of epoch {epoch + 1}/{cfg.epochs}"
-                if main:
-                    rows.append({"epoch": epoch + 1, "phase": phase, "steps": int(sums[3].item()) // world,
-                                 "lr": f"{lr:.6g}", "loss": f"{mean[0]:.6f}", "ce": f"{mean[1]:.6f}",
-                                 "dice": f"{mean[2]:.6f}",
-                                 "val_miou": "" if val_miou is None else f"{val_miou:.6f}",
-                                 "images_per_s": f"{images_per_s:.3f}", "seconds": f"{seconds:.3f}"})
-                    _write_log(log_path, rows)
-                    tb.scalars(epoch + 1, {"loss/total": mean[0], "loss/ce": mean[1], "loss/dice": mean[2],
-                                           "lr": lr, "images_per_s": images_per_s, "val_miou": val_miou})
-                    epoch_line(bar, task, f"segment epoch {epoch + 1}/{cfg.epochs} ({phase}): loss {mean[0]:.4g} "
-                               f"ce {mean[1]:.4g} dice {mean[2]:.4g} lr {lr:.3g} {images_per_s:.1f} img/s"
-                               + ("" if val_miou is None else f" val_miou {val_miou:.4f}"),
-                               eta_s=seconds * (cfg.epochs - epoch - 1))
-                    payload = make_payload(epoch + 1, 0, phase, bs, None, val_cm)
-                    save_checkpoint(last_path, payload)
-    except KeyboardInterrupt as exc:
-        if main:
-            what = (f"saved {last_path} at {position}" if str(exc) == "saved" else
-                    f"{last_path} holds the last completed epoch" if last_path.exists()
-                    else "no checkpoint was written yet")
-            hint = _resume_hint(images_dir, labels_dir, out_dir, val_images_dir, val_labels_dir)
-            console.print(f"[yellow]interrupted:[/] {escape(what)}. Resume with: {escape(hint)}",
-                          highlight=False, soft_wrap=True)
-        raise
-    finally:
-        tb.close()
-    if main and payload is not None and (not final_path.exists() or start_epoch < cfg.epochs):
-        save_checkpoint(final_path, payload)
+def _payload(run: _Run, epoch_done: int, step_in_epoch: int, phase: str, bs: int, acc: dict | None,
+             val_cm: torch.Tensor | None) -> dict:
+    """Checkpoint of the position "``epoch_done`` epochs and ``step_in_epoch`` steps of the
+    next one are done" (``step_in_epoch`` 0: an epoch boundary)."""
+    cfg = run.cfg
+    return {
+        "kind": "segmentation", "arch": ARCH, "kwargs": cfg.model_kwargs(),
+        "config": cfg.to_dict(), "epoch": epoch_done, "step_in_epoch": step_in_epoch,
+        "phase": phase, "global_step": run.global_step, "state_dict": unwrap(run.model).state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": {"type": "cosine", "lr": cfg.lr, "min_lr": cfg.min_lr,
+                      "total_steps": run.total_steps, "step": run.global_step},
+        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        "rng": get_rng_state(),
+        "sampler": {"type": "DistributedSampler", "seed": cfg.seed, "epoch": epoch_done,
+                    "start_batch": step_in_epoch, "batch_size": bs, "world": run.world},
+        "epoch_acc": acc, "normalisation": cfg.normalisation,
+        "class_names": class_names(cfg.num_classes),
+        "data": {"images": str(run.images_dir), "labels": str(run.labels_dir)},
+        "val_confusion": None if val_cm is None else val_cm.cpu().numpy().astype(np.int64),
+        "precision": run.precision,
+    }
+
+
+def _epoch_loader(run: _Run, epoch: int, phase: str, step0: int) -> DataLoader:
+    """This process's batches of the epoch's remaining steps (a resumed epoch skips the first
+    ``step0`` batches; the order itself depends only on (seed, epoch))."""
+    cfg, bs = run.cfg, run.per_batch[phase]
+    run.train_ds.set_epoch(epoch)
+    sampler = DistributedSampler(run.train_ds, num_replicas=run.world, rank=run.rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    order = list(sampler)[step0 * bs:run.n_steps[phase] * bs]
+    gen = torch.Generator().manual_seed(sample_seed(cfg.seed, epoch, 1))
+    return DataLoader(run.train_ds, batch_size=bs, sampler=order, num_workers=cfg.workers,
+                      drop_last=True, pin_memory=run.device.type == "cuda", generator=gen,
+                      worker_init_fn=_loader_worker_init)
+
+
+def _train_epoch(run: _Run, epoch: int, oom: OOMGuard, stop: StopRequest, bar: Progress, task,
+                 last_path: Path) -> tuple[torch.Tensor, float]:
+    """One epoch of optimiser steps; returns the all-ranks sums (loss, ce, dice, steps) and its seconds.
+    Ctrl-C (``stop``) saves the exact position before a step's forward pass and raises KeyboardInterrupt."""
+    cfg, model, device, world = run.cfg, run.model, run.device, run.world
+    phase = phase_of(epoch, cfg)
+    if phase != run.phase:
+        set_phase(model, phase)
+        run.optimizer = build_optimizer(model, cfg, run.optimizer)
+        run.phase = phase
+        run.net = model
+    if run.net is None:
+        run.net = model
+    if world > 1 and run.net is model:  # (re)wrap: DDP registers the trainable parameters
+        run.net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    bs = run.per_batch[phase]   # this process's share of the global batch
+    oom.where = (f"training the segmenter (epoch {epoch + 1}, phase {phase}, crop "
+                 f"{cfg.crop_size}, on {device})")
+    oom.key, oom.value = ("segmentation.frozen_batch_size" if phase == "frozen" else
+                          "segmentation.batch_size"), batch_size_of(phase, cfg)
+    step0 = run.start_step if epoch == run.start_epoch else 0
+    loader = _epoch_loader(run, epoch, phase, step0)
+    bar.update(task, description=f"seg {phase} {epoch + 1}/{cfg.epochs}")
+    train_mode(model)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, ce, dice, steps
+    done_before = 0.0
+    if step0 and run.epoch_acc is not None:
+        done_before = float(run.epoch_acc["seconds"])
+        if run.main:  # rank 0 carries the all-ranks sums of the interrupted part
+            sums += torch.tensor(run.epoch_acc["sums"], dtype=torch.float64, device=device)
+    run.epoch_acc = None
+    t0 = time.perf_counter() - done_before
+    for step, (x, y) in enumerate(loader, start=step0):
+        run.position = f"epoch {epoch + 1}/{cfg.epochs}, step {step}/{run.n_steps[phase]} done"
+        if stop.agreed(device, world):  # before the forward: BN stats, RNG untouched
+            if world > 1:
+                torch.distributed.all_reduce(sums)
+            acc = {"sums": sums.tolist(), "seconds": time.perf_counter() - t0}
+            if run.main:
+                save_checkpoint(last_path, _payload(run, epoch, step, phase, bs, acc, None))
+            raise KeyboardInterrupt("saved")
+        lr = cosine_lr(run.global_step, run.total_steps, cfg.lr, cfg.min_lr)
+        loss, ce, dice = _step(run, x, y, lr, epoch, step, phase, last_path)
+        sums += torch.stack([loss.detach().double(), ce.double(), dice.double(),
+                             torch.ones((), dtype=torch.float64, device=device)])
+        bar.update(task, advance=1, loss=float(loss.detach()), lr=lr)
+    seconds = time.perf_counter() - t0
     if world > 1:
-        torch.distributed.barrier()
-    return final_path
+        torch.distributed.all_reduce(sums)
+    return sums, seconds
+
+
+def _step(run: _Run, x: torch.Tensor, y: torch.Tensor, lr: float, epoch: int, step: int, phase: str,
+          last_path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimiser step at learning rate ``lr``; a non-finite loss (on any rank) stops the run."""
+    cfg, device = run.cfg, run.device
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    x = to_memory_format(x.to(device, non_blocking=True), run.precision["channels_last"])
+    y = y.to(device, non_blocking=True)
+    with autocast(device, cfg.amp):
+        logits = run.net(x)
+    loss, ce, dice = run.criterion(logits, y)
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if run.world > 1:  # every rank stops together (no rank left waiting in backward)
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    if bad.item():
+        shown = (loss.item() if not torch.isfinite(loss.detach())
+                 else "non-finite on another process")
+        raise FusesegError(
+            f"segmentation loss is {shown} at epoch {epoch + 1}, step {step + 1} "
+            f"(global step {run.global_step + 1}, lr {lr:.3g}, phase {phase}; loss "
+            f"components: ce {float(ce):.4g}, dice {float(dice):.4g}). Lower lr, "
+            "set amp=off, or check this data's images and labels; "
+            f"`--resume` restarts from the last good checkpoint {last_path}.")
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.global_step += 1
+    return loss, ce, dice
+
+
+def _end_epoch(run: _Run, epoch: int, sums: torch.Tensor, seconds: float, progress: bool, bar: Progress,
+               task, tb: TrainingLog, log_path: Path, last_path: Path) -> None:
+    """Validate when due; rank 0 logs the epoch (log.csv, TensorBoard, one line) and writes last.pt."""
+    cfg, world, phase = run.cfg, run.world, run.phase
+    bs = run.per_batch[phase]
+    mean = (sums[:3] / sums[3].clamp_min(1)).tolist()
+    images_per_s = float(sums[3].item()) * bs / max(seconds, 1e-9)  # all ranks' images
+    lr = cosine_lr(run.global_step - 1, run.total_steps, cfg.lr, cfg.min_lr)  # the epoch's last step
+
+    val_cm, val_miou = None, None
+    last_epoch = epoch + 1 == cfg.epochs
+    if run.val_ds is not None and cfg.val_every and ((epoch + 1) % cfg.val_every == 0 or last_epoch):
+        val_cm = distributed_confusion(run.model, run.val_ds, run.device, cfg.amp, progress=progress)
+        val_miou = miou(val_cm, cfg.miou_convention)
+
+    run.position = f"the end of epoch {epoch + 1}/{cfg.epochs}"
+    if run.main:
+        run.rows.append({"epoch": epoch + 1, "phase": phase, "steps": int(sums[3].item()) // world,
+                         "lr": f"{lr:.6g}", "loss": f"{mean[0]:.6f}", "ce": f"{mean[1]:.6f}",
+                         "dice": f"{mean[2]:.6f}",
+                         "val_miou": "" if val_miou is None else f"{val_miou:.6f}",
+                         "images_per_s": f"{images_per_s:.3f}", "seconds": f"{seconds:.3f}"})
+        _write_log(log_path, run.rows)
+        tb.scalars(epoch + 1, {"loss/total": mean[0], "loss/ce": mean[1], "loss/dice": mean[2],
+                               "lr": lr, "images_per_s": images_per_s, "val_miou": val_miou})
+        epoch_line(bar, task, f"segment epoch {epoch + 1}/{cfg.epochs} ({phase}): loss {mean[0]:.4g} "
+                   f"ce {mean[1]:.4g} dice {mean[2]:.4g} lr {lr:.3g} {images_per_s:.1f} img/s"
+                   + ("" if val_miou is None else f" val_miou {val_miou:.4f}"),
+                   eta_s=seconds * (cfg.epochs - epoch - 1))
+        run.payload = _payload(run, epoch + 1, 0, phase, bs, None, val_cm)
+        save_checkpoint(last_path, run.payload)

@@ -28,7 +28,7 @@ class CountingJob(StageJob):
     hold: Path | None = None
 
     def run(self) -> dict:
-        from fusion.data.io import atomic_write_text
+        from fuseseg.data.io import atomic_write_text
 
         out = Path(self.out)
         count = int((out / "count").read_text()) if (out / "count").is_file() else 0
@@ -82,7 +82,7 @@ class FailingJob(StageJob):
     def run(self) -> dict:
         import os
 
-        from fusion.errors import ConfigError
+        from fuseseg.errors import ConfigError
 
         with (Path(self.out) / "starts").open("a") as f:
             f.write("start\n")

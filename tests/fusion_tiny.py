@@ -96,7 +96,7 @@ def make_pairs(root, n: int = 12, size=(40, 48), seed: int = 0, colour: bool = T
     """Write ``n`` smooth random pairs into ``root/ir`` and ``root/vi`` (PNG)."""
     import cv2
 
-    from fusion.data.io import write_image
+    from fuseseg.data.io import write_image
 
     rng = np.random.default_rng(seed)
     h, w = size

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import require_shared
 
+from fuseseg.data.colour import luminance
 from fusion.baselines import GradientTransferFusion, box_mean, gtf_objective, guided_filter, laplacian_levels
-from fusion.data.colour import luminance
 from fusion.registry import create_method
 
 BASELINES = ["mean", "max", "laplacian", "gff", "gtf"]

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import yaml
 
-from fusion.data.pairs import MSRS_CLASSES
+from fuseseg.data.pairs import MSRS_CLASSES
 from pipelines.cli import main
 
 
 def test_check_data_prints_what_the_files_hold(tmp_path, capsys):
-    from fusion.data.synthetic import make_synthetic
+    from fuseseg.data.synthetic import make_synthetic
 
     root = tmp_path / "d"
     make_synthetic(root, 3, 2, size=(40, 56), seed=9, workers=1, progress=False)
@@ -51,8 +51,8 @@ def test_check_data_prints_what_the_files_hold(tmp_path, capsys):
 def test_run_under_torchrun_with_two_processes(tmp_path, monkeypatch, capfd):
     """Every training stage runs under `torchrun --nproc_per_node=2` (gloo on CPU) and the
     protocol records 2 processes; the global batch of 4 is split 2 + 2."""
-    from fusion.data.synthetic import make_synthetic
-    from fusion.runtime import load_checkpoint
+    from fuseseg.data.synthetic import make_synthetic
+    from fuseseg.runtime import load_checkpoint
 
     make_synthetic(tmp_path / "data", 4, 2, size=(48, 64), seed=1, workers=1, progress=False)
     cfg = {"name": "ddp", "results_dir": str(tmp_path / "results"), "device": "cpu",

@@ -47,7 +47,7 @@ PLUGINS = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    from fusion.data.synthetic import make_synthetic
+    from fuseseg.data.synthetic import make_synthetic
 
     ws = tmp_path_factory.mktemp("clierr")
     make_synthetic(ws / "data", 2, 2, size=(48, 64), seed=2, workers=1, progress=False)
@@ -224,7 +224,7 @@ def test_train_fusion_with_no_epochs_is_an_error(ws, capsys, tmp_path):
 
 
 def test_images_under_vifs_minimum_fail_before_training(tmp_path, capsys, monkeypatch):
-    from fusion.data.synthetic import make_synthetic
+    from fuseseg.data.synthetic import make_synthetic
 
     make_synthetic(tmp_path / "small", 2, 2, size=(32, 40), seed=0, workers=1, progress=False)
     cfg = write_cfg(tmp_path, "small", data={"root": str(tmp_path / "small")},
@@ -248,8 +248,8 @@ def test_duplicate_yaml_keys(ws, capsys):
 
 
 def test_only_msrs_names_count_as_day_or_night(make_pairs):
-    from fusion.data.pairs import day_or_night, find_pairs
-    from fusion.data.validate import validate_pairset
+    from fuseseg.data.pairs import day_or_night, find_pairs
+    from fuseseg.data.validate import validate_pairset
 
     assert [day_or_night(s) for s in ("00001D", "01234N", "ten", "dawn", "N", "1n", "00001DN")] == \
         ["day", "night", None, None, None, None, None]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fusion.errors import ConfigError
+from fuseseg.errors import ConfigError
 from pipelines.cli import main
 from pipelines.config import load_config, to_dict
 from pipelines.configdoc import field_docs
@@ -55,7 +55,7 @@ def test_list_methods_builtin_and_plugin(tmp_path):
     lines = {ln.split("│")[1].strip(): [c.strip() for c in ln.split("│")[2:5]]
              for ln in r.stdout.splitlines() if ln.startswith("│") and ln.split("│")[1].strip()}
     assert lines["halfhalf"] == ["no", "Half infrared, half visible.", "plug-in (my_methods)"]
-    assert lines["sspfusion"][0] == "yes" and lines["sspfusion"][2] == "built-in (fusion.sspfusion)"
+    assert lines["sspfusion"][0] == "yes" and lines["sspfusion"][2] == "built-in (fusion.models.sspfusion)"
     # "IEEE Trans." is no sentence end: the one-line description keeps the whole reference
     assert lines["gff"][1].endswith("2013).") and lines["mean"][0] == "no"
 

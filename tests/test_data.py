@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import REAL, require_shared, write_png
 
-from fusion.data.colour import recolour, rgb_to_ycbcr, rgb_to_ycbcr_np, ycbcr_to_rgb, ycbcr_to_rgb_np
-from fusion.data.io import read_infrared, read_label, read_visible, write_image
-from fusion.data.pairs import Layout, detect_splits, find_pairs, load_split
-from fusion.data.validate import validate_pairset
-from fusion.errors import DataError
+from fuseseg.data.colour import recolour, rgb_to_ycbcr, rgb_to_ycbcr_np, ycbcr_to_rgb, ycbcr_to_rgb_np
+from fuseseg.data.io import read_infrared, read_label, read_visible, write_image
+from fuseseg.data.pairs import Layout, detect_splits, find_pairs, load_split
+from fuseseg.data.validate import validate_pairset
+from fuseseg.errors import DataError
 
 
 def test_pairs_match_by_stem_across_extensions(tmp_path):

@@ -47,19 +47,17 @@ from test_reliability import (  # noqa: F401 - the fixtures ws (the tiny data se
     ws,
 )
 
-from fusion.errors import ConfigError, FusesegError
-from fusion.runtime import load_checkpoint
+from fuseseg.errors import ConfigError, FusesegError
+from fuseseg.runtime import load_checkpoint
 from pipelines.cli import main
 from pipelines.executor import (
     Executor,
     ExecutorConfig,
     JobExecutor,
-    JobRef,
     SlurmExecutor,
     StageJob,
-    job_state,
-    status_rows,
 )
+from pipelines.jobs import JobRef, job_state, status_rows
 
 REPO = Path(__file__).resolve().parents[1]
 TRAININGS = {"train_fusion/sspfusion", "segment/ir/seed0", "segment/sspfusion/seed0"}
@@ -271,7 +269,8 @@ def test_gpus_per_job_2_runs_every_training_under_torchrun_in_its_job(ws, monkey
     command under ``torchrun --nproc_per_node=2``; here the command runs in one process (no GPUs),
     which checks that it is a valid fuseseg command for that stage folder, resuming when it has a
     checkpoint."""
-    import pipelines.stages as stages
+    import pipelines.executor as executor
+    import pipelines.run as run
 
     calls: list[tuple[int, list[str]]] = []
 
@@ -280,8 +279,8 @@ def test_gpus_per_job_2_runs_every_training_under_torchrun_in_its_job(ws, monkey
         assert main(args) == 0
 
     made: list[_SlurmSettingsHere] = []
-    monkeypatch.setattr(stages, "_torchrun", torchrun_here)
-    monkeypatch.setattr(stages, "make_executor", lambda c: made.append(_SlurmSettingsHere(c)) or made[-1])
+    monkeypatch.setattr(executor, "torchrun", torchrun_here)
+    monkeypatch.setattr(run, "make_executor", lambda c: made.append(_SlurmSettingsHere(c)) or made[-1])
     cfg = write_config(ws, tiny_config(ws, "gpus2"))
     assert main(["run", str(cfg), "--executor", "slurm", "--slurm", "gpus_per_job=2"]) == 0
     ex, run_dir = made[0], ws / "results" / "gpus2"

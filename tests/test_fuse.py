@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from fusion import runtime
-from fusion.data.io import read_infrared, read_visible, write_image
-from fusion.errors import CheckpointError, ConfigError
+from fuseseg import runtime
+from fuseseg.data.io import read_infrared, read_visible, write_image
+from fuseseg.errors import CheckpointError, ConfigError
 from fusion.fuse import fuse_arrays, fuse_folder, load_fusion_method, size_batches
 from fusion.registry import list_methods
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
+from fuseseg.data.colour import rgb_to_ycbcr
+from fuseseg.errors import ConfigError
 from fusion import registry
 from fusion.base import LuminanceFusion
-from fusion.data.colour import rgb_to_ycbcr
-from fusion.errors import ConfigError
 from fusion.registry import create_method, list_methods, register_method
 
 # The built-in methods only (registered by fusion's own modules): the registry also holds whatever

@@ -11,8 +11,8 @@ import torch
 from scipy import ndimage
 from skimage.metrics import structural_similarity
 
-from fusion.data.io import read_infrared, read_visible
-from fusion.data.pairs import find_pairs
+from fuseseg.data.io import read_infrared, read_visible
+from fuseseg.data.pairs import find_pairs
 from fusion.datasets import PairDataset, visible_luminance_u8
 from fusion.train import FusionTrainConfig, train_fusion, verdict
 

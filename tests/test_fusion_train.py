@@ -18,11 +18,11 @@ import pytest
 import torch
 import yaml
 
-from fusion import runtime
-from fusion.data.io import read_infrared, read_visible, write_image
-from fusion.data.pairs import find_pairs
+from fuseseg import runtime
+from fuseseg.data.io import read_infrared, read_visible, write_image
+from fuseseg.data.pairs import find_pairs
+from fuseseg.errors import ConfigError, FusesegError
 from fusion.datasets import EpochBatchSampler, PairDataset
-from fusion.errors import ConfigError, FusesegError
 from fusion.train import FusionTrainConfig, config_to_dict, train_fusion
 
 REPO = Path(__file__).resolve().parents[1]

@@ -171,7 +171,7 @@ def test_spf_enhances_each_modality_with_its_own_unique_structure_mask():
     """F^ = F + M F with M_ir = S_ir (1 - S_vi) for the infrared and M_vi = S_vi (1 - S_ir) for
     the visible, on hand-made features and structure maps: a model that swapped the masks (or
     used the XOR for both) fails."""
-    from fusion.sspfusion import SSPFusion
+    from fusion.models.sspfusion import SSPFusion
 
     m = SSPFusion(levels=1, channels=[2, 2], structure_map="threshold").eval()    # S = [P > 0.5]
     h = w = 4

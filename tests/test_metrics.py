@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from scipy.signal import convolve2d
 
+from fuseseg.errors import DataError
+from fusion import metric_terms as MT
 from fusion import metrics as M
-from fusion.errors import DataError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 VECTORS = SHARED / "data" / "metric-vectors"
@@ -401,7 +402,7 @@ def test_vif_pyramid_is_valid_filtering_then_every_other_pixel(shape):
     levels = t.vif_pyramid
     ref = x
     for s in range(2, 5):
-        w = M._VIF_WINDOWS[s]
+        w = MT._VIF_WINDOWS[s]
         ref = convolve2d(ref, np.outer(w, w), mode="valid")[::2, ::2]
         got = levels[s][0]
         assert got.shape == ref.shape
@@ -424,9 +425,9 @@ def test_vif_log_products_stay_finite_for_wide_value_ranges():
         assert math.isfinite(got) and rel(got, _ref_vifp(a, f) + _ref_vifp(b, f)) < 1e-9, scale
     # the guard matters: 64 rows per product overflow at this scale
     levels = M.Triplet(f, a, b).vif_pyramid
-    assert M._vif_flush_rows(levels) < 64
+    assert MT._vif_flush_rows(levels) < 64
     with np.errstate(all="ignore"):
-        n_a, d_a, _, _ = M._K.vif_scale(*levels[1], M._VIF_WINDOWS[1], 64)
+        n_a, d_a, _, _ = MT._K.vif_scale(*levels[1], MT._VIF_WINDOWS[1], 64)
     assert not math.isfinite(d_a)
 
 

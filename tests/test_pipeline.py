@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fusion.errors import ConfigError, DataError, FusesegError
+from fuseseg.errors import ConfigError, DataError, FusesegError
 from pipelines.cli import main
 
 TINY = {
@@ -56,7 +56,7 @@ PLUGIN = textwrap.dedent('''
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A data set, a folder of 'published' fused images and a plug-in module, shared by the tests."""
-    from fusion.data.synthetic import make_synthetic
+    from fuseseg.data.synthetic import make_synthetic
 
     ws = tmp_path_factory.mktemp("pipeline")
     make_synthetic(ws / "data", 6, 4, size=(48, 64), seed=3, workers=1, progress=False)
@@ -203,7 +203,8 @@ def test_folder_method_validation(workspace, monkeypatch):
     cfg = write_config(workspace, name="folderbad",
                        fusion=[{"name": "published", "type": "folder", "folder": str(broken)}])
     from pipelines.commands.run import load_experiment
-    from pipelines.stages import Plan, run_experiment
+    from pipelines.run import run_experiment
+    from pipelines.stages.base import Plan
 
     with pytest.raises(DataError) as e:
         run_experiment(load_experiment(str(cfg), []), Plan(only={"data", "train_fusion", "fuse"}))
@@ -237,7 +238,7 @@ def test_protocol_states_world_size_and_global_batch():
     from pipelines.config import load_config
     from pipelines.experiment import ExperimentConfig
     from pipelines.runstate import fingerprint
-    from pipelines.stages import protocol_of
+    from pipelines.stages.segment import protocol_of
 
     one = load_config(ExperimentConfig, None, [])
     four = load_config(ExperimentConfig, None, ["launcher=torchrun", "gpus=4"])

@@ -1,4 +1,4 @@
-"""Mixed precision on CPU and CUDA settings (fusion.runtime): what ``amp`` resolves to, that the
+"""Mixed precision on CPU and CUDA settings (fuseseg.runtime): what ``amp`` resolves to, that the
 autocast context is really entered (or not) in both trainers, fuse and evaluation, that bf16 and
 fp32 forward passes agree within stated tolerances, the fallback on CPUs without native bf16,
 and that the precision is recorded (checkpoints, protocol)."""
@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import segmentation.train as seg_train
-from fusion import runtime
-from fusion.errors import ConfigError
-from fusion.sspfusion import SSPFusion
+from fuseseg import runtime
+from fuseseg.errors import ConfigError
+from fusion.models.sspfusion import SSPFusion
 from fusion.train import FusionTrainConfig, train_fusion
 from segmentation.config import SegConfig
 from segmentation.model import build_model
@@ -294,7 +294,8 @@ def test_fuse_runs_learned_methods_in_bf16_and_classical_ones_in_fp32(monkeypatc
 def test_protocol_names_the_precision_and_differs_between_precisions(cpu_probe):
     from pipelines.experiment import ExperimentConfig
     from pipelines.runstate import fingerprint
-    from pipelines.stages import precision_summary, protocol_of
+    from pipelines.stages.base import precision_summary
+    from pipelines.stages.segment import protocol_of
 
     cfg = ExperimentConfig()
     cfg.device = "cpu"

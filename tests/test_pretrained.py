@@ -12,8 +12,8 @@ import torch
 from conftest import require_shared
 
 import fusion.pretrained as pretrained
-from fusion.data.io import read_visible
-from fusion.errors import CheckpointError
+from fuseseg.data.io import read_visible
+from fuseseg.errors import CheckpointError
 from fusion.fuse import fuse_folder, load_fusion_method
 from pipelines.cli import main
 
@@ -98,7 +98,7 @@ def test_shipped_metrics_are_reproduced_on_msrs(tmp_path):
 
 def test_experiment_checkpoint_pretrained_uses_the_shipped_weights(tmp_path, monkeypatch):
     from pipelines.experiment import FusionMethodConfig
-    from pipelines.stages import _check_fusion_methods
+    from pipelines.stages.train_fusion import check_fusion_methods as _check_fusion_methods
 
     m = FusionMethodConfig(name="sspfusion", checkpoint=Path("pretrained"))
     _check_fusion_methods([m])  # builds the method from the shipped file: no error

@@ -6,7 +6,7 @@ import io
 from rich.console import Console
 from rich.progress import Progress
 
-from fusion.progress import PlainProgress, epoch_line, format_duration, make_progress
+from fuseseg.progress import PlainProgress, epoch_line, format_duration, make_progress
 
 
 class Clock:

@@ -29,7 +29,7 @@ import pytest
 import torch
 import yaml
 
-from fusion.errors import FusesegError
+from fuseseg.errors import FusesegError
 from pipelines.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ def wide_console(monkeypatch):
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    from fusion.data.synthetic import make_synthetic
+    from fuseseg.data.synthetic import make_synthetic
 
     ws = tmp_path_factory.mktemp("reliability")
     make_synthetic(ws / "data", 6, 4, size=(48, 64), seed=3, workers=1, progress=False)

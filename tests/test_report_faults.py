@@ -47,7 +47,8 @@ def test_figure_names_have_no_spaces():
 
 
 def test_stage_records_hold_the_stages_own_peak_rss(tmp_path):
-    from pipelines.stages import Plan, _Stage
+    from pipelines.stages.base import Plan
+    from pipelines.stages.base import Stage as _Stage
 
     plan = Plan()
     with _Stage(tmp_path, "big", "fp1", plan, "data"):
@@ -66,7 +67,8 @@ def test_stage_records_hold_the_stages_own_peak_rss(tmp_path):
 
 
 def test_stages_running_together_say_their_peak_is_shared(tmp_path):
-    from pipelines.stages import Plan, _Stage
+    from pipelines.stages.base import Plan
+    from pipelines.stages.base import Stage as _Stage
 
     plan = Plan()
     with _Stage(tmp_path, "outer", "fp1", plan, "data"):

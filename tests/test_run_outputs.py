@@ -181,7 +181,7 @@ def test_a_local_executor_jobs_log_has_the_plain_lines(quick, tmp_path, monkeypa
     from pipelines.config import from_dict, load_config
     from pipelines.executor import ExecutorConfig, make_executor
     from pipelines.experiment import ExperimentConfig, resolve_config
-    from pipelines.stages import SegmentJob
+    from pipelines.stages.segment import SegmentJob
 
     ws, run, _ = quick
     monkeypatch.setenv("PYTHONPATH", str(REPO))
@@ -261,7 +261,7 @@ def test_readme_python_example_runs(quick, monkeypatch, capsys):
 
 
 def test_api_dry_run_and_fuse_match_the_cli(quick, monkeypatch):
-    from fusion.data.io import read_infrared, read_visible
+    from fuseseg.data.io import read_infrared, read_visible
     from pipelines import api as fs
 
     ws, run, _ = quick

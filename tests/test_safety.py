@@ -22,9 +22,9 @@ import pytest
 import torch
 import yaml
 
-from fusion import runtime
-from fusion.data.io import atomic_write_bytes, atomic_write_text, write_image
-from fusion.errors import CheckpointError
+from fuseseg import runtime
+from fuseseg.data.io import atomic_write_bytes, atomic_write_text, write_image
+from fuseseg.errors import CheckpointError
 from pipelines.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -243,7 +243,7 @@ def test_a_fusion_variant_name_that_is_not_a_plain_name_is_refused(tmp_path, bad
 
 
 def test_good_names_are_accepted():
-    from fusion.data.paths import check_plain_name
+    from fuseseg.data.paths import check_plain_name
 
     for good in ("default", "msrs-paper", "run_2", "v1.5", "sspfusion+ft", "A0"):
         assert check_plain_name(good, "name") == good
@@ -263,8 +263,8 @@ def test_a_stage_folder_fuseseg_did_not_make_is_never_deleted(tmp_path, capsys):
 
 
 def test_prepare_dir_clears_only_its_own_folders_and_stays_inside_the_run(tmp_path):
-    from fusion.errors import FusesegError
-    from pipelines.stages import _prepare_dir
+    from fuseseg.errors import FusesegError
+    from pipelines.stages.base import prepare_dir as _prepare_dir
 
     run = tmp_path / "run"
     own = run / "fused" / "mean"
@@ -466,7 +466,7 @@ def test_metrics_never_writes_into_its_inputs(make_pairs, tmp_path, capsys):
 RACER = r'''
 import json, os, pathlib, sys, time
 from pipelines.runstate import RunLock
-from fusion.errors import FusesegError
+from fuseseg.errors import FusesegError
 
 lock_path, start, delay = pathlib.Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
 # injected delays: after every open() of a file and before every unlink(), the windows in which
@@ -533,7 +533,7 @@ def test_a_lock_is_free_again_after_its_holder_is_killed(tmp_path):
                                f"held = RunLock({str(lock)!r}).acquire()\nprint('held', flush=True)\ntime.sleep(120)"],
                               cwd=REPO, env=_env(), stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
-    from fusion.errors import FusesegError
+    from fuseseg.errors import FusesegError
     from pipelines.runstate import RunLock
 
     with pytest.raises(FusesegError, match=f"in use by another fuseseg process \\(pid {holder.pid},"):

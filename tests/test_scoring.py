@@ -10,8 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
+from fuseseg.errors import DataError
 from fusion import metrics as M
-from fusion.errors import DataError
 from fusion.scoring import results_table, score_folders
 
 H, W = 48, 56

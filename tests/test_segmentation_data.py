@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from fusion.errors import ConfigError, DataError
+from fuseseg.errors import ConfigError, DataError
 from segmentation.config import SegConfig
 from segmentation.data import (
     IMAGENET_MEAN,

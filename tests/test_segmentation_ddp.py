@@ -23,7 +23,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import segmentation.train as seg_train
-from fusion.runtime import StopRequest, load_checkpoint, seed_everything
+from fuseseg.runtime import StopRequest, load_checkpoint, seed_everything
 from segmentation.config import SegConfig
 from segmentation.model import build_model
 

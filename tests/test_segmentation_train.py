@@ -16,9 +16,9 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import segmentation.train as seg_train
-from fusion.errors import CheckpointError, ConfigError, DataError, FusesegError
-from fusion.runtime import load_checkpoint, seed_everything
-from fusion.runtime import save_checkpoint as real_save_checkpoint
+from fuseseg.errors import CheckpointError, ConfigError, DataError, FusesegError
+from fuseseg.runtime import load_checkpoint, seed_everything
+from fuseseg.runtime import save_checkpoint as real_save_checkpoint
 from segmentation.config import SegConfig
 from segmentation.data import IMAGENET_MEAN, IMAGENET_STD
 from segmentation.evaluate import evaluate_segmenter
@@ -180,7 +180,7 @@ def test_checkpoint_reload_reproduces_confusion(run, tmp_path):
     assert res.confusion.sum() == 3 * 55 * 72  # every non-ignored pixel at full size
 
     # independent recomputation: smp model from the file, numpy reflect padding, np.add.at
-    from fusion.data.io import read_label, read_visible
+    from fuseseg.data.io import read_label, read_visible
 
     model = smp.DeepLabV3Plus(encoder_weights=None, **ck["kwargs"])
     model.load_state_dict(ck["state_dict"])

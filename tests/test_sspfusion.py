@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from fusion.errors import ConfigError
+from fuseseg.errors import ConfigError
 from fusion.losses import SSIMLoss, charbonnier, grad_loss, smooth_loss, ssim, ssim_loss
+from fusion.models.sspfusion import SSPFusion
 from fusion.registry import create_method, get_entry
-from fusion.sspfusion import SSPFusion
 from fusion.structure import structure_gt, structure_pyramid, xor_masks
 
 torch.set_num_threads(min(2, torch.get_num_threads()))

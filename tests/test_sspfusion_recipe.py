@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from fusion.errors import ConfigError
+from fuseseg.errors import ConfigError
 from fusion.losses import charbonnier, rec_loss, rec_norm
 from fusion.registry import create_method
 from fusion.structure import structure_pyramid

@@ -29,7 +29,7 @@ PLUGIN = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    from fusion.data.synthetic import make_synthetic
+    from fuseseg.data.synthetic import make_synthetic
 
     ws = tmp_path_factory.mktemp("stale")
     make_synthetic(ws / "data", 4, 3, size=(40, 48), seed=5, workers=1, progress=False)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from fusion.data.synthetic import (
+from fuseseg.data.synthetic import (
     CLASS_IDS,
     CLASS_NAMES,
     KINDS,
@@ -124,7 +124,7 @@ def test_zoom_scales_objects_at_a_fixed_place_and_keeps_the_scene():
 
 
 def test_zoom_is_a_config_key_and_a_cli_option(tmp_path):
-    from fusion.errors import ConfigError
+    from fuseseg.errors import ConfigError
     from pipelines.cli import main
     from pipelines.experiment import SyntheticConfig
 
@@ -265,7 +265,7 @@ def test_regenerating_replaces_the_old_set_but_never_foreign_images(tmp_path):
     foreign = tmp_path / "mine" / "train" / "vi" / "photo.png"
     foreign.parent.mkdir(parents=True)
     foreign.write_bytes(b"not ours")
-    from fusion.errors import DataError
+    from fuseseg.errors import DataError
     with pytest.raises(DataError, match=r"did not write.*Choose an empty or new output folder"):
         make_synthetic(tmp_path / "mine", 2, 1, size=(32, 48), progress=False)
     assert foreign.read_bytes() == b"not ours"

@@ -35,8 +35,8 @@ def test_segmenter_logs_val_miou_and_losses(tmp_path, one_torch_thread):
 def test_missing_package_is_a_one_line_error(monkeypatch, tmp_path):
     import builtins
 
-    from fusion.errors import ConfigError
-    from fusion.tblog import TrainingLog
+    from fuseseg.errors import ConfigError
+    from fuseseg.tblog import TrainingLog
 
     real = builtins.__import__
 

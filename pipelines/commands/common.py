@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fusion.errors import ConfigError
+from fuseseg.errors import ConfigError
 
 
 def out_folder(path: str | Path | None, option: str = "--out") -> Path | None:

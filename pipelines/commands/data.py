@@ -5,9 +5,9 @@ from pathlib import Path
 
 from rich.table import Table
 
-from fusion.data.pairs import MSRS_CLASSES, Layout, detect_splits, load_split
-from fusion.data.validate import validate_pairset
-from fusion.errors import ConfigError
+from fuseseg.data.pairs import MSRS_CLASSES, Layout, detect_splits, load_split
+from fuseseg.data.validate import validate_pairset
+from fuseseg.errors import ConfigError
 from pipelines.console import console, make_progress
 
 

@@ -14,8 +14,8 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from fusion.data.paths import check_disjoint
-from fusion.errors import ConfigError
+from fuseseg.data.paths import check_disjoint
+from fuseseg.errors import ConfigError
 from pipelines.commands.common import count, out_folder
 from pipelines.config import load_section_config, parse_overrides
 from pipelines.console import console
@@ -28,7 +28,7 @@ SECTION = "fusion_train"
 def load_train_config(path: str | Path | None, overrides: list[str]):
     """FusionTrainConfig from a YAML file (top-level keys or a ``fusion_train:`` section) plus
     ``key=value`` overrides."""
-    from fusion.train import FusionTrainConfig
+    from fusion.train_config import FusionTrainConfig
 
     return load_section_config(FusionTrainConfig, SECTION, path, overrides, inherit=("plugins",))
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fusion.data.paths import check_disjoint
-from fusion.errors import ConfigError
+from fuseseg.data.paths import check_disjoint
+from fuseseg.errors import ConfigError
 from pipelines.runstate import folder_lock
 
 

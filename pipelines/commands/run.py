@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fusion.data.paths import check_disjoint
-from fusion.errors import ConfigError
+from fuseseg.data.paths import check_disjoint
+from fuseseg.errors import ConfigError
 from pipelines.console import console
 from pipelines.runstate import folder_lock
 
@@ -76,7 +76,9 @@ def load_experiment(config: str | None, overrides: list[str]):
 
 
 def run(args) -> int:
-    from pipelines.stages import STAGES, Plan, run_experiment
+    from pipelines.run import run_experiment
+    from pipelines.runstate import STAGES
+    from pipelines.stages.base import Plan
 
     overrides = list(args.overrides)
     if args.launcher:

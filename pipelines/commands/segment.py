@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from fusion.data.paths import check_disjoint
+from fuseseg.data.paths import check_disjoint
 from pipelines.commands.common import out_file, out_folder
 from pipelines.config import load_section_config
 from pipelines.console import console
@@ -85,7 +85,7 @@ def result_table(res, title: str) -> Table:
 
 
 def _eval(args) -> int:
-    from fusion.data.io import atomic_write_text
+    from fuseseg.data.io import atomic_write_text
     from segmentation.evaluate import evaluate_segmenter
 
     out_file(args.json, "--json")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from fusion.errors import ConfigError
+from fuseseg.errors import ConfigError
 from pipelines.console import console
 
 STYLE = {"done": "green", "running": "cyan", "queued": "blue", "failed": "bold red", "finished": "green",
@@ -28,7 +28,7 @@ def register(sub) -> None:
 
 
 def status(args) -> int:
-    from pipelines.executor import status_rows
+    from pipelines.jobs import status_rows
 
     run_dir = args.run_dir
     if not (run_dir / "stages").is_dir() and not (run_dir / "config.yaml").is_file():

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from fusion.errors import ConfigError
+from fuseseg.errors import ConfigError
 from pipelines.console import console
 from pipelines.runstate import folder_lock
 
@@ -31,7 +31,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from fusion.data.synthetic import CLASS_NAMES, make_synthetic, valid_zoom
+    from fuseseg.data.synthetic import CLASS_NAMES, make_synthetic, valid_zoom
 
     if args.train < 0 or args.test < 0 or args.train + args.test == 0:
         raise ConfigError(f"make-synthetic: --train {args.train} --test {args.test}: give counts >= 0 "

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fusion.errors import ConfigError
+from fuseseg.errors import ConfigError
 
 
 def require_tensorboard():

@@ -8,6 +8,7 @@ the umask gives.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from fusion.errors import DataError
+from fuseseg.errors import DataError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 IR16_MAPPINGS = ("minmax", "scale")
@@ -172,3 +173,12 @@ def write_image(path: Path | str, img: np.ndarray) -> None:
     """Write an (H, W) grey or (H, W, 3) RGB uint8 image atomically; format from the extension."""
     path = Path(path)
     _atomic_write(path, encode_image(img, path.suffix or ".png"))
+
+
+def sha256_file(path: Path | str) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (checkpoint provenance, shipped weights)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

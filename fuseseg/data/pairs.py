@@ -10,8 +10,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fusion.data.io import IMAGE_EXTS
-from fusion.errors import DataError
+from fuseseg.data.io import IMAGE_EXTS
+from fuseseg.errors import DataError
 
 MSRS_CLASSES = ("unlabelled", "car", "person", "bike", "curve", "car_stop", "guardrail",
                 "color_cone", "bump")

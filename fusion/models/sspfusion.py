@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fuseseg.errors import ConfigError
 from fusion.base import LuminanceFusion
-from fusion.errors import ConfigError
 from fusion.losses import REC_REDUCTIONS, fusion_loss, rec_loss
 from fusion.registry import register_method
 from fusion.structure import structure_map, structure_pyramid, xor_masks

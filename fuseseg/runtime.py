@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fusion.data.io import atomic_write_bytes
-from fusion.errors import CheckpointError, ConfigError, FusesegError
+from fuseseg.data.io import atomic_write_bytes
+from fuseseg.errors import CheckpointError, ConfigError, FusesegError
 
 
 # ---------------------------------------------------------------- device, precision

@@ -1,7 +1,7 @@
 """Validate a data set before anything is trained on it, and summarise it.
 
-``validate_pairset`` reads every image of a :class:`~fusion.data.pairs.PairSet` once and
-raises one :class:`~fusion.errors.DataError` listing every problem found (up to a limit), each
+``validate_pairset`` reads every image of a :class:`~fuseseg.data.pairs.PairSet` once and
+raises one :class:`~fuseseg.errors.DataError` listing every problem found (up to a limit), each
 naming the file(s) and the fix: unreadable/truncated/empty images, infrared with differing
 channels, pairs whose sizes differ, label maps of the wrong size or with values outside
 ``0..num_classes-1`` other than 255.
@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fusion.data.io import read_infrared, read_label, read_visible
-from fusion.data.pairs import IGNORE_INDEX, PairSet, day_or_night
-from fusion.errors import DataError
+from fuseseg.data.io import read_infrared, read_label, read_visible
+from fuseseg.data.pairs import IGNORE_INDEX, PairSet, day_or_night
+from fuseseg.errors import DataError
 
 MAX_REPORTED = 10
 

@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from fusion.errors import ConfigError
+from fuseseg.errors import ConfigError
 
 _PLAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 PLAIN_NAME_RULE = ("a plain name: letters, digits, '_', '-', '+' and '.', not starting with '.' "

@@ -1,0 +1,115 @@
+"""Stage ``train_fusion/<method>``: train a learned fusion method on the training split into
+``<run>/train_fusion/<method>/`` (``last.pt`` after every epoch, ``final.pt``, ``log.csv``), or
+take its given checkpoint. Classical methods and folders of fused images pass through with a
+fingerprint only. The training itself is a :class:`TrainFusionJob` handed to the executor."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from fuseseg.errors import CheckpointError, ConfigError, FusesegError
+from fusion.pretrained import resolve_checkpoint
+from pipelines.config import dump_config, from_dict, to_dict
+from pipelines.executor import Executor, StageJob
+from pipelines.experiment import ExperimentConfig, FusionMethodConfig
+from pipelines.runstate import fingerprint, folder_manifest, named_fingerprint, source_digest
+from pipelines.stages.base import Plan, Stage, precision_of, prepare_dir
+
+
+def _method_train_cfg(cfg: ExperimentConfig, m: FusionMethodConfig, data_root: Path, device: str):
+    base = to_dict(cfg.fusion_train)
+    base.update(m.train)
+    base.update({"method": m.method, "method_kwargs": dict(m.kwargs), "device": device,
+                 "plugins": list(cfg.plugins)})
+    base["data_root"] = str(data_root)
+    from fusion.train_config import FusionTrainConfig
+
+    return from_dict(FusionTrainConfig, base, f"fusion[{m.name}].train")
+
+
+@dataclasses.dataclass
+class TrainFusionJob(StageJob):
+    """The body of stage train_fusion/<method>: train into ``out`` (resuming from its last.pt)."""
+
+    tcfg: object            # fusion.train_config.FusionTrainConfig
+    out: Path
+    nproc: int = 1          # >1: under torchrun (DDP)
+    tensorboard: bool = False   # also log to out/tensorboard/
+
+    def run(self) -> dict:
+        from fusion.train import train_fusion
+
+        out = Path(self.out)
+        resume = (out / "last.pt").is_file()
+        if self.nproc > 1:
+            dump_config(self.tcfg, out / "requested.yaml")
+            self.launch(["train-fusion", str(out / "requested.yaml"), "--out", str(out)]
+                      + (["--resume"] if resume else []) + (["--tensorboard"] if self.tensorboard else []))
+            final = out / "final.pt"
+        else:
+            final = train_fusion(self.tcfg, out, resume=resume, tensorboard=self.tensorboard)
+        return {"checkpoint": str(final)}
+
+
+def stage_train_fusion(cfg: ExperimentConfig, run_dir: Path, plan: Plan, m: FusionMethodConfig,
+                       data_root: Path, data_fp: str, ex: Executor | None = None) -> tuple[Path | None, str]:
+    """Train a trainable registered method (or take its given checkpoint). Returns (checkpoint, fp)."""
+    from fusion.registry import get_entry
+
+    if m.type == "folder":
+        return None, fingerprint("folder", data_fp, m.name, str(m.folder), folder_manifest(Path(m.folder)))
+    entry = get_entry(m.method)
+    # a plug-in's own source is part of what it computes (built-ins: the fuseseg version, in data_fp)
+    source = None if entry.module.startswith("fusion.") else source_digest(entry.module)
+    if m.checkpoint is not None:
+        ck = resolve_checkpoint(m.checkpoint, m.method)
+        if not ck.is_file():
+            raise ConfigError(f"fusion[{m.name}].checkpoint: {ck} does not exist; give an existing "
+                              "checkpoint, or remove the key to train the method here.")
+        return ck, fingerprint("checkpoint", data_fp, source, str(ck.resolve()), ck.stat().st_mtime_ns)
+    if not entry.trainable:
+        return None, fingerprint("static", data_fp, source, m.method, m.kwargs)
+    tcfg = _method_train_cfg(cfg, m, data_root, cfg.device)
+    fp = named_fingerprint("train", **{"data": data_fp, "plugin source": source, "fusion_train": to_dict(tcfg),
+                                       "precision": precision_of(cfg.device, tcfg.amp)})
+    out = run_dir / "train_fusion" / m.name
+    ex = ex or Executor()
+    with Stage(run_dir, f"train_fusion/{m.name}", fp, plan, "train_fusion") as st:
+        if not st.skip:
+            job = TrainFusionJob(tcfg, out, ex.nproc(cfg.launcher, cfg.gpus), cfg.tensorboard)
+            prepare = lambda: prepare_dir(out, fp, run_dir, st.key, fresh=st.forced)  # noqa: E731
+            st.info.update(ex.run(run_dir, st.key, fp, out, job, prepare))
+    ck = out / "final.pt"
+    if not ck.is_file() and plan.runs("fuse") and not plan.dry_run:
+        raise FusesegError(f"fusion method {m.name!r} has no trained checkpoint ({ck}); run the "
+                           "train_fusion stage (drop --only/--from) first.")
+    return ck, fp
+
+
+def check_fusion_methods(methods: list[FusionMethodConfig]) -> None:
+    """Build every registered method with its ``kwargs`` (on the CPU), loading the ``checkpoint:``
+    where one is given, so that unknown settings, a corrupt file, another method's file or another
+    shape fail before any stage rewrites the run folder."""
+    from fusion.fuse import load_fusion_method
+    from fusion.registry import create_method
+
+    for m in methods:
+        if m.type != "registered":
+            continue
+        if m.checkpoint is None:
+            try:
+                create_method(m.method, **m.kwargs)
+            except ConfigError as exc:
+                raise ConfigError(f"fusion[{m.name}].kwargs: {exc}") from exc
+            continue
+        try:
+            ck = resolve_checkpoint(m.checkpoint, m.method)
+        except CheckpointError as exc:
+            raise CheckpointError(f"fusion[{m.name}].checkpoint: {exc}") from exc
+        if not ck.is_file():
+            raise ConfigError(f"fusion[{m.name}].checkpoint: {ck} does not exist; give an existing "
+                              "checkpoint, or remove the key to train the method here.")
+        try:
+            load_fusion_method(m.method, checkpoint=ck, kwargs=m.kwargs, device="cpu")
+        except CheckpointError as exc:
+            raise CheckpointError(f"fusion[{m.name}].checkpoint: {exc}") from exc
