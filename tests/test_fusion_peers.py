@@ -384,3 +384,14 @@ def test_init_kwargs_are_json_and_rebuild_the_model(name, kwargs):
     again.load_state_dict(m.state_dict())   # same architecture
     for key, val in kwargs.items():
         assert m.init_kwargs[key] == val
+
+
+@pytest.mark.parametrize("name,kwargs", [("seafusion", {}), ("didfuse", {}), ("rfn_nest", SMALL_RFN)])
+def test_losses_stay_float32_under_bf16_autocast(name, kwargs):
+    ir, vi = scene(9, h=16, w=16)
+    m = create_method(name, **kwargs).train()
+    for phase in m.phases:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, parts = m.training_losses(ir, vi, phase)
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        loss.backward()
