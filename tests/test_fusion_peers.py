@@ -185,7 +185,7 @@ def test_seafusion_training_loss_is_content_loss_of_its_output_and_semantic_hook
     m2.set_semantic_loss(lambda fused, ir_, vi_: (1.0 - fused).pow(2).mean())
     total2, parts2 = m2.training_losses(ir, vi, "fusion")
     assert parts2["semantic"] == pytest.approx(np.mean((1 - f) ** 2), rel=1e-5)
-    assert float(total2) == pytest.approx(want + 0.5 * np.mean((1 - f) ** 2), rel=1e-5)
+    assert float(total2.detach()) == pytest.approx(want + 0.5 * np.mean((1 - f) ** 2), rel=1e-5)
 
 
 def test_didfuse_training_loss_known_value():
@@ -207,7 +207,7 @@ def test_didfuse_training_loss_known_value():
     assert parts["base"] == pytest.approx(d_base, rel=1e-5)
     assert parts["detail"] == pytest.approx(d_detail, rel=1e-5)
     assert parts["grad"] == pytest.approx(grad, rel=1e-5)
-    assert float(total) == pytest.approx(want, rel=1e-5)
+    assert float(total.detach()) == pytest.approx(want, rel=1e-5)
     # the "l1" distance (the released code's) is a mean absolute difference inside the tanh
     m1 = create_method("didfuse", decomposition_norm="l1").eval()
     m1.load_state_dict(m.state_dict())
@@ -250,7 +250,7 @@ def test_rfn_nest_losses_known_value():
     for x in (ir, vi):
         rec = m.decode(m.encode(x))
         want.append(s * s * np.mean((npd(rec) - npd(x)) ** 2) + 100 * (1 - np_batch_ssim(rec, x)))
-    assert float(total) == pytest.approx(np.mean(want), rel=1e-5)
+    assert float(total.detach()) == pytest.approx(np.mean(want), rel=1e-5)
     # phase "fusion": 700 (1 - SSIM(O, VI)) + sum_m w_m mean (Phi_f - (6 Phi_ir + 3 Phi_vi))^2
     total, parts = m.training_losses(ir, vi, "fusion")
     f_ir, f_vi = m.encode(ir), m.encode(vi)
@@ -261,15 +261,15 @@ def test_rfn_nest_losses_known_value():
     detail = 1 - np_batch_ssim(out, vi)
     assert parts["feature"] == pytest.approx(feat, rel=1e-5)
     assert parts["detail"] == pytest.approx(detail, rel=1e-5, abs=1e-6)
-    assert float(total) == pytest.approx(700 * detail + feat, rel=1e-5)
+    assert float(total.detach()) == pytest.approx(700 * detail + feat, rel=1e-5)
     # fusion_loss of any image: the same L_RFN with Phi_f = E(image)
     mx = torch.maximum(ir, vi)
     f_mx = m.encode(mx)
     want_mx = 700 * (1 - np_batch_ssim(mx, vi)) + sum(
         w * np.mean((npd(ff) - (6 * npd(a) + 3 * npd(b))) ** 2)
         for w, ff, a, b in zip((1, 10, 100, 1000), f_mx, f_ir, f_vi, strict=True))
-    assert float(m.fusion_loss(mx, ir, vi)) == pytest.approx(want_mx, rel=1e-5)
-    assert parts["fus"] == pytest.approx(float(m.fusion_loss(out, ir, vi)), rel=1e-5)
+    assert float(m.fusion_loss(mx, ir, vi).detach()) == pytest.approx(want_mx, rel=1e-5)
+    assert parts["fus"] == pytest.approx(float(m.fusion_loss(out, ir, vi).detach()), rel=1e-5)
 
 
 # ---------------------------------------------------------------- contract on odd and tiny sizes
@@ -288,7 +288,7 @@ def test_any_size_grey_and_rgb(name):
     ir, vi = scene(7, h=21, w=27)
     for phase in m.phases:
         loss, parts = m.training_losses(ir, vi, phase)
-        assert torch.isfinite(loss) and loss.ndim == 0 and parts["total"] == pytest.approx(float(loss))
+        assert torch.isfinite(loss) and loss.ndim == 0 and parts["total"] == pytest.approx(float(loss.detach()))
 
 
 # ---------------------------------------------------------------- learning, phases
@@ -310,7 +310,7 @@ def test_adam_steps_lower_the_training_loss(name, kwargs, phase, lr, steps, marg
     first = None
     for _ in range(steps):
         loss, _ = m.training_losses(ir, vi, phase)
-        first = float(loss) if first is None else first
+        first = float(loss.detach()) if first is None else first
         opt.zero_grad()
         loss.backward()
         opt.step()
