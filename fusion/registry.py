@@ -46,7 +46,8 @@ class MethodEntry:
 
 _REGISTRY: dict[str, MethodEntry] = {}
 _BUILTINS_LOADED = False
-BUILTIN_MODULES = ("fusion.baselines", "fusion.models.sspfusion")
+BUILTIN_MODULES = ("fusion.baselines", "fusion.models.sspfusion", "fusion.models.seafusion",
+                   "fusion.models.didfuse", "fusion.models.rfn_nest")
 
 
 def register_method(name: str, *, trainable: bool = False, description: str | None = None):
