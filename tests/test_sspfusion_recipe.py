@@ -165,3 +165,16 @@ def test_reproduction_command_of_the_shipped_weights(tmp_path):
     img = cv2.imread(str(pic), cv2.IMREAD_UNCHANGED)
     crop = recipe["crop_size"]
     assert img.shape == (2 * (crop + 2), 7 * (crop + 2))
+
+
+@pytest.mark.parametrize("kwargs, expect", [("{output: max_residual}", "head max_residual, L_rec norm"),
+                                            ("{output: sigmoid, rec_reduction: mean}", "head sigmoid, L_rec mean")])
+def test_protocol_line_names_the_head_and_the_rec_reduction(kwargs, expect):
+    from pipelines.config import load_config
+    from pipelines.experiment import ExperimentConfig
+    from pipelines.stages.segment import protocol_of
+
+    cfg = load_config(ExperimentConfig, REPO / "configs" / "default.yaml",
+                      [f"fusion=[{{name: sspfusion, kwargs: {kwargs}}}]", "device=cpu"])
+    assert "sspfusion trained from scratch here (" in protocol_of(cfg)[1]
+    assert expect in protocol_of(cfg)[1]

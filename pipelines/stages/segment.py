@@ -132,12 +132,29 @@ def _fusion_protocol(cfg: ExperimentConfig) -> str:
         if m.type != "registered" or not get_entry(m.method).trainable:
             continue
         if m.checkpoint is not None:
-            what = ("the shipped pretrained weights" if str(m.checkpoint) == "pretrained"
-                    else f"checkpoint {m.checkpoint}")
-            parts.append(f"{m.name} from {what} (not trained here)")
+            shipped = str(m.checkpoint) == "pretrained"
+            what = "the shipped pretrained weights" if shipped else f"checkpoint {m.checkpoint}"
+            parts.append(f"{m.name} from {what} (not trained here{_recipe_text(m.method, None, shipped)})")
         else:
             t = {**to_dict(cfg.fusion_train), **m.train}
             parts.append(f"{m.name} trained from scratch here ({t['structure_epochs']} structure + "
                          f"{t['epochs']} fusion epochs, crop {t['crop_size']}, batch {t['batch_size']}, "
-                         f"lr {t['lr']}, kwargs {dict(m.kwargs) or 'default'})")
+                         f"lr {t['lr']}, kwargs {dict(m.kwargs) or 'default'}"
+                         f"{_recipe_text(m.method, dict(m.kwargs), False)})")
     return ", ".join(parts)
+
+
+def _recipe_text(method: str, kwargs: dict | None, shipped: bool) -> str:
+    """``, head H, L_rec R`` for a method with those settings (SSPFusion's ``output`` and
+    ``rec_reduction``): resolved from ``kwargs`` (the model's defaults filled in), or from the
+    shipped weights' record; "" when the method has neither."""
+    if shipped:
+        from fusion.pretrained import has_shipped, shipped_info
+
+        resolved = (shipped_info(method) or {}).get("kwargs", {}) if has_shipped(method) else {}
+    else:
+        from fusion.registry import create_method
+
+        resolved = getattr(create_method(method, **kwargs), "init_kwargs", {})
+    names = (("output", "head"), ("rec_reduction", "L_rec"))
+    return "".join(f", {label} {resolved[k]}" for k, label in names if k in resolved)
