@@ -178,3 +178,21 @@ def test_protocol_line_names_the_head_and_the_rec_reduction(kwargs, expect):
                       [f"fusion=[{{name: sspfusion, kwargs: {kwargs}}}]", "device=cpu"])
     assert "sspfusion trained from scratch here (" in protocol_of(cfg)[1]
     assert expect in protocol_of(cfg)[1]
+
+
+def test_ablation_summary_hand_values():
+    from benchmarks.sspfusion_ablation import TABLE_METRICS, summarise
+
+    def row(x):
+        return dict.fromkeys(TABLE_METRICS, x)
+
+    scores = {"msrs": {"sspfusion": [row(1.0), row(2.0), row(3.0)],          # mean 2, sd 1
+                       "sspfusion_no_sfe": [row(4.0), row(4.0), row(4.0)],   # mean 4, sd 0
+                       "sspfusion_no_spf": [row(1.0), row(3.0), row(2.0)]}}  # mean 2, sd 1
+    s = summarise(scores)["msrs"]
+    assert s["stats"]["sspfusion"]["SF"] == pytest.approx([2.0, 1.0])
+    d = s["vs_full"]["sspfusion_no_sfe"]["VIF"]
+    assert d["diff"] == pytest.approx(2.0)
+    assert d["se"] == pytest.approx(math.sqrt(1 / 3))          # sqrt((1^2 + 0^2) / 3)
+    assert d["ratio"] == pytest.approx(2.0 / math.sqrt(1 / 3))
+    assert s["vs_full"]["sspfusion_no_spf"]["MI"]["diff"] == pytest.approx(0.0)
