@@ -65,7 +65,7 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
 
 
 def one_line_error(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("warning: ")]
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(("warning: ", "note: "))]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     return lines[0]
 
