@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -277,9 +278,11 @@ def test_api_dry_run_and_fuse_match_the_cli(quick, monkeypatch):
     assert np.array_equal(ours, read_visible(run / "fused" / "gff" / "test" / f"{stem}.png"))
     as_float = fs.fuse(ir / 255.0, vi / 255.0, "gff")
     assert np.abs(as_float.astype(int) - ours.astype(int)).max() <= 1
-    # sspfusion with the run's trained weights and its precision (fusion_train.amp: bf16), as the fuse stage did
+    # sspfusion with the run's trained weights and its precision (fusion_train.amp: auto, so bf16 where
+    # the CPU has it natively, else fp32), as the fuse stage did
     ck = run / "train_fusion" / "sspfusion" / "final.pt"
-    assert np.array_equal(fs.fuse(ir, vi, "sspfusion", checkpoint=ck, amp="bf16"),
+    trained_in = torch.load(ck, map_location="cpu", weights_only=False)["precision"]["precision"]
+    assert np.array_equal(fs.fuse(ir, vi, "sspfusion", checkpoint=ck, amp="bf16" if trained_in == "bf16" else "off"),
                           read_visible(run / "fused" / "sspfusion" / "test" / f"{stem}.png"))
 
 
