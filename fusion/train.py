@@ -8,7 +8,9 @@ A trainable method is an ``nn.Module`` registered with ``trainable=True`` that p
 * ``init_kwargs``: the keyword arguments that rebuild it (stored in checkpoints).
 
 Schedule: phase ``"structure"`` runs ``structure_epochs`` epochs, every other phase ``epochs``
-epochs. Each phase has its own Adam optimiser over ``parameters_for_phase(phase)`` (the other
+epochs, unless ``phase_epochs`` gives a phase its own count (e.g. ``{autoencoder: 4, fusion: 6}``;
+a name the method does not have is a ConfigError listing its phases); the schedule is stored in
+every checkpoint (``schedule``). Each phase has its own Adam optimiser over ``parameters_for_phase(phase)`` (the other
 parameters are frozen meanwhile) and its own cosine annealing of the learning rate over that
 phase's steps: ``lr_t = min_lr + (lr - min_lr) * (1 + cos(pi * t / T)) / 2``, ``T = epochs x
 steps_per_epoch``, stepped once per optimiser step.
@@ -158,7 +160,7 @@ def _train(cfg: FusionTrainConfig, out_dir: Path, resume: bool, progress: bool,
     if world > 1:
         torch.distributed.barrier()
     dataset, sampler, loader, steps_per_epoch = _build_data(cfg, out_dir, device, rank, world)
-    phases = [(p, cfg.structure_epochs if p == "structure" else cfg.epochs) for p in model.phases]
+    phases = cfg.schedule(tuple(model.phases))
     st = _State.resume_from(ckpt, cfg, last_path)
     precision = runtime.precision_record(device, cfg.amp, cfg.channels_last)
     if main:
@@ -391,7 +393,8 @@ def _payload(cfg, model, init_kwargs, phases, st: _State, pi, ep, step, opt=None
              scaler=None, acc=None) -> dict:
     """The checkpoint of position (phase ``pi``, epoch ``ep``, ``step``): tensors and plain types."""
     return {"kind": "fusion", "method": cfg.method, "kwargs": init_kwargs,
-            "config": config_to_dict(cfg), "phase": phases[pi][0] if pi < len(phases) else None,
+            "config": config_to_dict(cfg), "schedule": [[p, n] for p, n in phases],
+            "phase": phases[pi][0] if pi < len(phases) else None,
             "phase_index": pi, "epoch": ep, "step_in_epoch": step, "global_step": st.global_step,
             "state_dict": runtime.unwrap(model).state_dict(),
             "optimizer": opt.state_dict() if opt else None,
@@ -458,7 +461,7 @@ def _check_step(loss: torch.Tensor, comps: dict, stop: runtime.StopRequest, worl
 
 def _final_payload(ckpt: dict) -> dict:
     """The trained model's checkpoint: self-describing, without optimiser/scheduler state."""
-    keep = ("kind", "method", "kwargs", "config", "phase", "phase_index", "epoch", "global_step",
+    keep = ("kind", "method", "kwargs", "config", "schedule", "phase", "phase_index", "epoch", "global_step",
             "state_dict", "log", "versions", "verdict", "precision")
     out = {k: ckpt[k] for k in keep if k in ckpt}
     out["complete"] = True

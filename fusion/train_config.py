@@ -47,7 +47,8 @@ class FusionTrainConfig:
     synthetic_size: tuple[int, int] = (240, 320)   # H, W of the synthetic scenes
     synthetic_seed: int = 0   # seed of the synthetic scenes (same seed: same files)
     structure_epochs: int = 50   # epochs of the structure (SFE) phase
-    epochs: int = 300   # epochs of the fusion phase
+    epochs: int = 300   # epochs of the fusion phase (and of every phase other than "structure")
+    phase_epochs: dict[str, int] = field(default_factory=dict)   # epochs per phase name, overriding structure_epochs/epochs for it, e.g. {autoencoder: 4, fusion: 6}
     batch_size: int = 8   # global batch (split across DDP processes)
     crop_size: int | None = 256   # random square training crop; null = whole images
     vflip: bool = False   # random vertical flips too (horizontal ones always)
@@ -87,17 +88,45 @@ class FusionTrainConfig:
             lo, hi = getattr(self, key)
             if not 0 < lo <= hi:
                 raise ValueError(f"{key} must be [low, high] with 0 < low <= high, got {[lo, hi]}")
-        if self.structure_epochs + self.epochs == 0:
+        bad = {k: v for k, v in self.phase_epochs.items()
+               if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int) or v < 0}
+        if bad:
+            raise ValueError(f"phase_epochs must map phase names to integers >= 0, got {bad}")
+        if not self.phase_epochs and self.structure_epochs + self.epochs == 0:
             raise ValueError("structure_epochs=0 and epochs=0 train nothing (final.pt would hold an untrained "
                              "model); give at least one epoch")
         if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
 
 
+    def schedule(self, phases: tuple[str, ...] | list[str]) -> list[tuple[str, int]]:
+        """``[(phase, epochs), ...]`` of a method with training ``phases``: see :func:`phase_schedule`."""
+        return phase_schedule(self.method, phases, self.structure_epochs, self.epochs, self.phase_epochs)
+
     def photometric_range(self) -> tuple[tuple[float, float], tuple[float, float]] | None:
         """The joint photometric augmentation of :class:`fusion.datasets.PairDataset` (None: off)."""
         rng = (tuple(self.aug_gain), tuple(self.aug_gamma))
         return None if rng == ((1.0, 1.0), (1.0, 1.0)) else rng
+
+def phase_schedule(method: str, phases, structure_epochs: int, epochs: int,
+                   phase_epochs: dict[str, int] | None = None) -> list[tuple[str, int]]:
+    """``[(phase, epochs), ...]`` in the method's phase order: ``phase_epochs[phase]`` where given,
+    else ``structure_epochs`` for phase ``"structure"`` and ``epochs`` for every other phase.
+    ConfigError when ``phase_epochs`` names a phase the method does not have (listing its phases)
+    or when the schedule trains nothing."""
+    phase_epochs = dict(phase_epochs or {})
+    unknown = [k for k in phase_epochs if k not in phases]
+    if unknown:
+        raise ConfigError(f"fusion_train.phase_epochs names phase(s) {', '.join(map(repr, unknown))} that "
+                          f"method {method!r} does not have; its phases are: {', '.join(phases)}. "
+                          "Use those names as the keys of phase_epochs.")
+    out = [(p, phase_epochs.get(p, structure_epochs if p == "structure" else epochs)) for p in phases]
+    if sum(n for _, n in out) == 0:
+        raise ConfigError(f"fusion_train: the schedule of {method!r} trains nothing ("
+                          + ", ".join(f"{p} x{n}" for p, n in out) + "); give at least one phase an epoch "
+                          "(structure_epochs, epochs or phase_epochs).")
+    return out
+
 
 def config_to_dict(cfg: FusionTrainConfig) -> dict[str, Any]:
     """The config as plain YAML-able data (tuples as lists)."""

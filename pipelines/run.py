@@ -88,7 +88,7 @@ def _run_stages(cfg: ExperimentConfig, plan: Plan, run_dir: Path) -> None:
     data_root, data_fp = stage_data(cfg, run_dir, plan)
     check_metric_sizes(cfg, run_dir)
     needed = [m for m in cfg.fusion if m.name in variants or plan.variants is None]
-    check_fusion_methods(needed)
+    check_fusion_methods(needed, cfg.fusion_train)
     if not plan.dry_run:
         dump_config(cfg, run_dir / "config.yaml")
     real = make_executor(cfg.executor)

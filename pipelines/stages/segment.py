@@ -126,6 +126,7 @@ def _fusion_protocol(cfg: ExperimentConfig) -> str:
     """How each learned fusion variant got its weights (for the protocol line; not part of the
     segmentation protocol's fingerprint)."""
     from fusion.registry import get_entry
+    from fusion.train_config import phase_schedule
 
     parts = []
     for m in cfg.fusion:
@@ -137,8 +138,11 @@ def _fusion_protocol(cfg: ExperimentConfig) -> str:
             parts.append(f"{m.name} from {what} (not trained here{_recipe_text(m.method, None, shipped)})")
         else:
             t = {**to_dict(cfg.fusion_train), **m.train}
-            parts.append(f"{m.name} trained from scratch here ({t['structure_epochs']} structure + "
-                         f"{t['epochs']} fusion epochs, crop {t['crop_size']}, batch {t['batch_size']}, "
+            sched = phase_schedule(m.method, getattr(get_entry(m.method).factory, "phases", ("structure", "fusion")),
+                                   t["structure_epochs"], t["epochs"], t.get("phase_epochs"))
+            parts.append(f"{m.name} trained from scratch here ("
+                         + " + ".join(f"{n} {p}" for p, n in sched)
+                         + f" epochs, crop {t['crop_size']}, batch {t['batch_size']}, "
                          f"lr {t['lr']}, kwargs {dict(m.kwargs) or 'default'}"
                          f"{_recipe_text(m.method, dict(m.kwargs), False)})")
     return ", ".join(parts)

@@ -86,21 +86,31 @@ def stage_train_fusion(cfg: ExperimentConfig, run_dir: Path, plan: Plan, m: Fusi
     return ck, fp
 
 
-def check_fusion_methods(methods: list[FusionMethodConfig]) -> None:
+def check_fusion_methods(methods: list[FusionMethodConfig], fusion_train=None) -> None:
     """Build every registered method with its ``kwargs`` (on the CPU), loading the ``checkpoint:``
     where one is given, so that unknown settings, a corrupt file, another method's file or another
-    shape fail before any stage rewrites the run folder."""
+    shape fail before any stage rewrites the run folder. ``fusion_train`` (the experiment's
+    FusionTrainConfig): also check the training schedule (``phase_epochs`` names, with the method's
+    ``train:`` overrides) of each method trained here."""
     from fusion.fuse import load_fusion_method
     from fusion.registry import create_method
+    from fusion.train_config import phase_schedule
 
     for m in methods:
         if m.type != "registered":
             continue
         if m.checkpoint is None:
             try:
-                create_method(m.method, **m.kwargs)
+                model = create_method(m.method, **m.kwargs)
             except ConfigError as exc:
                 raise ConfigError(f"fusion[{m.name}].kwargs: {exc}") from exc
+            if fusion_train is not None and hasattr(model, "phases"):
+                t = {**to_dict(fusion_train), **m.train}
+                try:
+                    phase_schedule(m.method, tuple(model.phases), t["structure_epochs"], t["epochs"],
+                                   t.get("phase_epochs"))
+                except ConfigError as exc:
+                    raise ConfigError(f"fusion[{m.name}] (train: or fusion_train:): {exc}") from exc
             continue
         try:
             ck = resolve_checkpoint(m.checkpoint, m.method)
