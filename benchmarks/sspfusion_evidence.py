@@ -53,9 +53,10 @@ def fuse_reproducibly(method, ir: Path, vi: Path, out: Path) -> None:
         torch.set_num_threads(n)
 
 
-def score_method(checkpoint, test_set: Path, out: Path, name: str = "sspfusion") -> dict[str, float]:
+def score_method(checkpoint, test_set: Path, out: Path, name: str = "sspfusion",
+                 conventions: str = CONVENTION) -> dict[str, float]:
     """Fuse ``test_set`` (ir/, vi/) with ``checkpoint`` (a file or "pretrained") into ``out/name``
-    and return its mean metrics (sspfusion preset, all 13)."""
+    and return its mean metrics (all 13, in the ``conventions`` preset: sspfusion by default)."""
     from fusion.fuse import load_fusion_method
     from fusion.scoring import score_folders
 
@@ -63,7 +64,7 @@ def score_method(checkpoint, test_set: Path, out: Path, name: str = "sspfusion")
                                 checkpoint=checkpoint, device="cpu")
     fuse_reproducibly(method, test_set / "ir", test_set / "vi", out / name)
     res = score_folders(test_set / "ir", test_set / "vi", {name: out / name}, workers=1,
-                        conventions=CONVENTION)
+                        conventions=conventions)
     return dict(res.to_dict()["methods"][name]["mean"])
 
 

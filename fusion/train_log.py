@@ -190,3 +190,40 @@ def report_verdict(v: dict[str, Any], out_dir: Path, console) -> None:
                       f"{v['fus_max']:.4f}, the loss of the trivial max(IR, VI_Y), in the last epoch. "
                       "The model has not learned what its loss rewards: train longer (epochs), "
                       "or see fusion/README.md for a converging recipe.")
+
+
+#: loss_convergence: a phase has converged when at most this share of its total loss drop
+#: happened in the last quarter of its epochs.
+PLATEAU_SHARE = 0.1
+
+
+def loss_convergence(rows: list[dict], plateau_share: float = PLATEAU_SHARE) -> dict[str, Any]:
+    """Has each phase's own training loss (the epoch means of ``loss`` in ``log.csv``) stopped
+    falling? Per phase with n epochs: ``first``, ``last``, ``ref`` = the mean k = max(1, n // 4)
+    epochs before the last, and ``late_share = (ref - last) / (first - last)``, the share of the
+    phase's drop made in its last k epochs. ``status``: "converged" (the loss fell and
+    late_share <= ``plateau_share``), "still falling" (it fell, but more than that share late),
+    "not falling" (last >= first), "unknown" (fewer than 2 epochs). Overall: "converged" when
+    every phase is, else the first phase's status that is not."""
+    phases: dict[str, list[float]] = {}
+    for r in rows:
+        if r.get("loss") not in (None, ""):
+            phases.setdefault(r["phase"], []).append(float(r["loss"]))
+    out: dict[str, Any] = {"rule": f"per phase: share of the loss drop made in the last quarter of its "
+                                   f"epochs <= {plateau_share:g}", "phases": {}}
+    for phase, losses in phases.items():
+        n = len(losses)
+        one: dict[str, Any] = {"epochs": n, "first": losses[0], "last": losses[-1]}
+        if n < 2:
+            one["status"] = "unknown"
+        elif losses[-1] >= losses[0]:
+            one["status"] = "not falling"
+        else:
+            k = max(1, n // 4)
+            one.update(window_epochs=k, ref=losses[-1 - k])
+            one["late_share"] = (losses[-1 - k] - losses[-1]) / (losses[0] - losses[-1])
+            one["status"] = "converged" if one["late_share"] <= plateau_share else "still falling"
+        out["phases"][phase] = one
+    bad = [p["status"] for p in out["phases"].values() if p["status"] != "converged"]
+    out["status"] = bad[0] if bad else ("converged" if out["phases"] else "unknown")
+    return out

@@ -104,7 +104,7 @@ def register(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     f.add_argument("--method", help="registered method name (optional with --checkpoint)")
     f.add_argument("--checkpoint", help="trained fusion checkpoint (final.pt of train-fusion); "
-                   "default for sspfusion: the shipped weights ('pretrained')")
+                   "default for a method with shipped weights (sspfusion, and any in fusion/weights/): those ('pretrained')")
     f.add_argument("--ir", required=True, help="infrared folder")
     f.add_argument("--vi", required=True, help="visible folder")
     f.add_argument("--out", required=True, help="output folder")
