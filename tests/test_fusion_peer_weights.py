@@ -181,7 +181,8 @@ def test_pretrain_config_smoke_run(name, tmp_path, monkeypatch):
     path = REPO / "configs" / f"{name}-pretrain.yaml"
     phases = yaml.safe_load(path.read_text())["phase_epochs"]
     cfg = load_train_config(path, [f"phase_epochs.{p}=1" for p in phases]
-                            + ["max_steps_per_epoch=2", "synthetic_pairs=2", "cache_images=false"])
+                            + ["max_steps_per_epoch=2", "synthetic_pairs=1", "cache_images=false", "crop_size=32",
+                               "batch_size=2"])   # smaller steps: the config's data, kwargs, schedule, amp
     train_fusion(cfg, tmp_path / "run", progress=False)
     ck = torch.load(tmp_path / "run" / "final.pt", map_location="cpu", weights_only=True)
     assert ck["method"] == name and ck["global_step"] == 2 * len(phases)
