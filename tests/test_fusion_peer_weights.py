@@ -104,6 +104,35 @@ def test_pretrained_and_fuse_method_use_the_shipped_peer(shipped, name, monkeypa
         assert np.array_equal(read_visible(f), read_visible(tmp_path / "a" / f.name))
 
 
+def test_ship_scores_the_test_sets_and_compares_with_mean(shipped, tmp_path, monkeypatch):
+    import benchmarks.ship_fusion as sf
+    from conftest import write_png
+    from fusion.scoring import score_folders
+
+    rng = np.random.default_rng(3)
+    for name in ("msrs", "tno"):   # stand-ins for ../shared/data/real/{msrs,tno}
+        for i in range(2):
+            write_png(tmp_path / "real" / name / "ir" / f"{i}.png", rng.integers(0, 256, (48, 56), dtype=np.uint8))
+            write_png(tmp_path / "real" / name / "vi" / f"{i}.png", rng.integers(0, 256, (48, 56), dtype=np.uint8))
+    monkeypatch.setattr(sf, "REAL", tmp_path / "real")
+    sf.main([str(shipped / "runs" / "didfuse"), "--weights-dir", str(tmp_path / "w")])
+    info = json.loads((tmp_path / "w" / "didfuse.json").read_text())
+    assert info["metrics_convention"] == "reference preset" and "metrics_note" not in info
+    for name in ("msrs", "tno"):   # the same numbers by fusing and scoring here
+        ts = tmp_path / "real" / name
+        fused = {"didfuse": tmp_path / "f" / name / "d", "mean": tmp_path / "f" / name / "m"}
+        for key, m in (("didfuse", load_fusion_method(checkpoint=tmp_path / "w" / "didfuse.pt", device="cpu")),
+                       ("mean", load_fusion_method("mean", device="cpu"))):
+            fuse_folder(m, ts / "ir", ts / "vi", fused[key], "cpu", batch_size=1, progress=False, amp="off")
+        res = score_folders(ts / "ir", ts / "vi", fused, workers=1, conventions="reference").to_dict()["methods"]
+        for key, got in (("didfuse", info["metrics"][name]), ("mean", info["metrics_vs_mean"][name]["mean"])):
+            for k in ("MI", "SF", "AG", "VIF", "Qabf", "SSIM"):
+                assert got[k] == pytest.approx(res[key]["mean"][k], rel=1e-6), (name, key, k)
+        wins = [k for k in ("MI", "SF", "AG", "VIF", "Qabf", "SSIM") if res["didfuse"]["mean"][k] > res["mean"]["mean"][k]]
+        assert info["metrics_vs_mean"][name]["better_than_mean"] == wins
+        assert info["metrics_vs_mean"][name]["better_than_mean_on_4_of_6"] == (len(wins) >= 4)
+
+
 def test_ship_refuses_another_methods_run(shipped, tmp_path):
     from benchmarks.ship_fusion import main as ship
 
