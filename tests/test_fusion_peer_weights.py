@@ -105,8 +105,9 @@ def test_pretrained_and_fuse_method_use_the_shipped_peer(shipped, name, monkeypa
 
 
 def test_ship_scores_the_test_sets_and_compares_with_mean(shipped, tmp_path, monkeypatch):
-    import benchmarks.ship_fusion as sf
     from conftest import write_png
+
+    import benchmarks.ship_fusion as sf
     from fusion.scoring import score_folders
 
     rng = np.random.default_rng(3)
