@@ -272,6 +272,31 @@ def test_rfn_nest_losses_known_value():
     assert parts["fus"] == pytest.approx(float(m.fusion_loss(out, ir, vi).detach()), rel=1e-5)
 
 
+def test_rfn_nest_losses_on_an_odd_size_pad_by_reflection_and_crop():
+    """13x19: inputs reflect-padded at the bottom/right to 16x24 (numpy's pad here), the losses
+    taken on the output cropped back and on the padded inputs' features."""
+    ir, vi = scene(11, h=13, w=19)
+    m = create_method("rfn_nest", widths=[8, 12, 16, 20]).eval()
+    s = 255.0
+
+    def pad(x):
+        return torch.from_numpy(np.pad(x.numpy(), ((0, 0), (0, 0), (0, 3), (0, 5)), mode="reflect"))
+
+    ir_p, vi_p = pad(ir), pad(vi)
+    total, _ = m.training_losses(ir, vi, "autoencoder")
+    want = [s * s * np.mean((npd(m.decode(m.encode(xp)))[..., :13, :19] - npd(x)) ** 2)
+            + 100 * (1 - np_batch_ssim(m.decode(m.encode(xp))[..., :13, :19], x)) for x, xp in ((ir, ir_p), (vi, vi_p))]
+    assert float(total.detach()) == pytest.approx(np.mean(want), rel=1e-5)
+    total, parts = m.training_losses(ir, vi, "fusion")
+    f_ir, f_vi = m.encode(ir_p), m.encode(vi_p)
+    f_f = m.fuse_features(f_ir, f_vi)
+    out = m.decode(f_f)[..., :13, :19]
+    feat = sum(w * np.mean((npd(ff) - (6 * npd(a) + 3 * npd(b))) ** 2)
+               for w, ff, a, b in zip((1, 10, 100, 1000), f_f, f_ir, f_vi, strict=True))
+    assert parts["feature"] == pytest.approx(feat, rel=1e-5)
+    assert float(total.detach()) == pytest.approx(700 * (1 - np_batch_ssim(out, vi)) + feat, rel=1e-5)
+
+
 # ---------------------------------------------------------------- contract on odd and tiny sizes
 @pytest.mark.parametrize("name", PEERS)
 def test_any_size_grey_and_rgb(name):
