@@ -97,6 +97,8 @@ class _Losses(nn.Module):
 
 def _check_resumable(saved: dict, cfg: FusionTrainConfig, path: Path) -> None:
     now = config_to_dict(cfg)
+    # a key the saved config lacks was added to fuseseg later: that run used its default
+    saved = {**config_to_dict(FusionTrainConfig()), **saved}
     diff = [k for k in now if k not in RUNTIME_KEYS and saved.get(k) != now[k]]
     if diff:
         shown = "; ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff)

@@ -146,3 +146,26 @@ def test_report_protocol_line_states_the_methods_own_schedule():
     text = protocol_of(cfg)[1]
     assert "rfn trained from scratch here (4 autoencoder + 6 fusion epochs," in text
     assert "dd trained from scratch here (3 autoencoder epochs," in text
+
+
+def test_runs_from_before_phase_epochs_stay_current_and_resumable(data, tmp_path):
+    """A checkpoint whose config lacks phase_epochs (written before the key existed) resumes; the
+    pipeline's training fingerprint leaves the key out while it is empty."""
+    from pipelines.stages.train_fusion import train_inputs
+
+    cfg = make_cfg(data, structure_epochs=1, epochs=2)
+    assert "phase_epochs" not in train_inputs(cfg)
+    assert train_inputs(make_cfg(data, phase_epochs={"fusion": 3}))["phase_epochs"] == {"fusion": 3}
+    train_fusion(make_cfg(data, structure_epochs=1, epochs=1), tmp_path, progress=False)
+    ck = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=False)
+    del ck["config"]["phase_epochs"]
+    ck["config"]["epochs"] = 2
+    ck["complete"] = False
+    runtime.save_checkpoint(tmp_path / "last.pt", ck)
+    train_fusion(cfg, tmp_path, resume=True, progress=False)   # no "config differs" error
+    assert rows(tmp_path)[-1] == ("fusion", "2", "6")
+    with pytest.raises(ConfigError, match=r"phase_epochs: \{\} -> \{'fusion': 3\}"):
+        ck["config"].pop("phase_epochs", None)
+        runtime.save_checkpoint(tmp_path / "last.pt", ck)
+        train_fusion(make_cfg(data, structure_epochs=1, epochs=2, phase_epochs={"fusion": 3}), tmp_path,
+                     resume=True, progress=False)

@@ -27,6 +27,15 @@ def _method_train_cfg(cfg: ExperimentConfig, m: FusionMethodConfig, data_root: P
     return from_dict(FusionTrainConfig, base, f"fusion[{m.name}].train")
 
 
+def train_inputs(tcfg) -> dict:
+    """The training config as a fingerprint input: keys added to fuseseg later are left out while
+    at their default (``phase_epochs: {}``), so earlier run folders stay current."""
+    out = to_dict(tcfg)
+    if not out.get("phase_epochs"):
+        out.pop("phase_epochs", None)
+    return out
+
+
 @dataclasses.dataclass
 class TrainFusionJob(StageJob):
     """The body of stage train_fusion/<method>: train into ``out`` (resuming from its last.pt)."""
@@ -70,7 +79,7 @@ def stage_train_fusion(cfg: ExperimentConfig, run_dir: Path, plan: Plan, m: Fusi
     if not entry.trainable:
         return None, fingerprint("static", data_fp, source, m.method, m.kwargs)
     tcfg = _method_train_cfg(cfg, m, data_root, cfg.device)
-    fp = named_fingerprint("train", **{"data": data_fp, "plugin source": source, "fusion_train": to_dict(tcfg),
+    fp = named_fingerprint("train", **{"data": data_fp, "plugin source": source, "fusion_train": train_inputs(tcfg),
                                        "precision": precision_of(cfg.device, tcfg.amp)})
     out = run_dir / "train_fusion" / m.name
     ex = ex or Executor()
