@@ -17,14 +17,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fuseseg.data.paths import ensure_inside
+from fuseseg.data.paths import confine_writes, ensure_inside
 from fuseseg.errors import ConfigError, FusesegError
 from pipelines.config import dump_config
 from pipelines.console import console
 from pipelines.executor import Executor, make_executor
 from pipelines.experiment import ExperimentConfig, FusionMethodConfig
 from pipelines.jobs import ref_of_record
-from pipelines.runstate import STAGES, RunLock, environment_record, fingerprint, stage_record
+from pipelines.runstate import (
+    STAGES,
+    RunLock,
+    claim_run_folder,
+    environment_record,
+    fingerprint,
+    stage_record,
+)
 from pipelines.stages.base import Plan, precision_summary
 from pipelines.stages.data import stage_data
 from pipelines.stages.fuse import stage_fuse
@@ -46,9 +53,9 @@ def run_experiment(cfg: ExperimentConfig, plan: Plan | None = None) -> Path:
     if plan.dry_run:
         _run_stages(cfg, plan, run_dir)
         return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    claim_run_folder(run_dir)   # a folder fuseseg did not make is refused, untouched
     _check_run_folder(run_dir)
-    with RunLock(run_dir / ".lock"):
+    with RunLock(run_dir / ".lock"), confine_writes(run_dir):   # every file written: inside, no link out
         _run_stages(cfg, plan, run_dir)
     return run_dir
 
