@@ -60,6 +60,30 @@ def run_experiment(cfg: ExperimentConfig, plan: Plan | None = None) -> Path:
     return run_dir
 
 
+def check_config_is_no_output(config: str | Path | None, cfg: ExperimentConfig) -> None:
+    """The experiment file read must not be a file the run writes: its ``config.yaml`` (unless
+    unchanged: rerunning a run's own config.yaml rewrites it as it is), ``environment.json``, the
+    reports, or a file in a folder a stage clears or fills."""
+    import yaml
+
+    from fuseseg.data.paths import check_not_an_input, is_within
+    from pipelines.config import check_config_kept, to_dict
+    from pipelines.experiment import resolve_config
+
+    if config and "=" in str(config) and not Path(config).exists():
+        return   # only overrides: the shipped default is read
+    path, run_dir = resolve_config(config), cfg.run_dir
+    how = (f"Copy it (cp {path} my.yaml) and run the copy, or choose another run folder "
+           "(results_dir=... / name=...).")
+    check_config_kept(path, run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False), how)
+    for name in ("environment.json", "report.md", "report.html"):
+        check_not_an_input(run_dir / name, {"CONFIG": path}, f"the run's {name}")
+    for sub in ("data", "train_fusion", "fused", "metrics", "segment", "tables", "figures", "stages"):
+        if is_within(path, run_dir / sub):
+            raise ConfigError(f"the config file {path} lies in {run_dir / sub}, a folder the run writes (and "
+                              f"may clear); it could be overwritten or deleted. {how}")
+
+
 def _run_stages(cfg: ExperimentConfig, plan: Plan, run_dir: Path) -> None:
     """Every stage in order: under the run lock, or, in a dry run, only deciding."""
     from fuseseg.runtime import resolve_device, seed_everything

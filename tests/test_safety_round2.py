@@ -251,6 +251,11 @@ def test_a_run_never_rewrites_the_edited_config_it_reads(tmp_path, capsys):
     err = flat(capsys.readouterr().err)
     assert rc == 2 and f"the config file {own} is {own}, which this command rewrites" in err
     assert f"cp {own} my.yaml" in err and own.read_text() == edited
+    from pipelines import api
+
+    with pytest.raises(ConfigError, match="which this command rewrites"):   # the Python API alike
+        api.run(own, only=["data"])
+    assert own.read_text() == edited
     (run / "stages" / "mine.yaml").write_text(yaml.safe_dump(yaml.safe_load(written)))
     rc = main(["run", str(run / "stages" / "mine.yaml"), "--only", "data"])
     assert rc == 2 and "a folder the run writes" in flat(capsys.readouterr().err)

@@ -76,7 +76,7 @@ def load_experiment(config: str | None, overrides: list[str]):
 
 
 def run(args) -> int:
-    from pipelines.run import run_experiment
+    from pipelines.run import check_config_is_no_output, run_experiment
     from pipelines.runstate import STAGES
     from pipelines.stages.base import Plan
 
@@ -88,7 +88,7 @@ def run(args) -> int:
     overrides += executor_overrides(args.executor, args.slurm, args.jobs)
     cfg = load_experiment(args.config, overrides)
     if not args.dry_run:
-        _check_config_is_no_output(args.config, cfg)
+        check_config_is_no_output(args.config, cfg)
     only = set(_split_list(args.only) or []) or None
     forced: set[str] = set()
     if args.from_stage:
@@ -101,30 +101,6 @@ def run(args) -> int:
     if args.dry_run:
         print_dry_run(cfg, plan)
     return 0
-
-
-def _check_config_is_no_output(config: str | None, cfg) -> None:
-    """The experiment file read must not be a file the run writes: its ``config.yaml`` (unless
-    unchanged: rerunning a run's own config.yaml rewrites it as it is), ``environment.json``, the
-    reports, or a file in a folder a stage clears or fills."""
-    import yaml
-
-    from fuseseg.data.paths import check_not_an_input, is_within
-    from pipelines.config import check_config_kept, to_dict
-    from pipelines.experiment import resolve_config
-
-    if config and "=" in config and not Path(config).exists():
-        return   # only overrides: the shipped default is read
-    path, run_dir = resolve_config(config), cfg.run_dir
-    how = (f"Copy it (cp {path} my.yaml) and run the copy, or choose another run folder "
-           "(results_dir=... / name=...).")
-    check_config_kept(path, run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False), how)
-    for name in ("environment.json", "report.md", "report.html"):
-        check_not_an_input(run_dir / name, {"CONFIG": path}, f"the run's {name}")
-    for sub in ("data", "train_fusion", "fused", "metrics", "segment", "tables", "figures", "stages"):
-        if is_within(path, run_dir / sub):
-            raise ConfigError(f"the config file {path} lies in {run_dir / sub}, a folder the run writes (and "
-                              f"may clear); it could be overwritten or deleted. {how}")
 
 
 def print_dry_run(cfg, plan) -> None:
