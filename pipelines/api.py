@@ -40,10 +40,11 @@ def run(config: str | Path | None = None, overrides: Sequence[str] = (), *, only
         variants: Sequence[str] | None = None) -> Path:
     """Run (or resume) an experiment exactly as ``fuseseg run CONFIG key=value ...`` does, and
     return its run folder. ``only``: stage names; ``variants``: the variants to segment."""
-    from pipelines.run import run_experiment
+    from pipelines.run import check_config_is_no_output, run_experiment
     from pipelines.stages.base import Plan
 
     cfg = load_config(config, overrides)
+    check_config_is_no_output(config, cfg)
     return run_experiment(cfg, Plan(only=set(only) if only else None, variants=list(variants) if variants else None))
 
 

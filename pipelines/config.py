@@ -223,3 +223,20 @@ def dump_config(cfg, path: Path | str) -> None:
     from fuseseg.data.io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def check_config_kept(read: Path | str | None, written: Path, text: str, how: str) -> None:
+    """Refuse when the config file ``read`` (given by the user) is the file ``written`` that the
+    command is about to replace with ``text``: the user's edits and comments would be lost. The
+    same text (a config.yaml fuseseg wrote, unchanged) is rewritten harmlessly. ``how``: the fix."""
+    from fuseseg.data.paths import same_file
+
+    if read is None or not same_file(read, written):
+        return
+    try:
+        if Path(read).read_text() == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    raise ConfigError(f"the config file {read} is {written}, which this command rewrites with the resolved "
+                      f"config: your file (its edits and comments) would be lost. {how}")

@@ -14,8 +14,8 @@ an sbatch job) and wait for it; ``run_experiment`` runs the stage chains in thre
 
 Ownership and locks: the submitting process holds the run lock and alone writes the stage
 records (``stages/*.json``) and every folder outside the jobs'. A job writes only inside its own
-stage folder (checkpoints, ``eval.json``, and its submitit folder ``slurm/``: pickled job, result,
-log) and holds that folder's lock (``STAGE/.lock``) while it runs; it never takes the run lock.
+stage folder (checkpoints, ``eval.json``, and its submitit folder ``slurm/``: pickled job, its result
+as JSON (never unpickled, see ``pipelines.jobs``), log) and holds that folder's lock (``STAGE/.lock``) while it runs; it never takes the run lock.
 The submitter prepares (or clears) a stage folder only before submitting it, never while its job
 may be alive.
 
@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fuseseg.errors import ConfigError, FusesegError
-from pipelines.jobs import JobRef, job_state, read_result, ref_of_record, slurm_query
+from pipelines.jobs import JobRef, job_state, read_result, ref_of_record, run_and_record, slurm_query
 
 KINDS = ("inprocess", "local", "slurm")
 
@@ -115,6 +115,9 @@ class StageJob:
         raise NotImplementedError
 
     def __call__(self) -> dict:
+        return run_and_record(self._run_as_job)   # the outcome as JSON too: never unpickled by fuseseg
+
+    def _run_as_job(self) -> dict:
         out = Path(self.out)
         if not out.is_dir():
             raise FusesegError(f"this node ({socket.gethostname()}) cannot see the stage folder {out}: the run "
@@ -130,9 +133,11 @@ class StageJob:
         try:
             # the job locks its own stage folder (two jobs of one stage never write together);
             # under torchrun the training command's rank 0 takes that lock itself
+            from fuseseg.data.paths import confine_writes
             from pipelines.runstate import folder_lock
 
-            with folder_lock(out if getattr(self, "nproc", 1) <= 1 else None, "the stage's job"):
+            with folder_lock(out if getattr(self, "nproc", 1) <= 1 else None, "the stage's job"), \
+                    confine_writes(out, "the stage folder"):
                 info = dict(self.run() or {})
         except FusesegError as exc:
             return {"error": str(exc), "error_type": type(exc).__name__}
@@ -331,7 +336,8 @@ class JobExecutor(Executor):
         while True:
             st = job_state(ref, self._states_for(ref))
             if st.state == "finished":
-                return "ok", read_result(ref)[1]
+                res = read_result(ref)
+                return "ok", res[1] if isinstance(res[1], dict) else {}
             if st.state == "failed":
                 res = read_result(ref)
                 if res is not None and res[0] == "success" and isinstance(res[1], dict) and "error" in res[1]:

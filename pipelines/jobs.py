@@ -2,6 +2,11 @@
 is doing now (:func:`job_state`: its result file first, then the scheduler), and ``fuseseg status
 RUN_DIR`` (:func:`status_rows`: every stage record resolved against the scheduler).
 
+A job's result is read from the plain JSON file its body writes when it ends
+(:func:`write_job_result`, ``<job id>_0_result.json``), never from submitit's result pickle:
+a run folder can come from someone else (a shared folder, an archive), and unpickling a file
+it names could run any code. Reading a run folder's job states runs nothing of it.
+
 Read by the executor (``pipelines.executor``) while it waits for its jobs, and by ``fuseseg run``
 and ``fuseseg status`` from the stage records (``stages/*.json``) a run folder keeps.
 """
@@ -9,9 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,8 +39,9 @@ class JobRef:
         return self.folder / f"{self.job_id}_0_log.out"
 
     @property
-    def result_pickle(self) -> Path:
-        return self.folder / f"{self.job_id}_0_result.pkl"
+    def result_file(self) -> Path:
+        """The job's result as JSON (written by the job's body, :func:`write_job_result`)."""
+        return self.folder / f"{self.job_id}_0_result.json"
 
 
 @dataclasses.dataclass
@@ -82,21 +90,54 @@ def _fmt_elapsed(seconds: float) -> str:
 
 
 def read_result(ref: JobRef) -> tuple[str, Any] | None:
-    if not ref.result_pickle.is_file():
+    """``("success", info)`` or ``("error", traceback text)`` from the job's JSON result file;
+    None when it has none or it is unreadable. Plain JSON only: nothing in it can run."""
+    try:
+        res = json.loads(ref.result_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    import pickle
+    if not (isinstance(res, dict) and res.get("status") in ("success", "error")):
+        return None
+    return res["status"], res.get("value")
+
+
+def write_job_result(status: str, value: Any) -> None:
+    """Inside a submitit job: write its outcome (``success`` + the body's info, or ``error`` +
+    the traceback) as JSON beside submitit's files, where :func:`read_result` finds it. Outside
+    a submitit job (a body called in process) this does nothing."""
+    if not os.environ.get("SUBMITIT_FOLDER"):
+        return
+    import submitit
+
+    from fuseseg.data.io import atomic_write_text
+
+    env = submitit.JobEnvironment()
+    path = env.paths.result_pickle.with_suffix(".json")
+    try:
+        atomic_write_text(path, json.dumps({"status": status, "value": value}, default=str))
+    except OSError:   # the node cannot see the folder: the submitter reports the missing log
+        pass
+
+
+def run_and_record(body: Callable[[], dict]) -> dict:
+    """Run a job's ``body`` and write its outcome with :func:`write_job_result` (the traceback of
+    an exception, which propagates). SystemExit is not caught: submitit exits that way to requeue
+    a pre-empted job, which is no outcome."""
+    import traceback
 
     try:
-        with ref.result_pickle.open("rb") as f:
-            return pickle.load(f)
-    except (OSError, EOFError, pickle.UnpicklingError):
-        return None
+        info = body()
+    except Exception:
+        write_job_result("error", traceback.format_exc())
+        raise
+    write_job_result("success", info)
+    return info
 
 
 def job_state(ref: JobRef, slurm: dict | None = None, grace_s: float = 20.0) -> JobState:
     """The state of one job: its result file first (written by the job when it ends), then the
     scheduler. ``slurm``: a prefetched :func:`slurm_query` answer."""
-    if ref.result_pickle.is_file():
+    if ref.result_file.is_file():
         res = read_result(ref)
         ok = res is not None and res[0] == "success" and not (isinstance(res[1], dict) and "error" in res[1])
         return JobState("finished" if ok else "failed", "COMPLETED" if ok else "FAILED")

@@ -17,14 +17,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fuseseg.data.paths import ensure_inside
+from fuseseg.data.paths import confine_writes, ensure_inside
 from fuseseg.errors import ConfigError, FusesegError
 from pipelines.config import dump_config
 from pipelines.console import console
 from pipelines.executor import Executor, make_executor
 from pipelines.experiment import ExperimentConfig, FusionMethodConfig
 from pipelines.jobs import ref_of_record
-from pipelines.runstate import STAGES, RunLock, environment_record, fingerprint, stage_record
+from pipelines.runstate import (
+    STAGES,
+    RunLock,
+    claim_run_folder,
+    environment_record,
+    fingerprint,
+    stage_record,
+)
 from pipelines.stages.base import Plan, precision_summary
 from pipelines.stages.data import stage_data
 from pipelines.stages.fuse import stage_fuse
@@ -46,11 +53,35 @@ def run_experiment(cfg: ExperimentConfig, plan: Plan | None = None) -> Path:
     if plan.dry_run:
         _run_stages(cfg, plan, run_dir)
         return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    claim_run_folder(run_dir)   # a folder fuseseg did not make is refused, untouched
     _check_run_folder(run_dir)
-    with RunLock(run_dir / ".lock"):
+    with RunLock(run_dir / ".lock"), confine_writes(run_dir):   # every file written: inside, no link out
         _run_stages(cfg, plan, run_dir)
     return run_dir
+
+
+def check_config_is_no_output(config: str | Path | None, cfg: ExperimentConfig) -> None:
+    """The experiment file read must not be a file the run writes: its ``config.yaml`` (unless
+    unchanged: rerunning a run's own config.yaml rewrites it as it is), ``environment.json``, the
+    reports, or a file in a folder a stage clears or fills."""
+    import yaml
+
+    from fuseseg.data.paths import check_not_an_input, is_within
+    from pipelines.config import check_config_kept, to_dict
+    from pipelines.experiment import resolve_config
+
+    if config and "=" in str(config) and not Path(config).exists():
+        return   # only overrides: the shipped default is read
+    path, run_dir = resolve_config(config), cfg.run_dir
+    how = (f"Copy it (cp {path} my.yaml) and run the copy, or choose another run folder "
+           "(results_dir=... / name=...).")
+    check_config_kept(path, run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False), how)
+    for name in ("environment.json", "report.md", "report.html"):
+        check_not_an_input(run_dir / name, {"CONFIG": path}, f"the run's {name}")
+    for sub in ("data", "train_fusion", "fused", "metrics", "segment", "tables", "figures", "stages"):
+        if is_within(path, run_dir / sub):
+            raise ConfigError(f"the config file {path} lies in {run_dir / sub}, a folder the run writes (and "
+                              f"may clear); it could be overwritten or deleted. {how}")
 
 
 def _run_stages(cfg: ExperimentConfig, plan: Plan, run_dir: Path) -> None:

@@ -151,6 +151,56 @@ def mark_stage_submitted(run_dir: Path, key: str, fp: str, **info: Any) -> None:
     atomic_write_text(_record_path(run_dir, key), json.dumps(rec, indent=2, default=str))
 
 
+RUN_MARKER = ".fuseseg-run"   # in every run folder fuseseg made (its version and creation time)
+
+
+def claim_run_folder(run_dir: Path) -> None:
+    """Make ``run_dir`` a run folder, or check that it is one fuseseg made, before anything is
+    written into it. A folder that exists without :data:`RUN_MARKER` is taken only when it is
+    empty or a run folder of an earlier fuseseg version (:func:`_earlier_run_folder`), and then
+    gets the marker; any other folder (or a link to one) is refused, naming it, and left alone."""
+    marker = run_dir / RUN_MARKER
+    if run_dir.is_symlink() or run_dir.exists():
+        if not run_dir.is_dir():
+            raise FusesegError(f"the run folder {run_dir} is a file or a dangling link; move it away, or choose "
+                               "another run folder (results_dir=... / name=...).")
+        if marker.is_file():
+            return
+        if any(run_dir.iterdir()) and not _earlier_run_folder(run_dir):
+            raise FusesegError(
+                f"{run_dir} exists but is not a fuseseg run folder (no {RUN_MARKER} file in it, nor the "
+                "config.yaml, environment.json and stages/ records of an earlier fuseseg's run), so fuseseg "
+                "does not write into it (it would overwrite config.yaml, environment.json, report.md, ...). "
+                "Choose another run folder (name=... / results_dir=...) or move it away; if it is a run "
+                f"folder of yours, `touch {marker}` lets fuseseg use it.")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, json.dumps({"fuseseg": fuseseg_version(),
+                                          "created": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+
+
+def _earlier_run_folder(run_dir: Path) -> bool:
+    """A run folder of a fuseseg version before the marker: its own ``config.yaml`` (an experiment
+    config), ``environment.json`` (seed, versions) and at least one stage record."""
+    import yaml
+
+    def small(p: Path) -> str | None:
+        try:
+            return p.read_text() if p.is_file() and not p.is_symlink() and p.stat().st_size < 1 << 20 else None
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    try:
+        cfg = yaml.safe_load(small(run_dir / "config.yaml") or "")
+        env = json.loads(small(run_dir / "environment.json") or "null")
+        recs = [json.loads(small(p) or "null") for p in sorted((run_dir / "stages").glob("*.json"))[:50]]
+    except (yaml.YAMLError, json.JSONDecodeError, RecursionError):
+        return False
+    return (isinstance(cfg, dict) and {"name", "results_dir", "fusion", "segmentation"} <= cfg.keys()
+            and isinstance(env, dict) and {"seed", "versions"} <= env.keys()
+            and any(isinstance(r, dict) and {"key", "fingerprint", "status"} <= r.keys() for r in recs))
+
+
 def clear_stage(run_dir: Path, key: str) -> None:
     _record_path(run_dir, key).unlink(missing_ok=True)
 

@@ -152,16 +152,19 @@ def test_executor_settings_and_errors(tmp_path, capsys):
 
 
 def test_job_state_from_result_files(tmp_path):
-    """A job's result file decides first; a local job without one is failed once its process is gone."""
+    """A job's JSON result file decides first; a local job without one is failed once its process
+    is gone. submitit's result pickle is never read (a crafted one could run code)."""
     import pickle
 
     ref = JobRef("local", str(2**22 + 7), tmp_path, time.time())
     assert job_state(ref).state == "failed"           # no such process, no result
-    ref.result_pickle.write_bytes(pickle.dumps(("success", {"miou": 0.5})))
+    (tmp_path / f"{ref.job_id}_0_result.pkl").write_bytes(pickle.dumps(("success", {"miou": 0.5})))
+    assert job_state(ref).state == "failed"           # a pickle alone is no result fuseseg reads
+    ref.result_file.write_text(json.dumps({"status": "success", "value": {"miou": 0.5}}))
     assert job_state(ref).state == "finished"
-    ref.result_pickle.write_bytes(pickle.dumps(("success", {"error": "bad setting"})))
+    ref.result_file.write_text(json.dumps({"status": "success", "value": {"error": "bad setting"}}))
     assert job_state(ref).state == "failed"           # a fuseseg error reported by the job
-    ref.result_pickle.write_bytes(pickle.dumps(("error", "Traceback ...")))
+    ref.result_file.write_text(json.dumps({"status": "error", "value": "Traceback ..."}))
     assert job_state(ref).state == "failed"
 
 

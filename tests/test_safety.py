@@ -254,6 +254,7 @@ def test_a_stage_folder_fuseseg_did_not_make_is_never_deleted(tmp_path, capsys):
     data = tmp_path / "results" / "mine" / "data"
     data.mkdir(parents=True)
     (data / "keep").write_text("hi")
+    (data.parent / ".fuseseg-run").write_text("{}")   # a run folder of fuseseg's (else refused as a whole)
     cfg = tiny_run_config(tmp_path, "mine")
     rc = main(["run", str(cfg), "--only", "data"])
     out = flat(capsys.readouterr().err)
@@ -297,6 +298,7 @@ def test_a_run_folder_whose_subfolder_links_elsewhere_is_refused(tmp_path, capsy
     (outside / "keep").write_text("hi")
     run = tmp_path / "results" / "linked"
     run.mkdir(parents=True)
+    (run / ".fuseseg-run").write_text("{}")   # a run folder of fuseseg's (else refused as a whole)
     (run / "tables").symlink_to(outside, target_is_directory=True)
     rc = main(["run", str(tiny_run_config(tmp_path, "linked")), "--only", "data"])
     out = flat(capsys.readouterr().err)

@@ -16,6 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from fuseseg.data.paths import check_write_path
 from fuseseg.errors import DataError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -123,7 +124,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary name beside ``path``, fsync it, rename it to ``path`` and
     fsync the folder: after a crash ``path`` is the old file or the complete new one, never a
     partial or empty one. The file gets the mode the umask gives (0666 & ~umask), like any file
-    a shell or editor creates (``tempfile.mkstemp`` would make it 0600)."""
+    a shell or editor creates (``tempfile.mkstemp`` would make it 0600). Under
+    :func:`~fuseseg.data.paths.confine_writes` the path is checked first (no link leads out)."""
+    check_write_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"

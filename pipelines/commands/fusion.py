@@ -41,12 +41,14 @@ def _train(args) -> int:
         overrides.insert(0, config)  # `fuseseg train-fusion key=value` without a config file
         config = None
     out = out_folder(args.out)
+    given = config                       # the user's file (not the config.yaml --resume found in OUT)
     if config is None and args.resume and (out / "config.yaml").is_file():
         config = out / "config.yaml"
     if config is None and not overrides:
         raise ConfigError("train-fusion needs a config file or key=value settings (at least "
                           "data_root=...), e.g. `fuseseg train-fusion configs/fusion.yaml`.")
     cfg = load_train_config(config, overrides)
+    _check_config_is_no_output(given, cfg, out)
     # the folders read (synthetic scenes are rendered into OUT later, so they are not inputs here)
     real = dataclasses.replace(cfg, synthetic_pairs=0)
     if real.data_root or real.ir_dir or real.vi_dir or real.extra_data:
@@ -58,6 +60,23 @@ def _train(args) -> int:
     console.print(f"trained fusion model: [bold]{final}[/]  (fuse with: fuseseg fuse "
                   f"--checkpoint {final} --ir IR_DIR --vi VI_DIR --out OUT_DIR)", highlight=False)
     return 0
+
+
+def _check_config_is_no_output(config: str | Path | None, cfg, out: Path) -> None:
+    """CONFIG must not be a file train-fusion writes into OUT (its config.yaml: unless unchanged)."""
+    if config is None:
+        return
+    import yaml
+
+    from fuseseg.data.paths import check_not_an_input
+    from fusion.train_config import config_to_dict
+    from pipelines.config import check_config_kept
+
+    check_config_kept(config, out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False),
+                      "Copy it elsewhere and pass the copy, give --out another folder, or continue the "
+                      "run in --out with `--resume` and no CONFIG.")
+    for name in ("last.pt", "final.pt", "log.csv", "verdict.json"):
+        check_not_an_input(out / name, {"CONFIG": config}, f"--out's {name}")
 
 
 def _fuse(args) -> int:

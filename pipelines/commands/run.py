@@ -76,7 +76,7 @@ def load_experiment(config: str | None, overrides: list[str]):
 
 
 def run(args) -> int:
-    from pipelines.run import run_experiment
+    from pipelines.run import check_config_is_no_output, run_experiment
     from pipelines.runstate import STAGES
     from pipelines.stages.base import Plan
 
@@ -87,6 +87,8 @@ def run(args) -> int:
         overrides.append(f"gpus={args.gpus}")
     overrides += executor_overrides(args.executor, args.slurm, args.jobs)
     cfg = load_experiment(args.config, overrides)
+    if not args.dry_run:
+        check_config_is_no_output(args.config, cfg)
     only = set(_split_list(args.only) or []) or None
     forced: set[str] = set()
     if args.from_stage:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from fuseseg.data.paths import check_disjoint
+from fuseseg.data.paths import check_disjoint, check_not_an_input
 from pipelines.commands.common import out_file, out_folder
 from pipelines.config import load_section_config
 from pipelines.console import console
@@ -45,6 +45,13 @@ def _train(args) -> int:
     if config is None and args.resume and (out / "config.yaml").is_file():
         config = out / "config.yaml"
     cfg = load_seg_config(config, list(args.overrides))
+    if args.config is not None and not args.resume:   # it writes OUT/config.yaml (not when resuming)
+        import yaml
+
+        from pipelines.config import check_config_kept
+
+        check_config_kept(args.config, out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False),
+                          "Copy it elsewhere and pass the copy, or give --out another folder.")
     warning = cfg.random_frozen_encoder_warning()
     if warning and os.environ.get("RANK", "0") == "0":
         from pipelines.console import err_console
@@ -92,6 +99,7 @@ def _eval(args) -> int:
     out_folder(args.save_predictions, "--save-predictions")
     inputs = {"--images": args.images, "--labels": args.labels}
     check_disjoint(args.json, inputs, "--json")
+    check_not_an_input(args.json, {"--checkpoint": args.checkpoint}, "--json")
     check_disjoint(args.save_predictions, inputs, "--save-predictions")  # before its lock file
     with folder_lock(args.save_predictions, "fuseseg segment eval --save-predictions"):
         res = evaluate_segmenter(args.checkpoint, args.images, args.labels, device=args.device,
