@@ -48,7 +48,9 @@ def run_experiment(cfg: ExperimentConfig, plan: Plan | None = None) -> Path:
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_run_folder(run_dir)
-    with RunLock(run_dir / ".lock"):
+    from fuseseg.threads import scoped
+
+    with RunLock(run_dir / ".lock"), scoped(cfg.threads):
         _run_stages(cfg, plan, run_dir)
     return run_dir
 
@@ -69,8 +71,10 @@ def _run_stages(cfg: ExperimentConfig, plan: Plan, run_dir: Path) -> None:
     if unknown:
         raise ConfigError(f"--variants: unknown variant(s) {unknown}; valid: {', '.join(cfg.all_variants())}")
     if not plan.dry_run:
+        from fuseseg.threads import active
+
         console.print(f"[bold]fuseseg run[/] {cfg.name}: run folder {run_dir}, device {device}, "
-                      f"variants {', '.join(variants)}")
+                      f"variants {', '.join(variants)}, {active().threads} torch thread(s): {active().why}")
         if plan.runs("segment") and cfg.segmentation.random_frozen_encoder_warning():
             from pipelines.console import err_console
 
@@ -79,6 +83,7 @@ def _run_stages(cfg: ExperimentConfig, plan: Plan, run_dir: Path) -> None:
         _remove_stray_temporaries(run_dir)
         plan.environment = environment_record(str(device), cfg.seed)
         plan.environment["precision"] = precision_summary(cfg, device)
+        plan.environment["threads"] = active().record()
     if cfg.tensorboard:   # a missing package fails now, not in the first training
         from fuseseg.tblog import require_tensorboard
 

@@ -103,7 +103,8 @@ def test_copied_run_folder_is_up_to_date_and_edited_data_is_stale(finished, tmp_
     assert all(not run for run, _ in decisions(cfg, run_dir.parent).values())
 
 
-def test_run_folder_written_before_stays_up_to_date_in_place_and_moved(tmp_path, monkeypatch, one_torch_thread):
+def test_run_folder_written_before_stays_up_to_date_in_place_and_moved(tmp_path, monkeypatch, capsys,
+                                                                      one_torch_thread):
     """The earlier form: the training fingerprinted with ``str(<run>/data)``, the data record
     without ``files`` (as fuseseg wrote them before fingerprints became run-relative)."""
     cfg = tmp_path / "tiny.yaml"
@@ -112,8 +113,12 @@ def test_run_folder_written_before_stays_up_to_date_in_place_and_moved(tmp_path,
     cfg.write_text(yaml.safe_dump(small))
     with monkeypatch.context() as m:
         m.setattr(stage_train, "run_relative", lambda path, run_dir: None)
-        assert main(["run", str(cfg)]) == 0
+        assert main(["run", str(cfg), "--threads", "1"]) == 0
     run_dir = tmp_path / "old" / "tiny"
+    # (--threads: said once in the run's header, recorded with why in environment.json)
+    assert "1 torch thread(s): 1 as given (--threads / threads:)" in " ".join(capsys.readouterr().out.split())
+    env = json.loads((run_dir / "environment.json").read_text())["threads"]
+    assert env["threads"] == 1 and env["adaptive"] is False and env["usable_cpus"] >= 1
     rec = json.loads((run_dir / "stages" / "data.json").read_text())
     del rec["files"]
     (run_dir / "stages" / "data.json").write_text(json.dumps(rec))
