@@ -179,6 +179,11 @@ def decide(requested: int | None, jobs: int = 1, env: Mapping[str, str] | None =
     """The thread policy for a process: ``requested`` (``--threads``/``threads:``; 0 or None =
     choose) wins, then ``OMP_NUM_THREADS``; otherwise the usable CPUs' share of ``jobs`` jobs,
     fewer while other work keeps the CPUs busy (``load1``, the 1-minute load average)."""
+    if requested is not None and requested < 0:
+        from fuseseg.errors import ConfigError
+
+        raise ConfigError(f"--threads / threads: {requested}: give a thread count of 1 or more, or 0 to choose "
+                          "from the CPUs this process may use.")
     env = os.environ if env is None else env
     n_cpus, cpu_why = cpus or usable_cpus(env)
     if requested:

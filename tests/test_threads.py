@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fuseseg import threads
+from fuseseg.errors import ConfigError
 from fuseseg.threads import (
     EpochPace,
     ThreadPolicy,
@@ -108,6 +109,15 @@ def test_decide_given_count_wins_then_omp_then_share_and_load():
     assert (pol.threads, pol.ceiling) == (1, 4) and "load average is 3.5" in pol.why
     rec = pol.record()
     assert rec["threads"] == 1 and rec["usable_cpus"] == 4 and rec["load_average_1min"] == 3.5
+    with pytest.raises(ConfigError, match="--threads / threads: -2"):
+        decide(-2, env={}, cpus=cpus)
+
+
+def test_negative_threads_in_a_config_is_refused_naming_the_key():
+    from pipelines.experiment import ExperimentConfig
+
+    with pytest.raises(ConfigError, match="threads=-1"):
+        ExperimentConfig(threads=-1)
 
 
 def test_readapt_follows_the_load_only_for_an_adaptive_policy(restore_threads):
