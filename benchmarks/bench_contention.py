@@ -12,7 +12,7 @@ then two loops started together:
   between the loop's epochs as the trainers do (:class:`fuseseg.threads.EpochPace`).
 
 Reported: each loop's images/s (its last epoch and all timed steps), the sum, the 2-loop sum over
-the 1-loop rate, the threads each loop ended with, fp32/bf16 2048^2 matmul GFLOP/s of the same
+the 1-loop rate, the threads each loop ran with per epoch, fp32/bf16 2048^2 matmul GFLOP/s of the same
 run and the load average before and after. The 1-minute load average reacts over about a minute,
 so the policy's benefit shows in loops that run longer than that (the default ``--steps``).
 
@@ -117,16 +117,16 @@ def concurrent(mode: str, n: int, steps: int, warmup: int, epochs: int) -> list[
     return out
 
 
-def run(steps: int = 300, warmup: int = 5, epochs: int = 5, out: Path | None = None) -> dict:
+def run(steps: int = 300, warmup: int = 5, epochs: int = 5, out: Path | None = None, matmul_n: int = 2048) -> dict:
     load_before = os.getloadavg()
-    rates = matmul_rates()
+    rates = matmul_rates(matmul_n)
     scenarios = {}
     for mode in MODES:
         for n in (1, 2):
             scenarios[f"{mode} x{n}"] = concurrent(mode, n, steps, warmup, epochs)
     result = {"encoder": ENCODER, "crop": CROP, "batch": BATCH, "decoder_channels": DECODER, "precision": "fp32",
               "steps": steps, "warmup": warmup, "epochs": epochs, "scenarios": scenarios,
-              "matmul_2048_gflops_per_s": rates, "load_average_before": load_before,
+              "matmul_n": matmul_n, "matmul_gflops_per_s": rates, "load_average_before": load_before,
               "load_average_after": os.getloadavg()}
     record = make_record(figures(result), {"contention": result}, quick=steps < 50,
                          command=[sys.executable, "-m", "benchmarks.bench_contention", "--steps", str(steps)])
@@ -137,8 +137,9 @@ def run(steps: int = 300, warmup: int = 5, epochs: int = 5, out: Path | None = N
 
 def figures(r: dict) -> list[dict]:
     sec = "contention"
-    out = [figure(sec, f"{p} matmul 2048x2048 (this run)", r["matmul_2048_gflops_per_s"][p], "GFLOP/s")
-           for p in ("fp32", "bf16") if p in r["matmul_2048_gflops_per_s"]]
+    n = r["matmul_n"]
+    out = [figure(sec, f"{p} matmul {n}x{n} (this run)", r["matmul_gflops_per_s"][p], "GFLOP/s")
+           for p in ("fp32", "bf16") if p in r["matmul_gflops_per_s"]]
     for mode in MODES:
         alone = r["scenarios"][f"{mode} x1"][0]["images_per_s"]
         out.append(figure(sec, f"{mode}: 1 loop", alone, "img/s",
@@ -160,12 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     parser.add_argument("--epochs", type=int, default=5, help="parts the steps are split into (default 5)")
     parser.add_argument("--out", type=Path, help="the JSON record (default results/benchmarks/contention-<date>.json)")
+    parser.add_argument("--matmul-size", type=int, default=2048, help="side of the reference matmuls (default 2048)")
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps, args.warmup, args.epochs)))
         return 0
-    result = run(args.steps, args.warmup, args.epochs, args.out)
+    result = run(args.steps, args.warmup, args.epochs, args.out, args.matmul_size)
     from rich.console import Console
 
     c = Console(width=max(Console().width, 120))

@@ -80,14 +80,26 @@ def combine_limits(machine: int, affinity: int | None, quota: float | None,
     return n, f"{n} usable CPU{'s' if n > 1 else ''} ({shown})"
 
 
-def threads_for_load(load1: float, cpus: int, own: int, ceiling: int) -> int:
+def threads_for_load(load1: float, cpus: int, own: int, ceiling: int, running_others: float | None = None) -> int:
     """Threads to use when the 1-minute load average is ``load1`` and ``own`` of it is this
     process's own threads: the CPUs the other work leaves free (to the nearest whole CPU, so a
-    little background load costs no thread), between 1 and ``ceiling``. Two busy processes on 2 CPUs each settle at 1 thread (measured 44 images/s
-    each, against 4.7 with 2 threads each)."""
-    others = max(0.0, load1 - own)
+    little background load costs no thread), between 1 and ``ceiling``. ``running_others`` (other
+    threads runnable right now, :func:`runnable_others`) counts too when higher: the load average
+    takes about a minute to notice a process that just started. Two busy processes on 2 CPUs each
+    settle at 1 thread (measured 44 images/s each, against 4.7 with 2 threads each)."""
+    others = max(0.0, load1 - own, running_others or 0.0)
     free = math.floor(cpus - others + 0.5)
     return max(1, min(ceiling, free))
+
+
+def runnable_others(samples: list[int]) -> float | None:
+    """Other threads runnable now, from samples of the kernel's count of runnable threads
+    (``/proc/loadavg``'s 4th field, which counts the sampling thread itself): their median less
+    one; None without samples."""
+    if not samples:
+        return None
+    ordered = sorted(samples)
+    return max(0.0, float(ordered[len(ordered) // 2]) - 1.0)
 
 
 def share_of(cpus: int, jobs: int) -> int:
@@ -145,6 +157,22 @@ def usable_cpus(env: Mapping[str, str] | None = None,
     return combine_limits(os.cpu_count() or 1, aff, cgroup_quota(), slurm_cpus(env))
 
 
+def sample_runnable(n: int = 9, interval_s: float = 0.01) -> list[int]:
+    """``n`` samples of the runnable-thread count of ``/proc/loadavg`` (empty where it is absent)."""
+    import time
+
+    out = []
+    for i in range(n):
+        text = _read(Path("/proc/loadavg"))
+        fields = text.split() if text else []
+        if len(fields) < 4 or not fields[3].split("/")[0].isdigit():
+            return []
+        out.append(int(fields[3].split("/")[0]))
+        if i + 1 < n:
+            time.sleep(interval_s)
+    return out
+
+
 def load_average() -> float | None:
     try:
         return os.getloadavg()[0]
@@ -175,7 +203,8 @@ _ACTIVE: ThreadPolicy | None = None
 
 
 def decide(requested: int | None, jobs: int = 1, env: Mapping[str, str] | None = None,
-           load1: float | None = None, cpus: tuple[int, str] | None = None) -> ThreadPolicy:
+           load1: float | None = None, cpus: tuple[int, str] | None = None,
+           running: float | None = None) -> ThreadPolicy:
     """The thread policy for a process: ``requested`` (``--threads``/``threads:``; 0 or None =
     choose) wins, then ``OMP_NUM_THREADS``; otherwise the usable CPUs' share of ``jobs`` jobs,
     fewer while other work keeps the CPUs busy (``load1``, the 1-minute load average)."""
@@ -193,9 +222,10 @@ def decide(requested: int | None, jobs: int = 1, env: Mapping[str, str] | None =
         return ThreadPolicy(int(omp), int(omp), n_cpus, False, f"{omp} from OMP_NUM_THREADS")
     ceiling = share_of(n_cpus, jobs)
     why = cpu_why + (f", {jobs} jobs at once: {ceiling} each" if jobs > 1 else "")
-    n = ceiling if load1 is None else threads_for_load(load1, n_cpus, 0, ceiling)
+    n = ceiling if load1 is None else threads_for_load(load1, n_cpus, 0, ceiling, running)
     if n < ceiling:
-        why += f"; {n} while the load average is {load1:.1f}"
+        now = "" if running is None else f", {running:g} other threads running now"
+        why += f"; {n} while other work keeps the CPUs busy (load average {load1:.1f}{now})"
     return ThreadPolicy(n, ceiling, n_cpus, True, why, load1)
 
 
@@ -212,7 +242,7 @@ def apply(policy: ThreadPolicy) -> ThreadPolicy:
 
 def configure(requested: int | None, jobs: int = 1) -> ThreadPolicy:
     """:func:`decide` with this process's CPUs, environment and load, then :func:`apply`."""
-    return apply(decide(requested, jobs, load1=load_average()))
+    return apply(decide(requested, jobs, load1=load_average(), running=runnable_others(sample_runnable())))
 
 
 def active() -> ThreadPolicy | None:
@@ -240,7 +270,7 @@ def scoped(requested: int | None) -> Iterator[ThreadPolicy]:
         _ACTIVE = prev
 
 
-def readapt(load1: float | None = None) -> int | None:
+def readapt(load1: float | None = None, running: float | None = None) -> int | None:
     """Between epochs: the adaptive policy's thread count for the load now (set in torch when it
     changed); None when the process has no adaptive policy (a count was given, or a library
     caller chose its own)."""
@@ -252,7 +282,8 @@ def readapt(load1: float | None = None) -> int | None:
     load1 = load_average() if load1 is None else load1
     if load1 is None:
         return None
-    n = threads_for_load(load1, pol.cpus, torch.get_num_threads(), pol.ceiling)
+    running = runnable_others(sample_runnable()) if running is None else running
+    n = threads_for_load(load1, pol.cpus, torch.get_num_threads(), pol.ceiling, running)
     if n != torch.get_num_threads():
         torch.set_num_threads(n)
     pol.threads, pol.load1 = n, load1
@@ -268,6 +299,9 @@ class EpochPace:
     best: float = 0.0
     warned: bool = False
     say: Callable[[str], None] = field(default=lambda text: _say(text))
+
+    def __post_init__(self) -> None:
+        readapt()   # a training starts: the threads for the machine's load now
 
     def epoch_done(self, images_per_s: float, epoch: int | str, load1: float | None = None) -> str | None:
         """Returns the warning when it gave one."""

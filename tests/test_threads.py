@@ -18,6 +18,7 @@ from fuseseg.threads import (
     collapse_warning,
     combine_limits,
     decide,
+    runnable_others,
     slurm_cpus,
     threads_for_load,
 )
@@ -97,6 +98,18 @@ def test_threads_for_load(load, cpus, own, ceiling, expected):
     assert threads_for_load(load, cpus, own, ceiling) == expected
 
 
+def test_threads_running_now_count_before_the_load_average_notices():
+    # another 2-thread training just started: the 1-minute load is still 0.3, 2 others run now
+    assert threads_for_load(0.3, 2, 0, 2, running_others=2.0) == 1
+    assert threads_for_load(0.3, 2, 0, 2, running_others=0.0) == 2
+    assert threads_for_load(4.0, 2, 2, 2, running_others=0.0) == 1   # the load average still counts
+    # /proc/loadavg's runnable count includes the reader: the median less one, never negative
+    assert runnable_others([3, 1, 3, 9, 3]) == 2.0
+    assert runnable_others([1, 1, 0]) == 0.0 and runnable_others([]) is None
+    pol = decide(0, env={}, load1=0.2, running=2.0, cpus=(2, "2 usable CPUs"))
+    assert pol.threads == 1 and "2 other threads running now" in pol.why
+
+
 def test_decide_given_count_wins_then_omp_then_share_and_load():
     cpus = (4, "4 usable CPUs (machine 4)")
     pol = decide(3, env={"OMP_NUM_THREADS": "1"}, load1=9.0, cpus=cpus)
@@ -106,7 +119,7 @@ def test_decide_given_count_wins_then_omp_then_share_and_load():
     pol = decide(None, jobs=2, env={}, load1=0.0, cpus=cpus)
     assert (pol.threads, pol.ceiling, pol.adaptive) == (2, 2, True) and "2 jobs at once: 2 each" in pol.why
     pol = decide(0, env={}, load1=3.5, cpus=cpus)   # 3.5 CPUs busy elsewhere: one thread, said why
-    assert (pol.threads, pol.ceiling) == (1, 4) and "load average is 3.5" in pol.why
+    assert (pol.threads, pol.ceiling) == (1, 4) and "load average 3.5" in pol.why
     rec = pol.record()
     assert rec["threads"] == 1 and rec["usable_cpus"] == 4 and rec["load_average_1min"] == 3.5
     with pytest.raises(ConfigError, match="--threads / threads: -2"):
@@ -123,8 +136,8 @@ def test_negative_threads_in_a_config_is_refused_naming_the_key():
 def test_readapt_follows_the_load_only_for_an_adaptive_policy(restore_threads):
     threads.apply(ThreadPolicy(2, 2, 2, True, "test"))
     assert torch.get_num_threads() == 2
-    assert threads.readapt(load1=4.0) == 1 and torch.get_num_threads() == 1   # another 2-thread process
-    assert threads.readapt(load1=1.0) == 2 and torch.get_num_threads() == 2   # it ended: back to 2
+    assert threads.readapt(load1=4.0, running=0.0) == 1 and torch.get_num_threads() == 1   # another 2-thread process
+    assert threads.readapt(load1=1.0, running=0.0) == 2 and torch.get_num_threads() == 2   # it ended: back to 2
     threads.apply(ThreadPolicy(2, 2, 2, False, "given"))
     assert threads.readapt(load1=9.0) is None and torch.get_num_threads() == 2
     threads.reset()
@@ -172,15 +185,19 @@ def test_job_process_takes_its_share(monkeypatch, restore_threads):
 
 
 def _spy_epochs(monkeypatch):
-    calls = []
+    """Records (what, images/s, epoch, threads the epoch ran with) per epoch; the machine is
+    loaded by others (load 5 on 2 CPUs) until the first epoch ends, then idle."""
+    calls, load = [], [5.0]
     orig = EpochPace.epoch_done
 
     def spy(self, rate, epoch, load1=None):
         calls.append((self.what, rate, epoch, torch.get_num_threads()))
+        load[0] = 0.5
         return orig(self, rate, epoch, load1)
 
     monkeypatch.setattr(EpochPace, "epoch_done", spy)
-    monkeypatch.setattr(threads, "load_average", lambda: 5.0)   # the machine is loaded by others
+    monkeypatch.setattr(threads, "load_average", lambda: load[0])
+    monkeypatch.setattr(threads, "sample_runnable", lambda: [])
     return calls
 
 
@@ -196,7 +213,8 @@ def test_fusion_trainer_readapts_between_epochs(tmp_path, monkeypatch, restore_t
     train_fusion(cfg, tmp_path / "run", progress=False)
     assert [c[2] for c in calls] == ["structure 1", "fusion 1", "fusion 2"]
     assert calls[0][0] == "fusion training" and all(c[1] > 0 for c in calls)
-    assert calls[0][3] == 2 and torch.get_num_threads() == 1   # loaded machine: down to one thread
+    # loaded at the start: one thread (2 before it); idle after the first epoch: 2 again
+    assert [c[3] for c in calls] == [1, 2, 2] and torch.get_num_threads() == 2
 
 
 def test_segmentation_trainer_readapts_between_epochs(tmp_path, monkeypatch, restore_threads):
@@ -212,4 +230,4 @@ def test_segmentation_trainer_readapts_between_epochs(tmp_path, monkeypatch, res
                     max_steps_per_epoch=1)
     train_segmenter(*tr, cfg, tmp_path / "out", progress=False)
     assert [(c[0], c[2]) for c in calls] == [("segmentation training", 1), ("segmentation training", 2)]
-    assert calls[0][3] == 2 and torch.get_num_threads() == 1
+    assert [c[3] for c in calls] == [1, 2] and torch.get_num_threads() == 2
