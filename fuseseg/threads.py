@@ -343,8 +343,12 @@ def job_threads(jobs: int) -> tuple[int, bool]:
 
 def enter_job(threads: int | None, adaptive: bool) -> None:
     """In a job's process: use ``threads`` (OMP_NUM_THREADS, when set, wins), adapting between
-    epochs when ``adaptive``."""
-    if not threads or os.environ.get("OMP_NUM_THREADS"):
+    epochs when ``adaptive``; without a count (a SLURM job without ``cpus_per_job``) the CPUs the
+    job may use (its SLURM allocation, cgroup, affinity), adapting."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    if not threads:
+        configure(None)
         return
     cpus, why = usable_cpus()
     apply(ThreadPolicy(threads, threads, cpus, adaptive, f"{threads} (the executor's share for each job; {why})"))

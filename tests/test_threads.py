@@ -178,6 +178,12 @@ def test_job_process_takes_its_share(monkeypatch, restore_threads):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     threads.enter_job(1, True)
     assert torch.get_num_threads() == 1 and threads.active().adaptive and threads.active().ceiling == 1
+    # a SLURM job without cpus_per_job: its allocation, not the node's cores
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    monkeypatch.setattr(threads, "load_average", lambda: 0.0)
+    torch.set_num_threads(2)
+    threads.enter_job(None, False)
+    assert torch.get_num_threads() == 1 and "SLURM allocation 1" in threads.active().why
     torch.set_num_threads(2)
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     threads.enter_job(1, True)   # OMP_NUM_THREADS wins
