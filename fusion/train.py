@@ -53,6 +53,7 @@ from fuseseg import runtime
 from fuseseg.data.io import atomic_write_text
 from fuseseg.errors import ConfigError, FusesegError
 from fuseseg.tblog import TrainingLog
+from fuseseg.threads import EpochPace
 from fusion.datasets import EpochBatchSampler, PairDataset, worker_init
 from fusion.registry import create_method, get_entry, list_methods, load_plugins
 from fusion.train_config import (  # FusionTrainConfig: job pickles of 0.1.0 name it fusion.train
@@ -199,7 +200,7 @@ def _train(cfg: FusionTrainConfig, out_dir: Path, resume: bool, progress: bool,
                                                bar, task, pi, phase, ep, n_epochs, step0, steps_per_epoch,
                                                device, world, precision["channels_last"], last_path)
                     # ------------------------------------------------------ epoch end
-                    st.rows.append(acc.row(phase, ep + 1, st.global_step, opt, steps_per_epoch, cfg.batch_size))
+                    st.end_epoch(acc.row(phase, ep + 1, st.global_step, opt, steps_per_epoch, cfg.batch_size))
                     save(last_path, pi, ep + 1, 0, opt, sched, scaler)
                     if main:
                         write_log(out_dir / "log.csv", st.rows)
@@ -379,6 +380,13 @@ class _State:
     rows: list[dict] = field(default_factory=list)
     epoch_acc: dict | None = None
     position: str = "before the first epoch"   # for messages only (not checkpointed)
+    pace: EpochPace = field(default_factory=lambda: EpochPace("fusion training"))   # not checkpointed
+
+    def end_epoch(self, row: dict) -> None:
+        """Log the epoch's row; between epochs, re-decide the torch threads for the machine's load
+        and warn once if the epoch's images/s collapsed (fuseseg.threads.EpochPace)."""
+        self.rows.append(row)
+        self.pace.epoch_done(float(row["images_per_s"]), f"{row['phase']} {row['epoch']}")
 
     @classmethod
     def resume_from(cls, ckpt: dict | None, cfg: FusionTrainConfig, path: Path) -> _State:

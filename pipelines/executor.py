@@ -110,6 +110,7 @@ class StageJob:
 
     out: Path
     threads: int | None = None     # torch threads in the job (set by the executor; OMP_NUM_THREADS wins)
+    threads_adaptive: bool = False  # fewer while the load is high (fuseseg.threads)
 
     def run(self) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -124,10 +125,9 @@ class StageJob:
                                "folder must be on a file system shared with the compute nodes (set results_dir).")
         for tmp in out.rglob(".*.tmp"):   # unfinished writes of a killed attempt (this folder is ours)
             tmp.unlink(missing_ok=True)
-        if self.threads and not os.environ.get("OMP_NUM_THREADS"):
-            import torch
+        from fuseseg.threads import enter_job
 
-            torch.set_num_threads(self.threads)
+        enter_job(self.threads, self.threads_adaptive)
         t0, started = time.perf_counter(), time.time()
         resumed_from = _epochs_logged(out) if (out / "last.pt").is_file() else None
         try:
@@ -295,8 +295,9 @@ class JobExecutor(Executor):
     def _acquire_slot(self) -> Any:
         return None
 
-    def _threads(self) -> int | None:
-        return self.cfg.cpus_per_job
+    def _threads(self) -> tuple[int | None, bool]:
+        """(torch threads of each job, whether they adapt to the load: fuseseg.threads)."""
+        return self.cfg.cpus_per_job, False
 
     def _release_slot(self, slot: Any) -> None:
         pass
@@ -314,7 +315,7 @@ class JobExecutor(Executor):
         from pipelines.runstate import mark_stage_submitted
 
         folder = out / "slurm"
-        job.threads = self._threads()
+        job.threads, job.threads_adaptive = self._threads()
         with self._submit_lock, clean_env():   # clean_env edits os.environ: one submission at a time
             ex = self._make_submitit(folder, key, slot)
             try:
@@ -510,8 +511,10 @@ class LocalExecutor(JobExecutor):
                     raise _Stopped()
             return self.slots.pop(0)
 
-    def _threads(self) -> int:
-        return max(1, (os.cpu_count() or 1) // len(self.slots_all))
+    def _threads(self) -> tuple[int, bool]:
+        from fuseseg.threads import job_threads
+
+        return job_threads(len(self.slots_all))
 
     def _release_slot(self, slot) -> None:
         if slot is None:

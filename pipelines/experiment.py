@@ -151,6 +151,10 @@ class ExperimentConfig:
     # log both trainers to TensorBoard in <run folder>/.../tensorboard/ (needs the tensorboard
     # package); logging only: switching it changes no fingerprint, so finished trainings stay done
     tensorboard: bool = False
+    # torch threads of this process and of each training (0 or null: chosen from the CPUs it may use
+    # -- affinity mask, cgroup quota, SLURM allocation -- and fewer while other work loads the
+    # machine; README, 'Threads and shared machines'); not part of any fingerprint
+    threads: int | None = 0
 
     def __post_init__(self):
         check_plain_name(self.name, "name")
@@ -171,6 +175,9 @@ class ExperimentConfig:
             raise ConfigError("seg_seeds: give at least one segmentation seed, e.g. [0].")
         if self.fuse_batch_size < 1:
             raise ConfigError(f"fuse_batch_size={self.fuse_batch_size}: give at least 1 pair per batch.")
+        if self.threads is not None and self.threads < 0:
+            raise ConfigError(f"threads={self.threads}: give a thread count of 1 or more, or 0 (or null) to choose "
+                              "from the CPUs this process may use.")
         if self.gpus < 1:
             raise ConfigError(f"gpus={self.gpus}: give at least 1 process.")
         if self.executor.kind != "inprocess" and self.launcher == "torchrun":

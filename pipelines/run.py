@@ -55,7 +55,13 @@ def run_experiment(cfg: ExperimentConfig, plan: Plan | None = None) -> Path:
         return run_dir
     claim_run_folder(run_dir)   # a folder fuseseg did not make is refused, untouched
     _check_run_folder(run_dir)
+<<<<<<< HEAD
     with RunLock(run_dir / ".lock"), confine_writes(run_dir):   # every file written: inside, no link out
+=======
+    from fuseseg.threads import scoped
+
+    with RunLock(run_dir / ".lock"), scoped(cfg.threads):
+>>>>>>> fpthreads
         _run_stages(cfg, plan, run_dir)
     return run_dir
 
@@ -100,8 +106,10 @@ def _run_stages(cfg: ExperimentConfig, plan: Plan, run_dir: Path) -> None:
     if unknown:
         raise ConfigError(f"--variants: unknown variant(s) {unknown}; valid: {', '.join(cfg.all_variants())}")
     if not plan.dry_run:
+        from fuseseg.threads import active
+
         console.print(f"[bold]fuseseg run[/] {cfg.name}: run folder {run_dir}, device {device}, "
-                      f"variants {', '.join(variants)}")
+                      f"variants {', '.join(variants)}, {active().threads} torch thread(s): {active().why}")
         if plan.runs("segment") and cfg.segmentation.random_frozen_encoder_warning():
             from pipelines.console import err_console
 
@@ -110,6 +118,7 @@ def _run_stages(cfg: ExperimentConfig, plan: Plan, run_dir: Path) -> None:
         _remove_stray_temporaries(run_dir)
         plan.environment = environment_record(str(device), cfg.seed)
         plan.environment["precision"] = precision_summary(cfg, device)
+        plan.environment["threads"] = active().record()
     if cfg.tensorboard:   # a missing package fails now, not in the first training
         from fuseseg.tblog import require_tensorboard
 

@@ -63,6 +63,34 @@ def folder_manifest(root: Path) -> str:
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 
+def run_relative(path: Path | str, run_dir: Path | str) -> str | None:
+    """How a path inside the run folder enters a fingerprint: relative to the run folder
+    (``<run>/data``), so a moved or copied run folder stays up to date; None for a path outside it
+    (those are fingerprinted as given: another file there is another input)."""
+    p, r = Path(path).resolve(), Path(run_dir).resolve()
+    if p == r or p.is_relative_to(r):
+        return "<run>/" + p.relative_to(r).as_posix()
+    return None
+
+
+def accept_earlier_form(run_dir: Path, key: str, fp: str, earlier: list[str]) -> str:
+    """``fp``, or the one of ``earlier`` (the same inputs fingerprinted as an older fuseseg did,
+    e.g. with the run folder's path written out) that stage ``key``'s finished record holds: a
+    run folder made before keeps its results, and the stages after it, whose fingerprints
+    include this one, stay up to date too."""
+    rec = stage_record(run_dir, key) or {}
+    if rec.get("status") == "done" and rec.get("fingerprint") != fp and rec.get("fingerprint") in earlier:
+        return next(e for e in earlier if e == rec.get("fingerprint"))
+    return fp
+
+
+def update_stage_record(run_dir: Path, key: str, **fields: Any) -> None:
+    """Add ``fields`` to the existing record of stage ``key`` (nothing when there is none)."""
+    rec = stage_record(run_dir, key)
+    if rec is not None:
+        atomic_write_text(_record_path(run_dir, key), json.dumps({**rec, **fields}, indent=2, default=str))
+
+
 def source_digest(module: str) -> str | None:
     """A hash of the source file of an imported ``module`` (None when it has none)."""
     mod = sys.modules.get(module)

@@ -80,6 +80,7 @@ from fuseseg.runtime import (
     unwrap,
 )
 from fuseseg.tblog import TrainingLog
+from fuseseg.threads import EpochPace
 from segmentation.config import SegConfig
 from segmentation.data import LabelledFolder, build_train_transform, sample_seed
 from segmentation.evaluate import class_names, distributed_confusion
@@ -260,6 +261,7 @@ class _Run:
     epoch_acc: dict | None = None          # the interrupted epoch's partial loss sums
     payload: dict | None = None            # the last checkpoint written (or resumed from)
     position: str = "before the first step"
+    pace: EpochPace = field(default_factory=lambda: EpochPace("segmentation training"))   # threads, collapse warning
 
     @property
     def main(self) -> bool:
@@ -525,6 +527,7 @@ def _end_epoch(run: _Run, epoch: int, sums: torch.Tensor, seconds: float, progre
         val_miou = miou(val_cm, cfg.miou_convention)
 
     run.position = f"the end of epoch {epoch + 1}/{cfg.epochs}"
+    run.pace.epoch_done(images_per_s, epoch + 1)   # between epochs: threads for the load; warn on a collapse
     if run.main:
         run.rows.append({"epoch": epoch + 1, "phase": phase, "steps": int(sums[3].item()) // world,
                          "lr": f"{lr:.6g}", "loss": f"{mean[0]:.6f}", "ce": f"{mean[1]:.6f}",

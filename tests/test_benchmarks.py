@@ -218,3 +218,21 @@ def test_figures_table_keeps_brackets_in_names():
     con.print(common.figures_table(figs))
     text = con.export_text()
     assert "[fp32] wall time" in text and "[default] wall time" in text and "571" in text
+
+
+def test_contention_helpers(monkeypatch):
+    from benchmarks.bench_contention import child_env, figures, split_steps
+
+    assert split_steps(7, 3) == [3, 2, 2] and split_steps(2, 5) == [1, 1] and split_steps(4, 1) == [4]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    env = child_env()   # each loop's mode chooses its threads: no inherited OMP_NUM_THREADS
+    assert "OMP_NUM_THREADS" not in env and env["PYTHONPATH"].split(":")[0] == str(common.REPO)
+    loop = {"images_per_s": 10.0, "last_epoch_images_per_s": 9.0, "threads_per_epoch": [2]}
+    r = {"matmul_n": 256, "matmul_gflops_per_s": {"fp32": 100.0, "bf16": 50.0},
+         "scenarios": {"default x1": [{**loop, "images_per_s": 60.0}], "default x2": [loop, {**loop, "images_per_s": 5.0}],
+                       "policy x1": [{**loop, "images_per_s": 60.0}], "policy x2": [{**loop, "images_per_s": 45.0}] * 2},
+         "load_average_before": (0.5, 0, 0), "load_average_after": (2.0, 0, 0)}
+    rows = {f["figure"]: f["value"] for f in figures(r)}
+    assert rows["default: 2 loops together / 1 alone"] == 0.25    # (10 + 5) / 60
+    assert rows["policy: 2 loops together / 1 alone"] == 1.5      # (45 + 45) / 60
+    assert rows["fp32 matmul 256x256 (this run)"] == 100.0 and rows["load average before / after"] == "0.50 / 2.00"

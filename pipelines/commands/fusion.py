@@ -54,7 +54,10 @@ def _train(args) -> int:
     if real.data_root or real.ir_dir or real.vi_dir or real.extra_data:
         pairs = resolve_pairs(real)
         check_disjoint(out, {"ir": pairs.ir_dir, "vi": pairs.vi_dir}, "--out")
-    with folder_lock(out, "fuseseg train-fusion --out"):
+    from fuseseg.threads import scoped
+
+    with folder_lock(out, "fuseseg train-fusion --out"), scoped(args.threads) as threads:
+        console.print(f"[dim]{threads.threads} torch thread(s): {threads.why}[/]", highlight=False)
         final = train_fusion(cfg, out, resume=args.resume, progress=not args.no_progress,
                              tensorboard=args.tensorboard)
     console.print(f"trained fusion model: [bold]{final}[/]  (fuse with: fuseseg fuse "
@@ -115,6 +118,8 @@ def register(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard/ (needs tensorboard)")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="torch threads (default 0: from the usable CPUs, fewer while the machine is loaded)")
     p.set_defaults(func=_train)
 
     f = subparsers.add_parser(

@@ -34,6 +34,8 @@ def register(sub) -> None:
                    help="executor setting (partition, gpus_per_job, cpus_per_job, mem_gb, time_min, ...); "
                    "other keys are passed to sbatch (e.g. account=lab, qos=high); repeatable")
     p.add_argument("--jobs", type=int, default=None, help="--executor local: most trainings at once")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch threads (0: choose from the usable CPUs and the load; the config's threads:)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and, per stage, whether "
                    "it would run or be skipped and why (which input changed); writes nothing")
     p.set_defaults(func=run)
@@ -86,6 +88,8 @@ def run(args) -> int:
     if args.gpus is not None:
         overrides.append(f"gpus={args.gpus}")
     overrides += executor_overrides(args.executor, args.slurm, args.jobs)
+    if args.threads is not None:
+        overrides.append(f"threads={args.threads}")
     cfg = load_experiment(args.config, overrides)
     if not args.dry_run:
         check_config_is_no_output(args.config, cfg)

@@ -59,7 +59,10 @@ def _train(args) -> int:
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     check_disjoint(out, {"--images": args.images, "--labels": args.labels, "--val-images": args.val_images,
                          "--val-labels": args.val_labels}, "--out")
-    with folder_lock(out, "fuseseg segment train --out"):
+    from fuseseg.threads import scoped
+
+    with folder_lock(out, "fuseseg segment train --out"), scoped(args.threads) as threads:
+        console.print(f"[dim]{threads.threads} torch thread(s): {threads.why}[/]", highlight=False)
         final = train_segmenter(args.images, args.labels, cfg, out, resume=args.resume,
                                 progress=not args.no_progress, val_images_dir=args.val_images,
                                 val_labels_dir=args.val_labels, tensorboard=args.tensorboard)
@@ -135,6 +138,8 @@ def register(subparsers) -> None:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard/ (needs tensorboard)")
+    t.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="torch threads (default 0: from the usable CPUs, fewer while the machine is loaded)")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="mIoU of a trained segmenter on a labelled folder",

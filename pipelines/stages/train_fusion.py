@@ -12,7 +12,15 @@ from fusion.pretrained import resolve_checkpoint
 from pipelines.config import dump_config, from_dict, to_dict
 from pipelines.executor import Executor, StageJob
 from pipelines.experiment import ExperimentConfig, FusionMethodConfig
-from pipelines.runstate import fingerprint, folder_manifest, named_fingerprint, source_digest
+from pipelines.runstate import (
+    accept_earlier_form,
+    fingerprint,
+    folder_manifest,
+    named_fingerprint,
+    run_relative,
+    source_digest,
+    stage_record,
+)
 from pipelines.stages.base import Plan, Stage, precision_of, prepare_dir
 
 
@@ -79,8 +87,7 @@ def stage_train_fusion(cfg: ExperimentConfig, run_dir: Path, plan: Plan, m: Fusi
     if not entry.trainable:
         return None, fingerprint("static", data_fp, source, m.method, m.kwargs)
     tcfg = _method_train_cfg(cfg, m, data_root, cfg.device)
-    fp = named_fingerprint("train", **{"data": data_fp, "plugin source": source, "fusion_train": train_inputs(tcfg),
-                                       "precision": precision_of(cfg.device, tcfg.amp)})
+    fp = _train_fp(run_dir, m.name, tcfg, data_fp, source, precision_of(cfg.device, tcfg.amp))
     out = run_dir / "train_fusion" / m.name
     ex = ex or Executor()
     with Stage(run_dir, f"train_fusion/{m.name}", fp, plan, "train_fusion") as st:
@@ -93,6 +100,29 @@ def stage_train_fusion(cfg: ExperimentConfig, run_dir: Path, plan: Plan, m: Fusi
         raise FusesegError(f"fusion method {m.name!r} has no trained checkpoint ({ck}); run the "
                            "train_fusion stage (drop --only/--from) first.")
     return ck, fp
+
+
+def _train_fp(run_dir: Path, name: str, tcfg, data_fp: str, source: str | None, precision: str) -> str:
+    """The fingerprint of training method ``name``: a data set inside the run folder (the generated
+    one) enters it relative to the run folder, so a moved or copied run stays up to date. A record
+    written before (the run folder's path written out, here or where its checkpoint says the run
+    was) is accepted as it is (:func:`accept_earlier_form`)."""
+    settings = train_inputs(tcfg)
+
+    def fp_with(data_root: str) -> str:
+        return named_fingerprint("train", **{"data": data_fp, "plugin source": source,
+                                             "fusion_train": {**settings, "data_root": data_root},
+                                             "precision": precision})
+
+    inside = run_relative(tcfg.data_root, run_dir)
+    if inside is None:
+        return fp_with(str(tcfg.data_root))
+    key = f"train_fusion/{name}"
+    earlier = [str(run_dir / "data")]
+    ck = Path(str((stage_record(run_dir, key) or {}).get("checkpoint", "")))
+    if ck.parts[-3:] == ("train_fusion", name, "final.pt"):   # where the run folder was then
+        earlier.append(str(ck.parents[2] / "data"))
+    return accept_earlier_form(run_dir, key, fp_with(inside), [fp_with(e) for e in earlier])
 
 
 def check_fusion_methods(methods: list[FusionMethodConfig], fusion_train=None) -> None:
