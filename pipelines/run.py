@@ -55,13 +55,9 @@ def run_experiment(cfg: ExperimentConfig, plan: Plan | None = None) -> Path:
         return run_dir
     claim_run_folder(run_dir)   # a folder fuseseg did not make is refused, untouched
     _check_run_folder(run_dir)
-<<<<<<< HEAD
-    with RunLock(run_dir / ".lock"), confine_writes(run_dir):   # every file written: inside, no link out
-=======
     from fuseseg.threads import scoped
 
-    with RunLock(run_dir / ".lock"), scoped(cfg.threads):
->>>>>>> fpthreads
+    with RunLock(run_dir / ".lock"), confine_writes(run_dir), scoped(cfg.threads):   # writes: inside, no link out
         _run_stages(cfg, plan, run_dir)
     return run_dir
 
