@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fuseseg.errors import ConfigError, FusesegError
+from fuseseg.threads import enter_job, job_threads
 from pipelines.jobs import JobRef, job_state, read_result, ref_of_record, run_and_record, slurm_query
 
 KINDS = ("inprocess", "local", "slurm")
@@ -125,8 +126,6 @@ class StageJob:
                                "folder must be on a file system shared with the compute nodes (set results_dir).")
         for tmp in out.rglob(".*.tmp"):   # unfinished writes of a killed attempt (this folder is ours)
             tmp.unlink(missing_ok=True)
-        from fuseseg.threads import enter_job
-
         enter_job(self.threads, self.threads_adaptive)
         t0, started = time.perf_counter(), time.time()
         resumed_from = _epochs_logged(out) if (out / "last.pt").is_file() else None
@@ -512,8 +511,6 @@ class LocalExecutor(JobExecutor):
             return self.slots.pop(0)
 
     def _threads(self) -> tuple[int, bool]:
-        from fuseseg.threads import job_threads
-
         return job_threads(len(self.slots_all))
 
     def _release_slot(self, slot) -> None:
