@@ -82,3 +82,15 @@ def how_to_raise(name: str) -> str:
     key = CONFIG_KEYS.get(name)
     return (f"raise it with {key}=N (a `fuseseg run` config key or override) or the environment "
             f"variable {ENV[name]}=N" if key else f"raise it with the environment variable {ENV[name]}=N")
+
+
+def check_image_shape(size, key: str, max_pixels: int | None = None) -> None:
+    """Refuse an (H, W) setting ``key`` (e.g. ``data.synthetic.size``) with a side under 16 or more
+    pixels than ``max_pixels`` (default: :func:`current`), as a ConfigError naming the key."""
+    h, w = (int(v) for v in size)
+    if h < 16 or w < 16:
+        raise ConfigError(f"{key}={[h, w]}: give a height and width of at least 16 pixels each, e.g. [192, 256].")
+    limit = max_pixels or current().max_pixels
+    if h * w > limit:
+        raise ConfigError(f"{key}={[h, w]}: {h * w:,} pixels per image, over the limit of {limit:,}; give a "
+                          f"smaller size, or {how_to_raise('max_pixels')}.")

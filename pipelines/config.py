@@ -98,6 +98,15 @@ def _convert(value: Any, tp, where: str):
     return value
 
 
+MAX_SEED = 2**32 - 1   # numpy's legacy seeding takes 0..2**32-1; torch takes less than 2**64
+
+
+def _check_seeds(value, where: str) -> None:
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(v, int) and not 0 <= v <= MAX_SEED:
+            raise ConfigError(f"{where}: seed {v} is out of range; give a whole number from 0 to {MAX_SEED}.")
+
+
 def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types."""
     hints = typing.get_type_hints(cls)
@@ -107,6 +116,9 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}. Valid keys: "
                           f"{', '.join(fields)}.")
     kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    for k, v in kwargs.items():
+        if k == "seed" or k.endswith(("_seed", "_seeds")):
+            _check_seeds(v, f"{where}.{k}" if where else k)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
