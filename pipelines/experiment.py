@@ -139,8 +139,8 @@ class LimitsConfig:
     max_pixels: int | None = None
     # decoded bytes per image (pixels x channels x bytes per sample); null: $FUSESEG_MAX_IMAGE_BYTES, else 512 MiB
     max_image_bytes: int | None = None
-    # parameters of a fusion model rebuilt from a checkpoint's kwargs, counted before it is
-    # allocated; null: $FUSESEG_MAX_MODEL_PARAMETERS, else 200,000,000
+    # parameters of a model (fusion or segmentation) rebuilt from a checkpoint's kwargs, counted
+    # on the meta device before it is allocated; null: $FUSESEG_MAX_MODEL_PARAMETERS, else 200,000,000
     max_model_parameters: int | None = None
 
     def __post_init__(self):
@@ -178,7 +178,10 @@ class ExperimentConfig:
     # log both trainers to TensorBoard in <run folder>/.../tensorboard/ (needs the tensorboard
     # package); logging only: switching it changes no fingerprint, so finished trainings stay done
     tensorboard: bool = False
-    limits: LimitsConfig = field(default_factory=LimitsConfig)   # resource limits (pixels, bytes, model size)
+    # resource limits (fuseseg/limits.py): an input over one is refused, naming it, before memory is spent;
+    # the YAML limits are environment variables only (read before the config): FUSESEG_YAML_MAX_NODES
+    # (values after expanding aliases, 1,000,000) and FUSESEG_YAML_MAX_DEPTH (nesting, 100)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     def __post_init__(self):
         check_plain_name(self.name, "name")
