@@ -321,8 +321,9 @@ def build_from_checkpoint(factory, ckpt: dict, path: Path | str, what: str) -> t
                               f"{how_to_raise('max_model_parameters')}.")
     if n is not None and n > stored:
         raise CheckpointError(f"checkpoint {path}: its kwargs describe a {what} of {n:,} parameters but its "
-                              f"weights hold only {stored:,} values; the kwargs or the weights are damaged. "
-                              "Use the checkpoint as fuseseg wrote it.")
+                              f"weights hold only {stored:,} values: the settings (its kwargs and any given with "
+                              "it) do not match its weights. Use the settings it was trained with (stored in the "
+                              "checkpoint's kwargs).")
     try:
         model = factory(**kwargs)
     except (TypeError, ValueError, FusesegError) as exc:
