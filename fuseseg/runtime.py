@@ -283,6 +283,58 @@ def load_state_dict_checked(model: torch.nn.Module, state_dict: dict, path: Path
                               "trained with (they are stored in the checkpoint's kwargs).") from exc
 
 
+def _count_on_meta(factory, kwargs: dict) -> int | None:
+    """Parameters of ``factory(**kwargs)`` built on the meta device (shapes only, no memory), or
+    None when the factory cannot build there (it then runs for real, unchecked)."""
+    try:
+        with torch.device("meta"):
+            model = factory(**kwargs)
+    except Exception:   # noqa: BLE001 - the real build below reports the factory's own errors
+        return None
+    if not isinstance(model, torch.nn.Module):
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_from_checkpoint(factory, ckpt: dict, path: Path | str, what: str) -> torch.nn.Module:
+    """``factory(**ckpt['kwargs'])`` with its weights loaded, after checking the checkpoint's fields
+    (``kwargs`` a mapping of names, ``state_dict`` a mapping of tensors) and, before any memory is
+    allocated, the model's size: counted on the meta device, its parameters may not exceed
+    :mod:`fuseseg.limits`' ``max_model_parameters`` nor the values the checkpoint's weights hold
+    (a crafted ``kwargs`` cannot ask for gigabytes). Every failure is a CheckpointError naming
+    ``path``."""
+    from fuseseg.limits import current, how_to_raise
+
+    kwargs, state = ckpt.get("kwargs") or {}, ckpt.get("state_dict")
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise CheckpointError(f"checkpoint {path}: its `kwargs` field is {type(kwargs).__name__} {str(kwargs)[:80]}, "
+                              "not a mapping of setting names; the file is damaged or not written by fuseseg.")
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(f"checkpoint {path}: its `state_dict` field is not a mapping of tensors; the file "
+                              "is damaged or not written by fuseseg.")
+    stored = sum(v.numel() for v in state.values())
+    n = _count_on_meta(factory, kwargs)
+    limit = current().max_model_parameters
+    if n is not None and n > limit:
+        raise CheckpointError(f"checkpoint {path}: its kwargs describe a {what} of {n:,} parameters, over the "
+                              f"limit of {limit:,}; it was not built. Use another checkpoint, or "
+                              f"{how_to_raise('max_model_parameters')}.")
+    if n is not None and n > stored:
+        raise CheckpointError(f"checkpoint {path}: its kwargs describe a {what} of {n:,} parameters but its "
+                              f"weights hold only {stored:,} values: the settings (its kwargs and any given with "
+                              "it) do not match its weights. Use the settings it was trained with (stored in the "
+                              "checkpoint's kwargs).")
+    try:
+        model = factory(**kwargs)
+    except (TypeError, ValueError, FusesegError) as exc:
+        raise CheckpointError(f"checkpoint {path}: its kwargs {str(kwargs)[:120]} do not build a {what} "
+                              f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}).") from None
+    if not isinstance(model, torch.nn.Module):
+        raise CheckpointError(f"checkpoint {path}: the {what} it names has no weights to load.")
+    load_state_dict_checked(model, state, path)
+    return model
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The bare model inside DistributedDataParallel / torch.compile wrappers."""
     model = getattr(model, "module", model)

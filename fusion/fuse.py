@@ -61,6 +61,9 @@ def load_fusion_method(name: str | None = None, checkpoint: Path | str | None = 
                                   f"{ckpt.get('kind')!r}). Pass a file written by "
                                   "`fuseseg train-fusion` (its final.pt or last.pt).")
         method_name = ckpt["method"]
+        if not isinstance(method_name, str):
+            raise CheckpointError(f"checkpoint {path}: its `method` field is {method_name!r}, not a method "
+                                  "name; the file is damaged or not written by fuseseg.")
         if name is not None and name != method_name:
             raise CheckpointError(f"checkpoint {path} holds fusion method {method_name!r}, not "
                                   f"{name!r}. Pass --method {method_name} (or leave --method out), "
@@ -70,13 +73,13 @@ def load_fusion_method(name: str | None = None, checkpoint: Path | str | None = 
         except ConfigError as exc:
             raise CheckpointError(f"checkpoint {path} holds fusion method {method_name!r}, which is "
                                   f"not registered here: {exc}") from exc
-        build_kwargs = {**dict(ckpt.get("kwargs") or {}), **dict(kwargs or {})}
-        method = create_method(method_name, **build_kwargs)
-        if not isinstance(method, nn.Module):
-            raise CheckpointError(f"checkpoint {path}: method {method_name!r} has no weights to load.")
-        runtime.load_state_dict_checked(method, ckpt["state_dict"], path)
-        v = ckpt.get("verdict") or {}
-        if v.get("status") == "undertrained":
+        stored = ckpt.get("kwargs") or {}
+        build_kwargs = {**stored, **dict(kwargs or {})} if isinstance(stored, dict) else stored
+        # widths checked on the meta device before the model is allocated (fuseseg.limits)
+        method = runtime.build_from_checkpoint(lambda **kw: create_method(method_name, **kw),
+                                               {**ckpt, "kwargs": build_kwargs}, path, f"{method_name!r} model")
+        v = ckpt.get("verdict") if isinstance(ckpt.get("verdict"), dict) else {}
+        if v.get("status") == "undertrained" and all(isinstance(v.get(k, 0.0), (int, float)) for k in ("fus", "fus_max")):
             import sys
             print(f"WARNING: {path} is UNDERTRAINED: its fusion loss {v.get('fus', float('nan')):.4f} "
                   f"did not beat {v.get('fus_max', float('nan')):.4f} of max(IR, VI_Y) in training "
@@ -148,6 +151,10 @@ def _call(method, ir_t: torch.Tensor, vi_t: torch.Tensor, device: torch.device, 
                 out = method(ir_t, vi_t)
         except torch.cuda.OutOfMemoryError:
             raise
+        except SystemExit as exc:
+            raise FusesegError(f"{name} called sys.exit({exc.code!r}) while fusing a batch of visible shape "
+                               f"{tuple(vi_t.shape)}; nothing was written for it. A fusion method must raise an "
+                               "exception to fail (fusion contract, fusion/registry.py), never exit.") from None
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
             if "can't allocate memory" in str(exc):
                 raise
@@ -165,7 +172,29 @@ def _call(method, ir_t: torch.Tensor, vi_t: torch.Tensor, device: torch.device, 
             raise FusesegError(f"{name} returned {int(bad.sum())} non-finite value(s) (NaN or inf) for a "
                                f"batch of visible shape {tuple(vi_t.shape)}; nothing was written for it. "
                                "Fix the method (the contract needs values in [0, 1]).")
+        _check_range(out, name, tuple(vi_t.shape))
         return out.float().clamp(0, 1).mul(255.0).round().to(torch.uint8).cpu()
+
+
+RANGE_TOLERANCE = 0.01   # outputs beyond [0, 1] by more than this break the contract (clipping hides it)
+
+
+def _check_range(out: torch.Tensor, name: str, shape: tuple) -> None:
+    """A method's output must be a float tensor with values in [0, 1] (within RANGE_TOLERANCE):
+    values in 0..255, or an integer tensor, would be clipped to a white image without a word."""
+    if not torch.is_floating_point(out):
+        lo, hi = (int(out.min()), int(out.max())) if out.numel() else (0, 0)
+        raise FusesegError(f"{name} returned a {str(out.dtype).replace('torch.', '')} tensor (values {lo}..{hi}) "
+                           f"for a batch of visible shape {shape}; the fusion contract (fusion/registry.py) "
+                           "needs a float tensor in [0, 1] (for 0..255 values: out.float() / 255).")
+    bad = (out < -RANGE_TOLERANCE) | (out > 1 + RANGE_TOLERANCE)
+    n = int(bad.sum())
+    if n:
+        lo, hi = float(out.min()), float(out.max())
+        raise FusesegError(f"{name} returned {n} of {out.numel()} value(s) outside [0, 1] (range {lo:.4g}.."
+                           f"{hi:.4g}) for a batch of visible shape {shape}; nothing was written for it. The "
+                           "fusion contract (fusion/registry.py) needs values in [0, 1]"
+                           + (" (these look like 0..255: divide by 255)." if hi > 2 else "; clamp the output."))
 
 
 class CompiledMethod:

@@ -37,6 +37,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from fuseseg.data.header import check_image_size
 from fuseseg.errors import DataError
 from fusion.metric_terms import (
     VIF_MIN_SIDE,
@@ -71,6 +72,7 @@ def read_gray_reference(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found. Check the folder given for this image.")
+    check_image_size(path)   # pixels and decoded bytes from the header, before decoding
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise DataError(f"{path}: not a readable image (OpenCV could not decode it). "

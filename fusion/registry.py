@@ -10,6 +10,11 @@ A fusion method is an object built by ``create_method(name, **kwargs)``. Called 
 
 and returns the fused image, a float tensor (B, C, H, W) in [0, 1] with the visible's channel
 count (grey visible -> grey fused). Inputs are on one device; the output is on the same device.
+The fuse stage checks every output: a wrong shape, a NaN/inf value, an integer tensor, or a value
+outside [0, 1] by more than 0.01 (``fusion.fuse.RANGE_TOLERANCE``; e.g. a 0..255 image) is an
+error naming the method and the counts, never silently clipped. Clamp to [0, 1] before returning.
+A method must raise an exception to fail, never call ``sys.exit`` (that is reported as an error
+naming the method too).
 Methods must accept any H, W (pad internally if they need a multiple of something).
 
 Methods that fuse luminance only subclass :class:`fusion.base.LuminanceFusion`, which converts
@@ -111,6 +116,9 @@ def create_method(name: str, **kwargs):
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"fusion method {name!r} rejected its settings {kwargs}: {exc}. "
                           "Check the method's keyword arguments in the config.") from exc
+    except SystemExit as exc:
+        raise ConfigError(f"fusion method {name!r} (from {entry.module}) called sys.exit({exc.code!r}) while being "
+                          "built; a plug-in must raise an exception instead, never exit the program.") from None
 
 
 def load_plugins(modules: list[str] | tuple[str, ...]) -> list[str]:
@@ -130,6 +138,9 @@ def load_plugins(modules: list[str] | tuple[str, ...]) -> list[str]:
             continue
         try:
             importlib.import_module(mod)
+        except SystemExit as exc:
+            raise ConfigError(f"plug-in module {mod!r} (listed under `plugins:`) called sys.exit({exc.code!r}) "
+                              "while being imported; a plug-in must raise an exception instead.") from None
         except Exception as exc:  # show the plug-in's own error
             tb = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             raise ConfigError(f"plug-in module {mod!r} (listed under `plugins:`) failed to import: "

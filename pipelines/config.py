@@ -98,6 +98,15 @@ def _convert(value: Any, tp, where: str):
     return value
 
 
+MAX_SEED = 2**32 - 1   # numpy's legacy seeding takes 0..2**32-1; torch takes less than 2**64
+
+
+def _check_seeds(value, where: str) -> None:
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(v, int) and not 0 <= v <= MAX_SEED:
+            raise ConfigError(f"{where}: seed {v} is out of range; give a whole number from 0 to {MAX_SEED}.")
+
+
 def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types."""
     hints = typing.get_type_hints(cls)
@@ -107,6 +116,9 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}. Valid keys: "
                           f"{', '.join(fields)}.")
     kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    for k, v in kwargs.items():
+        if k == "seed" or k.endswith(("_seed", "_seeds")):
+            _check_seeds(v, f"{where}.{k}" if where else k)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
@@ -135,7 +147,9 @@ def parse_overrides(overrides: list[str]) -> dict:
                               "fusion_train.epochs=3)")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = safe_yaml(raw) if raw != "" else ""
+        except ConfigError as exc:
+            raise ConfigError(f"override {key.strip()}: {exc}") from None
         except yaml.YAMLError:
             value = raw
         node = tree
@@ -160,7 +174,69 @@ def merge_dicts(base: dict, extra: dict) -> dict:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml's safe loader, but a key given twice in one mapping is an error (PyYAML keeps the last)."""
+    """yaml's safe loader, but a key given twice in one mapping is an error (PyYAML keeps the last),
+    and a document nested deeper than ``yaml_max_depth`` or expanding (through its ``*aliases``) to
+    more than ``yaml_max_nodes`` values is refused before it is built (:mod:`fuseseg.limits`)."""
+
+    def __init__(self, stream):
+        from fuseseg.limits import current
+
+        super().__init__(stream)
+        lim = current()
+        self._max_depth, self._max_nodes, self._depth = lim.yaml_max_depth, lim.yaml_max_nodes, 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > self._max_depth:
+                from fuseseg.limits import how_to_raise
+
+                mark = self.peek_event().start_mark
+                raise ConfigError(f"the YAML is nested more than {self._max_depth} levels deep (line "
+                                  f"{mark.line + 1}); flatten it, or {how_to_raise('yaml_max_depth')}.")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self):
+        node = super().compose_document()
+        self._check_expansion(node)
+        return node
+
+    def _check_expansion(self, root) -> None:
+        """Count the values of the document with every alias expanded (memoised per node, so a
+        "billion laughs" is measured without being built)."""
+        from fuseseg.limits import how_to_raise
+
+        size: dict[int, int] = {}
+        depth: dict[int, int] = {}
+        visiting: set[int] = set()
+        stack = [(root, False)]
+        while stack:
+            node, done = stack.pop()
+            if id(node) in size:
+                continue
+            if not done and id(node) in visiting:
+                raise ConfigError(f"the YAML value at line {node.start_mark.line + 1} contains itself through "
+                                  "an alias (*name inside &name); give the values without the loop.")
+            visiting.add(id(node))
+            children = [c for kv in node.value for c in kv] if isinstance(node, yaml.MappingNode) else \
+                list(node.value) if isinstance(node, yaml.SequenceNode) else []
+            if done or not children:
+                size[id(node)] = 1 + sum(size[id(c)] for c in children)
+                depth[id(node)] = 1 + max((depth[id(c)] for c in children), default=0)
+                if depth[id(node)] > self._max_depth:
+                    raise ConfigError(f"the YAML is nested more than {self._max_depth} levels deep once its "
+                                      f"aliases (*name) are expanded (the value at line {node.start_mark.line + 1}); "
+                                      f"flatten it, or {how_to_raise('yaml_max_depth')}.")
+                if size[id(node)] > self._max_nodes:
+                    raise ConfigError(f"the YAML expands to more than {self._max_nodes:,} values through its "
+                                      f"anchors and aliases (&name / *name; the value at line "
+                                      f"{node.start_mark.line + 1}); give the values without aliases, or "
+                                      f"{how_to_raise('yaml_max_nodes')}.")
+                continue
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in size)
 
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
@@ -173,13 +249,22 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def safe_yaml(text: str):
+    """``text`` parsed as YAML with :class:`_UniqueKeyLoader` (duplicate keys, depth and alias
+    expansion checked)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def read_yaml(path: Path | str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist. Give a path to a YAML file, e.g. "
                           "configs/default.yaml.")
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        data = safe_yaml(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+                          f"offset {exc.start}); save it as UTF-8 (a YAML config is plain text).") from None
     except ConfigError as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
     except yaml.YAMLError as exc:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from fuseseg.data.pairs import Layout
 from fuseseg.data.paths import check_plain_name
 from fuseseg.errors import ConfigError
+from fuseseg.limits import check_image_shape
 from fusion.train_config import FusionTrainConfig
 from pipelines.executor import ExecutorConfig
 from segmentation.config import SegConfig
@@ -34,6 +35,12 @@ class SyntheticConfig:
     def __post_init__(self):
         from fuseseg.data.synthetic import valid_zoom
 
+        if self.train < 0 or self.test < 0 or self.train + self.test == 0:
+            raise ConfigError(f"data.synthetic.train={self.train}, test={self.test}: give counts >= 0 with at "
+                              "least one scene in total (the default is 160 and 48).")
+        if not (isinstance(self.size, (list, tuple)) and len(self.size) == 2):
+            raise ConfigError(f"data.synthetic.size={self.size!r}: give [height, width], e.g. [192, 256].")
+        check_image_shape(self.size, "data.synthetic.size", max_pixels=10**18)   # the pixel limit: ExperimentConfig
         if not valid_zoom(self.zoom):
             raise ConfigError(f"data.synthetic.zoom={self.zoom!r}: give a focal-length factor > 0 "
                               "(1.0 = the generator's original camera; 1.5 shows every object 1.5x larger)")
@@ -123,6 +130,26 @@ class ReportConfig:
             raise ConfigError(f"report.figure_scenes={self.figure_scenes}: give 0 (no figure) or more scenes.")
 
 
+@dataclass
+class LimitsConfig:
+    """Resource limits (see fuseseg/limits.py); null: the environment variable, else the default."""
+
+    # pixels per image (header checked before decoding; also bounds data.synthetic.size and
+    # fusion_train.synthetic_size); null: $FUSESEG_MAX_PIXELS, else 50,000,000
+    max_pixels: int | None = None
+    # decoded bytes per image (pixels x channels x bytes per sample); null: $FUSESEG_MAX_IMAGE_BYTES, else 512 MiB
+    max_image_bytes: int | None = None
+    # parameters of a model (fusion or segmentation) rebuilt from a checkpoint's kwargs, counted
+    # on the meta device before it is allocated; null: $FUSESEG_MAX_MODEL_PARAMETERS, else 200,000,000
+    max_model_parameters: int | None = None
+
+    def __post_init__(self):
+        for key in ("max_pixels", "max_image_bytes", "max_model_parameters"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"limits.{key}={value}: give a positive number, or null for the default.")
+
+
 def _default_methods() -> list[FusionMethodConfig]:
     return [FusionMethodConfig(name="sspfusion"), FusionMethodConfig(name="laplacian"),
             FusionMethodConfig(name="gff")]
@@ -155,9 +182,16 @@ class ExperimentConfig:
     # -- affinity mask, cgroup quota, SLURM allocation -- and fewer while other work loads the
     # machine; README, 'Threads and shared machines'); not part of any fingerprint
     threads: int | None = 0
+    # resource limits (fuseseg/limits.py): an input over one is refused, naming it, before memory is spent;
+    # the YAML limits are environment variables only (read before the config): FUSESEG_YAML_MAX_NODES
+    # (values after expanding aliases, 1,000,000) and FUSESEG_YAML_MAX_DEPTH (nesting, 100)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     def __post_init__(self):
         check_plain_name(self.name, "name")
+        max_pixels = self.limits.max_pixels
+        check_image_shape(self.data.synthetic.size, "data.synthetic.size", max_pixels)
+        check_image_shape(self.fusion_train.synthetic_size, "fusion_train.synthetic_size", max_pixels)
         for i, m in enumerate(self.fusion):
             check_plain_name(m.name, f"fusion[{i}].name")
         names = [m.name for m in self.fusion]

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pipelines.runstate import STAGES, stage_record
+from pipelines.runstate import STAGES, read_record, stage_record
 
 
 @dataclasses.dataclass
@@ -176,9 +176,8 @@ def status_rows(run_dir: Path) -> list[dict]:
     for submitted jobs, plus the configured segment runs that have no record yet (waiting)."""
     recs = {}
     for p in sorted((run_dir / "stages").glob("*.json")):
-        try:
-            rec = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError):
+        rec = read_record(p)
+        if rec is None:
             continue
         recs[rec.get("key", p.stem)] = rec
     expected = _expected_segment_keys(run_dir)

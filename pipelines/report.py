@@ -24,6 +24,7 @@ import numpy as np
 
 from fuseseg.data.io import atomic_write_text
 from fuseseg.errors import FusesegError
+from pipelines.runstate import read_record
 from segmentation.metrics import miou as miou_from_confusion
 
 
@@ -291,15 +292,15 @@ def stage_table(run_dir: Path) -> str:
              "one of them set a new peak during the stage.", "",
              "| stage | seconds | peak RSS (MiB) |", "|---|---:|---:|"]
     for rec_path in sorted((run_dir / "stages").glob("*.json")):
-        rec = json.loads(rec_path.read_text())
-        if rec.get("status") != "done":
+        rec = read_record(rec_path)
+        if rec is None or rec.get("status") != "done":
             continue
         rss = rec.get("peak_rss_mib", "")
         if rss != "" and rec.get("peak_rss_scope") == "process so far":
             rss = f"{rss} so far"
         if rec.get("child_peak_rss_mib") is not None:
             rss = f"{rss} (children {rec['child_peak_rss_mib']})"
-        lines.append(f"| {rec['key']} | {rec['seconds']:.1f} | {rss} |")
+        lines.append(f"| {rec.get('key', rec_path.stem)} | {rec.get('seconds', 0.0):.1f} | {rss} |")
     return "\n".join(lines)
 
 
@@ -436,6 +437,41 @@ figcaption{{text-align:center;font-size:12px}} img.plot{{max-width:100%;image-re
 
 
 # ---------------------------------------------------------------- compare
+def _pair(v) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(x is None or (isinstance(x, (int, float))
+                                                                      and not isinstance(x, bool)) for x in v)
+
+
+def _miou_table_problem(t) -> str | None:
+    if not isinstance(t, dict) or not isinstance(t.get("protocol"), dict) or not isinstance(t.get("rows"), list):
+        return "it is not an object with a `protocol` mapping and a `rows` list"
+    classes = None
+    for i, r in enumerate(t["rows"]):
+        if not isinstance(r, dict) or not isinstance(r.get("variant"), str):
+            return f"row {i} has no `variant` name"
+        if not isinstance(r.get("seeds"), int) or not all(_pair(r.get(k)) for k in ("miou", "pixel_accuracy")):
+            return f"row {r['variant']!r} lacks `seeds` or a [mean, std] `miou`/`pixel_accuracy`"
+        pc = r.get("per_class")
+        if not isinstance(pc, dict) or not all(_pair(v) for v in pc.values()) or (classes is not None and list(pc) != classes):
+            return f"row {r['variant']!r} has no `per_class` [mean, std] for the same classes as the others"
+        classes = list(pc)
+    return None
+
+
+def _read_miou_table(p: Path) -> dict:
+    """``p`` (a run's tables/miou.json) loaded and checked; a FusesegError naming it when damaged."""
+    try:
+        t = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        problem = f"it is not readable JSON ({str(exc)[:80]})"
+    else:
+        problem = _miou_table_problem(t)
+    if problem is not None:
+        raise FusesegError(f"{p} is damaged: {problem}. Rebuild it with `fuseseg run CONFIG --only report` "
+                           "in that run folder's experiment, or leave this run out of the comparison.")
+    return t
+
+
 def compare_runs(run_dirs: list[Path], force: bool = False) -> tuple[list[dict], dict, list[str]]:
     """Merge the mIoU tables of several runs. Runs whose protocols differ are refused (with the
     differing keys) unless ``force``. Returns (rows with variant names prefixed by the run name
@@ -449,7 +485,7 @@ def compare_runs(run_dirs: list[Path], force: bool = False) -> tuple[list[dict],
         if not p.is_file():
             raise FusesegError(f"{d} has no tables/miou.json: it is not a finished fuseseg run folder "
                                "(run `fuseseg run` there first, or check the path).")
-        tables.append((Path(d), json.loads(p.read_text())))
+        tables.append((Path(d), _read_miou_table(p)))
     ref_dir, ref = tables[0]
     warnings = []
     for d, t in tables[1:]:
@@ -462,6 +498,10 @@ def compare_runs(run_dirs: list[Path], force: bool = False) -> tuple[list[dict],
                 raise FusesegError(msg + ". Their mIoUs are not comparable; pass --force to merge anyway "
                                    "(the table will say so).")
             warnings.append(msg)
+    classes = {tuple(t["rows"][0]["per_class"]) for _, t in tables if t["rows"]}
+    if len(classes) > 1:
+        raise FusesegError("the runs' mIoU tables have different classes (" + "; ".join(", ".join(c) for c in classes)
+                           + "); compare runs of the same data set only.")
     rows, seen = [], {}
     for d, t in tables:
         for r in t["rows"]:

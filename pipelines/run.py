@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fuseseg.data.paths import confine_writes, ensure_inside
 from fuseseg.errors import ConfigError, FusesegError
-from pipelines.config import dump_config
+from pipelines.config import dump_config, to_dict
 from pipelines.console import console
 from pipelines.executor import Executor, make_executor
 from pipelines.experiment import ExperimentConfig, FusionMethodConfig
@@ -88,9 +88,11 @@ def check_config_is_no_output(config: str | Path | None, cfg: ExperimentConfig) 
 
 def _run_stages(cfg: ExperimentConfig, plan: Plan, run_dir: Path) -> None:
     """Every stage in order: under the run lock, or, in a dry run, only deciding."""
+    from fuseseg.limits import configure
     from fuseseg.runtime import resolve_device, seed_everything
     from fusion.registry import get_entry, load_plugins
 
+    configure(**to_dict(cfg.limits))   # exported to the environment: job processes inherit them
     load_plugins(cfg.plugins)
     for m in cfg.fusion:
         if m.type == "registered":

@@ -149,14 +149,54 @@ def _record_path(run_dir: Path, key: str) -> Path:
     return run_dir / "stages" / f"{key.replace('/', '__')}.json"
 
 
-def stage_record(run_dir: Path, key: str) -> dict | None:
-    p = _record_path(run_dir, key)
-    if not p.is_file():
+_NUM = (int, float)
+# the fields a stage record may hold, with their types (required ones: status, fingerprint)
+RECORD_FIELDS: dict[str, tuple] = {
+    "key": (str,), "status": (str,), "fingerprint": (str,), "seconds": _NUM, "inputs": (dict,),
+    "attempt": (int,), "job_id": (str, int), "job_folder": (str,), "executor": (str,), "submitted_at": _NUM,
+    "miou": (*_NUM, type(None)), "peak_rss_mib": (*_NUM, str, type(None)),
+    "child_peak_rss_mib": (*_NUM, type(None)), "peak_rss_scope": (str, type(None)),
+}
+
+
+def record_problem(rec: Any) -> str | None:
+    """What is wrong with a stage record's fields (None when nothing is)."""
+    if not isinstance(rec, dict):
+        return f"it holds a JSON {type(rec).__name__}, not an object"
+    for name in ("status", "fingerprint"):
+        if name not in rec:
+            return f"the field {name!r} is missing"
+    for name, types in RECORD_FIELDS.items():
+        if name in rec and (not isinstance(rec[name], types) or isinstance(rec[name], bool)):
+            return f"the field {name!r} is {type(rec[name]).__name__} {str(rec[name])[:40]!r}"
+    inputs = rec.get("inputs", {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in inputs.items()):
+        return "the field 'inputs' is not a mapping of names to hashes"
+    return None
+
+
+def read_record(path: Path) -> dict | None:
+    """The stage record in ``path``, or None when it is absent, unreadable or malformed (then the
+    stage counts as never run and is redone; a note on stderr names the file)."""
+    if not path.is_file():
         return None
     try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None  # a damaged record means: redo the stage
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        rec, problem = None, "it is not readable JSON"
+    else:
+        problem = record_problem(rec)
+    if problem is not None:
+        from fuseseg.runtime import notice
+
+        notice(f"the stage record {path} is damaged ({problem}); its stage counts as never run and is "
+               "redone (delete the file to silence this note).")
+        return None
+    return rec
+
+
+def stage_record(run_dir: Path, key: str) -> dict | None:
+    return read_record(_record_path(run_dir, key))
 
 
 def stage_is_current(run_dir: Path, key: str, fp: str) -> bool:

@@ -13,8 +13,8 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
-from fuseseg.errors import ConfigError
-from fuseseg.runtime import load_checkpoint, load_state_dict_checked
+from fuseseg.errors import CheckpointError, ConfigError
+from fuseseg.runtime import build_from_checkpoint, load_checkpoint
 
 ARCH = "DeepLabV3Plus"
 PHASES = ("frozen", "full")
@@ -134,6 +134,11 @@ def output_stride(model: nn.Module) -> int:
 def model_from_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
     """(model in eval mode on ``device``, checkpoint dict) from a segmentation checkpoint."""
     ckpt = load_checkpoint(path, expect={"kind": "segmentation", "arch": ARCH})
-    model = build_model(ckpt["kwargs"], None)
-    load_state_dict_checked(model, ckpt["state_dict"], path)
+    kwargs = ckpt.get("kwargs")
+    classes = kwargs.get("classes") if isinstance(kwargs, dict) else None
+    if not isinstance(classes, int) or isinstance(classes, bool) or not 2 <= classes <= 255:
+        raise CheckpointError(f"checkpoint {path}: its kwargs lack a class count `classes` of 2..255 "
+                              f"(got {classes!r}); the file is damaged or not written by `fuseseg segment train`.")
+    # widths checked on the meta device before the model is allocated (fuseseg.limits)
+    model = build_from_checkpoint(lambda **kw: build_model(kw, None), ckpt, path, "DeepLabV3+ segmenter")
     return model.to(device).eval(), ckpt

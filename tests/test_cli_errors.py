@@ -42,6 +42,22 @@ PLUGINS = textwrap.dedent('''
     class Bug(torch.nn.Module):
         def forward(self, ir, vi):
             return {}["missing"]
+
+    @register_method("err_255")
+    class Scale255(torch.nn.Module):
+        def forward(self, ir, vi):
+            return vi.double() * 255.0
+
+    @register_method("err_uint8")
+    class Uint8(torch.nn.Module):
+        def forward(self, ir, vi):
+            return (vi * 255).to(torch.uint8)
+
+    @register_method("err_exit")
+    class Exits(torch.nn.Module):
+        def forward(self, ir, vi):
+            import sys
+            sys.exit(3)
 ''')
 
 
@@ -127,6 +143,9 @@ def test_method_settings_that_raise(ws, capsys):
     ("err_nan", 1, "non-finite value(s)"),
     ("err_oom", 1, "out of CPU memory (cannot allocate 3.2 GiB)"),
     ("err_bug", 1, "unexpected KeyError: 'missing' (a bug in fuseseg or in a plug-in). Rerun with --traceback"),
+    ("err_255", 1, "value(s) outside [0, 1] (range "),
+    ("err_uint8", 1, "err_uint8 returned a uint8 tensor (values "),
+    ("err_exit", 1, "err_exit called sys.exit(3) while fusing"),
 ])
 def test_plugins_breaking_the_contract_are_rejected(ws, capsys, monkeypatch, method, code, text):
     monkeypatch.chdir(ws)
@@ -135,6 +154,17 @@ def test_plugins_breaking_the_contract_are_rejected(ws, capsys, monkeypatch, met
                                          out=out))
     assert rc == code and text in one_line_error(err), err
     assert not list((ws / out).glob("*.png"))                  # nothing (black or partial) was written
+    if method == "err_255":   # the count: visible values v/255 * 255 > 1.01, i.e. v >= 2 (independent count)
+        import re
+
+        from fuseseg.data.io import read_visible
+
+        n, total, lo, hi = re.search(r"returned (\d+) of (\d+) value\(s\) outside \[0, 1\] \(range (\d+)\.\.(\d+)\)",
+                                     err).groups()
+        first = sorted((ws / "data" / "test" / "vi").glob("*.png"))[0]
+        vi = read_visible(first)
+        assert (int(n), int(total), int(lo), int(hi)) == (int((vi >= 2).sum()), vi.size, vi.min(), vi.max())
+        assert "divide by 255" in err
 
 
 def test_traceback_flag_shows_unexpected_errors(ws, capsys, monkeypatch):
@@ -279,3 +309,116 @@ def test_error_lines_go_to_stderr_not_stdout(ws, capsys):
     assert main(["check-data", str(ws / "data"), "--num-classes", "1"]) == 2
     cap = capsys.readouterr()
     assert "error:" in cap.err and "error:" not in cap.out
+
+
+def test_plugin_exiting_at_import_is_named(ws, capsys, monkeypatch):
+    monkeypatch.chdir(ws)
+    (ws / "err_exit_import.py").write_text("import sys\nsys.exit(4)\n")
+    rc, err = run_cli(capsys, *fuse_args(ws, "--method", "mean", "--plugins", "err_exit_import", out="exit_imp"))
+    assert rc == 2 and "plug-in module 'err_exit_import'" in one_line_error(err) and "sys.exit(4)" in err
+
+
+def _laughs(levels: int) -> bytes:
+    """A "billion laughs" under fusion[].kwargs: 9**levels strings from a few hundred bytes."""
+    lines = ["name: x", "fusion:", "  - name: mean", "    kwargs:", "      a: &a [" + ",".join(["lol"] * 9) + "]"]
+    lines += [f"      {c}: &{c} [" + ",".join([f"*{p}"] * 9) + "]" for p, c in zip("abcdefgh", "bcdefghi"[:levels - 1])]
+    return ("\n".join(lines) + "\n").encode()
+
+
+@pytest.mark.parametrize("text, limit, expect", [
+    (b"name: \xff\xfe x\n", None, "is not UTF-8 text (byte 0xff at offset 6)"),
+    (("a: " + "[" * 5000 + "]" * 5000 + "\n").encode(), None, "nested more than 100 levels deep"),
+    # 9**5 = 59049 strings: small enough that the old code's 350 KB error line stays cheap
+    (_laughs(5), "10000", "expands to more than 10,000 values"),
+])
+def test_hostile_or_damaged_yaml_is_one_line(ws, capsys, monkeypatch, text, limit, expect):
+    if limit:
+        monkeypatch.setenv("FUSESEG_YAML_MAX_NODES", limit)
+    p = ws / "hostile.yaml"
+    p.write_bytes(text)
+    rc, err = run_cli(capsys, "run", p)
+    line = one_line_error(err)
+    assert rc == 2 and str(p) in line and expect in line and len(line) < 400, line
+
+
+@pytest.mark.parametrize("override, expect", [
+    ("data.synthetic.size=[0,0]", "data.synthetic.size=[0, 0]: give a height and width of at least 16"),
+    ("seed=1000000000000000000000000", "seed 1000000000000000000000000 is out of range"),
+])
+def test_bad_sizes_and_seeds_fail_at_validation(ws, capsys, override, expect):
+    rc, err = run_cli(capsys, "run", f"results_dir={ws / 'results'}", "name=val", override, "--only", "data")
+    assert rc == 2 and expect in one_line_error(err)
+    assert not (ws / "results" / "val").exists()
+
+
+@pytest.mark.parametrize("fields, expect", [
+    ({"method": 5}, "its `method` field is 5, not a method name"),
+    ({"kwargs": [1, 2]}, "its `kwargs` field is list"),
+    ({"state_dict": {"w": "x"}}, "its `state_dict` field is not a mapping of tensors"),
+    ({"kwargs": {"channels": [16, 32, 48, 700]}}, "parameters but its weights hold only"),
+    ({"verdict": [1]}, None),
+])
+def test_malformed_checkpoint_fields_name_the_file(ws, capsys, fields, expect):
+    from fuseseg.runtime import save_checkpoint
+    from fusion.registry import create_method
+
+    p = ws / "crafted.pt"
+    save_checkpoint(p, {"kind": "fusion", "method": "sspfusion", "kwargs": {},
+                        "state_dict": create_method("sspfusion").state_dict(), **fields})
+    rc, err = run_cli(capsys, *fuse_args(ws, "--checkpoint", p, "--overwrite", out="crafted"))
+    if expect is None:   # a damaged verdict is ignored: the weights are fine
+        assert rc == 0, err
+    else:
+        line = one_line_error(err)
+        assert rc == 1 and str(p) in line and expect in line, line
+
+
+def test_malformed_stage_records_are_named_and_redone(ws, capsys):
+    import json
+
+    args = ["run", f"data.root={ws / 'data'}", f"results_dir={ws / 'results'}", "name=recs", "--only", "data"]
+    assert run_cli(capsys, *args)[0] == 0
+    rec = ws / "results" / "recs" / "stages" / "data.json"
+    good = json.loads(rec.read_text())
+    for bad in ([1, 2], {**good, "inputs": [1]}, {**good, "fingerprint": 5}, {"status": "done"}):
+        rec.write_text(json.dumps(bad))
+        rc, err = run_cli(capsys, *args)
+        assert rc == 0 and f"the stage record {rec} is damaged" in err, err
+        assert json.loads(rec.read_text())["fingerprint"] == good["fingerprint"]      # redone and rewritten
+        rec.write_text(json.dumps(bad))
+        rc, err = run_cli(capsys, "status", ws / "results" / "recs")
+        assert rc == 0, err
+
+
+@pytest.mark.parametrize("table, expect", [
+    ("{not json", "it is not readable JSON"),
+    ('{"rows": 5}', "not an object with a `protocol` mapping and a `rows` list"),
+    ('{"protocol": {}, "rows": [{"variant": "ir", "seeds": 1, "miou": [0.5], "pixel_accuracy": [0.9, 0]}]}',
+     "row 'ir' lacks `seeds` or a [mean, std] `miou`"),
+])
+def test_damaged_miou_table_in_compare_is_named(ws, capsys, table, expect):
+    run = ws / "damaged_run"
+    (run / "tables").mkdir(parents=True, exist_ok=True)
+    (run / "tables" / "miou.json").write_text(table)
+    rc, err = run_cli(capsys, "compare", run)
+    line = one_line_error(err)
+    assert rc == 1 and str(run / "tables" / "miou.json") in line and expect in line, line
+
+
+def test_full_disk_during_an_atomic_write_names_the_file(ws, capsys, monkeypatch):
+    """A failed write() or fsync() raises OSError without a file name; the message must name it."""
+    import fuseseg.data.io as fio
+
+    real = fio.os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(fio.os, "fsync", full)
+    try:
+        rc, err = run_cli(capsys, *fuse_args(ws, "--method", "mean", out="disk_full"))
+    finally:
+        monkeypatch.setattr(fio.os, "fsync", real)
+    line = one_line_error(err)
+    assert rc == 1 and str(ws / "disk_full") in line and "the disk is full" in line, line
+    assert not [p for p in (ws / "disk_full").iterdir() if p.name.endswith(".tmp")]

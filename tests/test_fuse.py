@@ -168,8 +168,13 @@ def test_checkpoint_errors_name_file_and_fix(tmp_path):
     with pytest.raises(CheckpointError, match=r"holds fusion method 'tiny-trainable', not 'test-max'.*--method tiny-trainable"):
         load_fusion_method("test-max", tmp_path / "m.pt", device="cpu")
     _save(tmp_path / "wide.pt", kwargs={"width": 8})  # weights of width 4 stored with width=8
-    with pytest.raises(CheckpointError, match=r"wide\.pt does not fit this model.*size mismatch"):
+    # refused before the wider model is allocated (counted on the meta device; fuseseg.limits)
+    with pytest.raises(CheckpointError, match=r"wide\.pt: its kwargs describe a 'tiny-trainable' model of [\d,]+ "
+                                              r"parameters but its weights hold only [\d,]+ values"):
         load_fusion_method(checkpoint=tmp_path / "wide.pt", device="cpu")
+    _save(tmp_path / "narrow.pt", kwargs={"width": 2})  # weights of width 4 stored with width=2
+    with pytest.raises(CheckpointError, match=r"narrow\.pt does not fit this model.*size mismatch"):
+        load_fusion_method(checkpoint=tmp_path / "narrow.pt", device="cpu")
     _save(tmp_path / "seg.pt", kind="segmentation")
     with pytest.raises(CheckpointError, match="not a fusion checkpoint"):
         load_fusion_method(checkpoint=tmp_path / "seg.pt", device="cpu")

@@ -343,7 +343,7 @@ def _segmentation_ckpt(ws, ref):
 
 def _other_shape(ws, ref):
     return (ref / "train_fusion" / "sspfusion" / "final.pt", {"levels": 2, "channels": [4, 8, 12]},
-            ["does not fit this model", "Use the settings it was trained with"])
+            ["parameters but its weights hold only", "do not match its weights", "Use the settings it was trained with"])
 
 
 BAD_CKPT = {"corrupt": _corrupt, "another method": _other_method, "a segmentation checkpoint": _segmentation_ckpt,

@@ -16,6 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from fuseseg.data.header import check_image_size
 from fuseseg.data.paths import check_write_path
 from fuseseg.errors import DataError
 
@@ -27,6 +28,7 @@ def _decode(path: Path) -> np.ndarray:
     """Decode ``path`` with OpenCV (IMREAD_UNCHANGED) or raise a DataError naming it."""
     if not path.is_file():
         raise DataError(f"{path}: file not found. Check the data folder in your config.")
+    check_image_size(path)   # pixels and decoded bytes from the header, before any decoding
     data = np.fromfile(str(path), dtype=np.uint8)
     if data.size == 0:
         raise DataError(f"{path}: the file is empty (0 bytes). Re-copy or re-export this image, "
@@ -49,6 +51,12 @@ def to_uint8(img: np.ndarray, path: Path | str = "<array>", ir16: str = "minmax"
     fixed full-range mapping (65535 -> 255)."""
     if img.dtype == np.uint8:
         return img
+    if np.issubdtype(img.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(img)))
+        if bad:
+            raise DataError(f"{path}: {bad} of {img.size} pixel value(s) are NaN or infinite (a float "
+                            "image); they would turn the whole image black. Replace them (e.g. by the "
+                            "image's valid minimum) and save the image again.")
     if ir16 not in IR16_MAPPINGS:
         raise DataError(f"unknown 16-bit mapping {ir16!r} for {path}; valid: {', '.join(IR16_MAPPINGS)}")
     x = img.astype(np.float64)
@@ -141,11 +149,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+            # a failed write (e.g. a full disk: ENOSPC) names no file; name the one being written
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
     _fsync_dir(path.parent)
 

@@ -34,6 +34,7 @@ def load_train_config(path: str | Path | None, overrides: list[str]):
 
 
 def _train(args) -> int:
+    from fuseseg.limits import check_image_shape
     from fusion.train import resolve_pairs, train_fusion
 
     config, overrides = args.config, list(args.overrides)
@@ -49,6 +50,7 @@ def _train(args) -> int:
                           "data_root=...), e.g. `fuseseg train-fusion configs/fusion.yaml`.")
     cfg = load_train_config(config, overrides)
     _check_config_is_no_output(given, cfg, out)
+    check_image_shape(cfg.synthetic_size, "synthetic_size")
     # the folders read (synthetic scenes are rendered into OUT later, so they are not inputs here)
     real = dataclasses.replace(cfg, synthetic_pairs=0)
     if real.data_root or real.ir_dir or real.vi_dir or real.extra_data:

@@ -32,6 +32,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from fuseseg.data.synthetic import CLASS_NAMES, make_synthetic, valid_zoom
+    from fuseseg.limits import check_image_shape
 
     if args.train < 0 or args.test < 0 or args.train + args.test == 0:
         raise ConfigError(f"make-synthetic: --train {args.train} --test {args.test}: give counts >= 0 "
@@ -39,6 +40,7 @@ def run(args) -> int:
     if min(args.size) < 16:
         raise ConfigError(f"make-synthetic: --size {args.size[0]} {args.size[1]} is too small; "
                           "use at least --size 16 16 (e.g. --size 240 320)")
+    check_image_shape(args.size, "make-synthetic --size")
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"make-synthetic: --workers {args.workers}: give at least 1, or omit it "
                           "to use every CPU core")

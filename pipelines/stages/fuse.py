@@ -14,6 +14,7 @@ from pipelines.stages.base import Plan, Stage, fusion_amp, precision_of, prepare
 
 def _check_folder_method(cfg: ExperimentConfig, m: FusionMethodConfig, data_root: Path, split: str) -> Path:
     """Validate a folder of already fused images against the data set's names and sizes."""
+    from fuseseg.data.header import check_image_size
     from fuseseg.data.io import read_visible
 
     folder = Path(m.folder) / split
@@ -24,6 +25,7 @@ def _check_folder_method(cfg: ExperimentConfig, m: FusionMethodConfig, data_root
     import cv2
 
     for stem, p in fused.items():
+        check_image_size(ref[stem])
         hdr = cv2.imread(str(ref[stem]), cv2.IMREAD_UNCHANGED)
         img = read_visible(p)
         if img.shape[:2] != hdr.shape[:2]:
