@@ -205,7 +205,7 @@ def rank_correlation(x, y, method: str = "spearman", n_resamples: int = MAX_EXAC
     if n < min_n:
         reason = f"n = {n} < {min_n}: too small to conclude"
     elif not np.isfinite(stat):
-        reason = "a constant column: no ranking to correlate"
+        reason = "every variant has the same value (of the metric or of mIoU): nothing to rank"
     elif min_p > alpha:
         reason = f"n = {n}: the smallest attainable p is {min_p:.3g} > {alpha}: too small to conclude"
     return {"method": method, "statistic": stat, "pvalue": p, "n": int(n), "exact": bool(exact),

@@ -111,7 +111,8 @@ def test_report_html_is_self_contained_with_every_figure(quick):
     html = (run / "report.html").read_text()
     plots = re.findall(r"<img class='plot' src='data:image/png;base64,([^']+)'", html)
     titles = re.findall(r"<h3>([^<]+)</h3><img class='plot'", html)
-    assert titles == ["Fusion training curves", "Segmentation training curves", "Per-class IoU per variant",
+    assert titles == ["Fusion quality metric against mIoU per fused variant",
+                      "Fusion training curves", "Segmentation training curves", "Per-class IoU per variant",
                       "Confusion matrices (rows normalised; summed over seeds)",
                       "Fusion quality metrics per test image"]
     import cv2
