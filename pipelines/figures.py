@@ -201,6 +201,8 @@ def metric_scatter(correlation: dict, miou_sd: dict[str, float]) -> bytes | None
     (y, error bar: sd over seeds) of each fused variant (one colour and marker per variant, one
     legend), the rank correlations in the title (``correlation``:
     :func:`pipelines.analysis.metric_correlations`)."""
+    from matplotlib.ticker import MaxNLocator
+
     results = [r for r in correlation.get("results", []) if r["x"]]
     if not results:
         return None
@@ -218,6 +220,7 @@ def metric_scatter(correlation: dict, miou_sd: dict[str, float]) -> bytes | None
         ax.set_title(f"{r['metric']}{' (lower is better)' if r['lower_is_better'] else ''}, n {r['spearman']['n']}\n"
                      f"rho {_corr_text(r['spearman'])}, tau {_corr_text(r['kendall'])}", fontsize=9)
         ax.tick_params(labelsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(5))
         ax.set_ylabel("mIoU", fontsize=8)
         ax.margins(x=0.12, y=0.15)
     for ax in axes[len(results):]:
@@ -234,7 +237,7 @@ def class_legend(class_names: list[str], colours: np.ndarray) -> bytes:
     from matplotlib.patches import Patch
 
     per_row = min(len(class_names), 9)
-    fig = _figure(min(12.0, 1.35 * per_row + 0.4), 0.35 + 0.3 * math.ceil(len(class_names) / per_row))
+    fig = _figure(min(12.0, 1.1 * per_row + 0.3), 0.35 + 0.3 * math.ceil(len(class_names) / per_row))
     handles = [Patch(facecolor=np.asarray(c) / 255.0, edgecolor="#444", label=n) for n, c in zip(class_names, colours)]
     fig.legend(handles=handles, loc="center", ncols=per_row, fontsize=9, frameon=False, handlelength=1.4,
                columnspacing=1.0)
