@@ -160,7 +160,9 @@ def analyse(per_seed: dict[str, list[np.ndarray]], images: list[str], rows: list
     tests of every pair of variants (:func:`judge_pairs`), the better single modality, the
     headline, day and night mIoU and the metric-vs-mIoU correlations."""
     order = [r["variant"] for r in rows if r["variant"] in per_seed]
-    per_image = {v: np.sum(per_seed[v], axis=0) for v in order}        # seeds pooled
+    # seeds pooled: the mean over a variant's seeds of each image's confusion matrix (the mIoU of the
+    # set is that of the sum; the mean keeps two variants' images on one scale when their seed counts differ)
+    per_image = {v: np.mean(per_seed[v], axis=0) for v in order}
     seeds = seed_mious({v: per_seed[v] for v in order}, convention)
     pairs = judge_pairs(stats.pairwise_tests(per_image, order, n_resamples=n_resamples, seed=seed,
                                              convention=convention), seeds)

@@ -63,7 +63,8 @@ def paired_miou_test(a: np.ndarray, b: np.ndarray, n_resamples: int = 9999, seed
     """Paired permutation (sign-flip) test of ``mIoU(A) - mIoU(B)`` over test images.
 
     ``a``, ``b``: (n, C, C) per-image confusion matrices of the two variants on the same n test
-    images in the same order, each summed over the variant's segmentation seeds (seeds pooled).
+    images in the same order, each pooled over the variant's segmentation seeds (summed, or
+    averaged where the variants have different numbers of seeds).
     Statistic: ``T = mIoU(sum_i a_i) - mIoU(sum_i b_i)``, the difference of the mIoUs the table
     reports. Null hypothesis: per image, the two variants' results are exchangeable; each null
     arrangement swaps ``a_i`` and ``b_i`` for a subset of images. All ``2^n`` subsets are
