@@ -154,8 +154,14 @@ def build_report(run_dir: Path, rows: list[dict], seg: dict[str, list[dict]], cl
     note = (f"error bars: ± sd over {k} seeds" if k > 1 else
             "one seed: no error bars (the spread over seeds is unmeasured)")
     chart = svg_bar_chart([(r["variant"], r["miou"][0], r["miou"][1]) for r in rows], note=note)
-    miou_md = _without_protocol_line((run_dir / "tables" / "miou.md").read_text())
+    # the per-class table of miou.md (its gain table is in the summary above it)
+    miou_md = _without_protocol_line((run_dir / "tables" / "miou.md").read_text()).split("\nmIoU gain over")[0]
     warn = rt.seed_warning(a) if a else ""
+    gains = (json.loads((run_dir / "tables" / "miou.json").read_text()).get("gains", [])
+             if (run_dir / "tables" / "miou.json").is_file() else [])
+    if a:
+        miou_md = (rt.summary_markdown(rows, gains, a) + "\n\nPer class (IoU, mean ± sd over seeds; bold: the "
+                   "best of a column):\n\n" + miou_md)
     sections: list[Section] = []
     if a:
         sections.append(("Headline", rt.headline_markdown(a), []))
@@ -263,7 +269,7 @@ STYLE = """body{font-family:sans-serif;margin:2em auto;max-width:1400px;padding:
 h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
 .headline{font-size:1.12em;background:#f3f6fb;border-left:5px solid #4c78a8;padding:.7em 1em}
 table{border-collapse:collapse;margin:.8em 0;font-size:14px} .scroll{overflow-x:auto;max-width:100%}
-td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap} th{background:#eee}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap} th{background:#eee;text-align:center}
 td:first-child,th:first-child,td.t{text-align:left} code{background:#f2f2f2;padding:0 3px}
 .grid{display:flex;flex-wrap:wrap;gap:6px} figure{margin:0} .grid img{width:200px;image-rendering:pixelated}
 figcaption{text-align:center;font-size:12px} img.plot{max-width:100%;height:auto;display:block}

@@ -6,8 +6,14 @@ from __future__ import annotations
 import math
 
 TEST_TEXT = ("paired permutation (sign-flip) test over test images, seeds pooled: the statistic is the "
-             "difference of the two variants' mIoUs from their confusion matrices summed over seeds and "
-             "images; the null arrangements swap the two variants' results on a random subset of images")
+             "difference of the two variants' mIoUs from their confusion matrices pooled over seeds and "
+             "summed over images; the null arrangements swap the two variants' results on a random subset of images")
+
+
+UNRESOLVED = ("The bootstrap interval excludes 0 but the test does not reject: treat the difference as "
+              "unresolved. The test's null (the two variants exchangeable on every image) also shuffles "
+              "per-class differences that cancel in the mIoU, which widens its null distribution; the "
+              "percentile interval is narrower and ignores the Holm correction.")
 
 
 def fmt_p(p: float | None) -> str:
@@ -56,6 +62,8 @@ def headline_markdown(a: dict) -> str:
                    f"(paired bootstrap over {g['n_images']} test images); the difference is {sig} "
                    f"(paired permutation test over test images, seeds pooled: p = {fmt_p(t['pvalue'])}, "
                    f"Holm-adjusted over {len(a['pairs'])} pairs p = {fmt_p(t['p_holm'])}).")
+        if not t["significant"] and (g["ci_low"] > 0 or g["ci_high"] < 0):
+            out.append(UNRESOLVED)
     elif h.get("baseline") is None:
         out.append("The single modalities (ir, vi) were not both segmented: no gain to report.")
     if a.get("max_seeds", 0) <= 1:
@@ -194,4 +202,36 @@ def correlation_markdown(c: dict) -> str:
             concl = "no evidence of a correlation"
         lines.append(f"| {name} | {_r(s['statistic'])} | {fmt_p(s['pvalue'])} | {fmt_p(s['p_holm'])} | "
                      f"{_r(k['statistic'])} | {fmt_p(k['pvalue'])} | {fmt_p(k['p_holm'])} | {s['n']} | {concl} |")
+    return "\n".join(lines)
+
+
+def summary_markdown(rows: list[dict], gains: list[dict], a: dict) -> str:
+    """The table that answers the question, narrow enough for a laptop: per variant the mIoU
+    (mean ± sd over seeds), the gain over the better single modality with its bootstrap interval,
+    the Holm-adjusted p of the test against it and whether the difference exceeds the noise, and
+    the day and night mIoU."""
+    from pipelines.analysis import find_pair
+
+    base = a.get("baseline")
+    by = {g["variant"]: g for g in gains}
+    dn = a.get("day_night", {}).get("rows", {})
+    level = f"{int(gains[0]['level'] * 100)} % interval" if gains else "interval"
+    lines = [f"| variant | mIoU | gain over {base or '-'} | {level} | p (Holm) | exceeds the noise | day | night |",
+             "|---|---:|---:|---:|---:|---|---:|---:|"]
+    best = max((round(r["miou"][0], 3) for r in rows), default=None)
+    for r in rows:
+        v = r["variant"]
+        m = pm(*r["miou"])
+        m = f"**{m}**" if best is not None and round(r["miou"][0], 3) == best else m
+        g = by.get(v)
+        t = find_pair(a.get("pairs", []), v, base) if base and v != base else None
+        gain = f"{g['gain']:+.3f}" if g else f"{t['statistic']:+.3f}" if t else "-"   # vi: its test's difference
+        ci = "-" if g is None else f"[{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]"
+        if v == base:
+            gain, verdict = "baseline", ""
+        else:
+            verdict = "-" if t is None else ("**yes**" if t["exceeds_noise"] else "no")
+        d, n = dn.get(v, {}).get("day", (math.nan, None)), dn.get(v, {}).get("night", (math.nan, None))
+        lines.append(f"| {v} | {m} | {gain} | {ci} | {fmt_p(t['p_holm']) if t else '-'} | {verdict} | "
+                     f"{pm(*d)} | {pm(*n)} |")
     return "\n".join(lines)

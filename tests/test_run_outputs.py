@@ -316,7 +316,10 @@ def test_report_renders_in_headless_chromium(quick):
     for part in np.array_split(img, 4):
         assert (part < 200).mean() > 0.01
     # the embedded figures are on the page as drawn (shown at their own size): a patch of each
-    # of the first two is found in the screenshot
+    # of the first two is found in a screenshot of the whole page (they follow the analysis sections)
+    tall = run.parent / "report-screenshot-tall.png"
+    chromium_screenshot(run / "report.html", tall, "1400,16000")
+    img = cv2.imread(str(tall), cv2.IMREAD_COLOR)
     for name in ("curves_fusion.png", "curves_segmentation.png"):
         fig = cv2.imread(str(run / "figures" / name), cv2.IMREAD_COLOR)
         h, w = fig.shape[:2]
