@@ -139,3 +139,22 @@ def test_markdown_bullets_and_bold_become_html():
     assert "<ul><li><b>Seeds:</b> 3</li><li>data</li></ul>" in out
     assert "<p>plain <b>b</b> <code>x</code></p>" in out
     assert "<td class='t'>ir</td><td>0.5</td>" in out
+
+
+def test_headline_says_when_interval_and_test_disagree_and_summary_shows_each_variant():
+    per_seed, rows, gains = make_run(3, 0.10)
+    a = analysis.analyse(per_seed, NAMES, rows, gains, None, n_resamples=999)
+    t = analysis.find_pair(a["pairs"], "f", "vi")
+    assert t["significant"] and report_text.UNRESOLVED not in report_text.headline_markdown(a)
+    # the same interval (excluding 0) with a test that does not reject: said to be unresolved
+    for p in [*a["pairs"], a["headline"]["test"]]:
+        p.update(p_holm=0.5, significant=False, exceeds_noise=False)
+    h = report_text.headline_markdown(a)
+    assert "**not significant**: within test-image noise" in h and report_text.UNRESOLVED in h
+    table = report_text.summary_markdown(rows, gains, a).splitlines()
+    assert table[0].startswith("| variant | mIoU | gain over vi | 95 % interval | p (Holm) |")
+    cells = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in table[2:]}
+    assert cells["vi"][1] == "baseline"
+    assert cells["ir"][1] == f"{analysis.find_pair(a['pairs'], 'ir', 'vi')['statistic']:+.3f}"   # its test's difference
+    assert cells["f"][1] == f"{gains[0]['gain']:+.3f}" and cells["f"][4] == "no"
+    assert cells["f"][5] == report_text.pm(*a["day_night"]["rows"]["f"]["day"])
