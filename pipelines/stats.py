@@ -184,19 +184,22 @@ def rank_correlation(x, y, method: str = "spearman", n_resamples: int = MAX_EXAC
     if method not in ("spearman", "kendall"):
         raise ValueError(f"unknown rank correlation {method!r}; valid: spearman, kendall")
     n = x.size
-    exact = n < 2 or math.factorial(n) <= n_resamples
+    if n < 2:                                                       # nothing to rank
+        return {"method": method, "statistic": math.nan, "pvalue": math.nan, "n": int(n), "exact": True,
+                "min_pvalue": math.nan, "conclusive": False, "reason": f"n = {n} < {min_n}: too small to conclude"}
+    exact = math.factorial(n) <= n_resamples
     if exact:
-        perms = np.array(list(itertools.permutations(range(n))), dtype=np.intp).reshape(-1, n)
+        perms = np.array(list(itertools.permutations(range(n))), dtype=np.intp)
     else:
         rng = np.random.default_rng(seed)
         perms = np.argsort(rng.random((n_resamples, n)), axis=1)
     if method == "spearman":
         rx, ry = rankdata(x), rankdata(y)
-        stat = float(_spearman(rx, ry[None])[0]) if n > 1 else math.nan
-        null = _spearman(rx, ry[perms]) if n > 1 else np.array([math.nan])
+        stat = float(_spearman(rx, ry[None])[0])
+        null = _spearman(rx, ry[perms])
     else:
-        stat = float(_kendall(x, y[None])[0]) if n > 1 else math.nan
-        null = _kendall(x, y[perms]) if n > 1 else np.array([math.nan])
+        stat = float(_kendall(x, y[None])[0])
+        null = _kendall(x, y[perms])
     adj = 0 if exact else 1
     if not np.isfinite(stat):
         p = min_p = math.nan

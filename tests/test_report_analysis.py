@@ -158,3 +158,15 @@ def test_headline_says_when_interval_and_test_disagree_and_summary_shows_each_va
     assert cells["ir"][1] == f"{analysis.find_pair(a['pairs'], 'ir', 'vi')['statistic']:+.3f}"   # its test's difference
     assert cells["f"][1] == f"{gains[0]['gain']:+.3f}" and cells["f"][4] == "no"
     assert cells["f"][5] == report_text.pm(*a["day_night"]["rows"]["f"]["day"])
+
+
+def test_no_results_of_this_protocol_is_said_not_raised(tmp_path):
+    """Every result measured under another protocol is left out: the analysis of nothing, with
+    fusion metrics present, says so (it once failed on an empty rank correlation)."""
+    mj = {"metrics": ["EN"], "lower_is_better": [], "methods": {"a": {"mean": {"EN": 1.0}}}}
+    a = analysis.analyse({}, [], [], [], mj)
+    assert a["pairs"] == [] and a["correlation"]["n"] == 0
+    assert report_text.headline_markdown(a).startswith("No segmentation results yet")
+    assert "too small to conclude" in report_text.correlation_markdown(a["correlation"])
+    report_tables.write_analysis_tables(tmp_path, [], [], [], a)
+    assert "\\bottomrule" in (tmp_path / "correlation.tex").read_text()

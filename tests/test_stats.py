@@ -147,6 +147,10 @@ def test_rank_correlation_by_hand_and_small_n():
     assert r["statistic"] == pytest.approx(-1.0) and r["pvalue"] == pytest.approx(2 / 120) and r["conclusive"]
     # tau by hand: x = 1,2,3,4; y = 1,3,2,4 -> 5 concordant, 1 discordant pair of 6: (5-1)/6
     assert stats.rank_correlation([1, 2, 3, 4], [1, 3, 2, 4], "kendall")["statistic"] == pytest.approx(4 / 6)
+    # no variant or one (every result of a run left out): no correlation, no error
+    for n in (0, 1):
+        r = stats.rank_correlation(np.ones(n), np.ones(n))
+        assert r["n"] == n and np.isnan(r["statistic"]) and np.isnan(r["pvalue"]) and not r["conclusive"]
     # a constant column: no correlation, said so
     r = stats.rank_correlation([1, 2, 3, 4, 5, 6], [2, 2, 2, 2, 2, 2])
     assert np.isnan(r["statistic"]) and not r["conclusive"]
