@@ -80,7 +80,9 @@ def load_run(path: str | Path) -> dict[str, Any]:
       ``protocol_text``);
     * ``miou``: ``{variant: {"miou", "miou_std", "pixel_accuracy", "seeds", "per_class": {class:
       IoU or None}}}``; ``miou_rows``: the same as a list of flat rows (one per variant);
-      ``gains``: the bootstrap gains over the better single modality;
+      ``gains``: the bootstrap gains over the better single modality; ``analysis``: the report's
+      pairwise tests, headline, day/night mIoU and metric-vs-mIoU correlations
+      (:func:`pipelines.analysis.analyse`; None for a run folder written before them);
     * ``metrics``: ``{"means": {method: {metric: v}}, "per_image": {method: {image: {metric: v}}},
       "convention": text}`` (None when the metrics stage did not run);
     * ``segmentation``: ``{variant: {seed: {"miou", "per_class_iou", "confusion" (ndarray),
@@ -97,9 +99,11 @@ def load_run(path: str | Path) -> dict[str, Any]:
     out: dict[str, Any] = {"path": run_dir, "config": yaml.safe_load((run_dir / "config.yaml").read_text())}
     table = run_dir / "tables" / "miou.json"
     out["miou"], out["miou_rows"], out["gains"], out["protocol"], out["protocol_text"] = {}, [], [], None, None
+    out["analysis"] = None
     if table.is_file():
         t = json.loads(table.read_text())
         out["protocol"], out["protocol_text"], out["gains"] = t["protocol"], t["protocol_text"], t["gains"]
+        out["analysis"] = t.get("analysis")
         for r in t["rows"]:
             per_class = {c: v[0] for c, v in r["per_class"].items()}
             out["miou"][r["variant"]] = {"miou": r["miou"][0], "miou_std": r["miou"][1],

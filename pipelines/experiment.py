@@ -118,14 +118,18 @@ class MetricsStageConfig:
 
 @dataclass
 class ReportConfig:
-    """The report: the mIoU table's bootstrap and the figure grid."""
+    """The report: the mIoU table's bootstrap, the pairwise tests and the figure grid."""
 
     bootstrap: int = 2000                       # paired bootstrap resamples for the mIoU-gain CI
+    permutations: int = 9999                    # random sign flips of the pairwise tests (all 2^n when fewer)
     figure_scenes: int = 4                      # test scenes in the figure grid
 
     def __post_init__(self):
         if self.bootstrap < 1:
             raise ConfigError(f"report.bootstrap={self.bootstrap}: give at least 1 resample (2000 is usual).")
+        if self.permutations < 99:
+            raise ConfigError(f"report.permutations={self.permutations}: give at least 99 sign flips "
+                              "(9999 is usual: p-values down to 1e-4).")
         if self.figure_scenes < 0:
             raise ConfigError(f"report.figure_scenes={self.figure_scenes}: give 0 (no figure) or more scenes.")
 

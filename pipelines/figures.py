@@ -3,7 +3,9 @@
 * training curves of every training, read from its ``log.csv``: the fusion trainers (one panel
   per logged loss component, one line per method, phases marked) and the segmenters (loss and,
   where validated, validation mIoU, one line per variant and seed);
-* per-class IoU bars, one bar per variant in each class group;
+* per-class IoU as a heatmap (variants x classes, values written in);
+* each fusion quality metric against mIoU (scatter, rank correlations in the titles);
+* the class colours of the label images (a legend for the scene grid);
 * the confusion matrix of each variant (rows: true class, normalised to 1; summed over seeds);
 * per-image distributions of every fusion quality metric per method (box plot + the images as
   points).
@@ -137,40 +139,108 @@ def segmentation_curves(logs: dict[str, list[dict[str, str]]]) -> bytes | None:
     if not logs:
         return None
     has_val = any(math.isfinite(_num(r.get("val_miou"))) for rows in logs.values() for r in rows)
-    fig = _figure(11 if has_val else 7, 3.4)
+    fig = _figure(12 if has_val else 8.5, 3.8)
     axes = fig.subplots(1, 2 if has_val else 1, squeeze=False)[0]
+    variants = list(dict.fromkeys(name.split("/")[0] for name in logs))   # one colour per variant,
+    dashes = ["-", "--", ":", "-."]                                       # one line style per seed
+    seen: dict[str, int] = {}
     for name, rows in logs.items():
+        variant = name.split("/")[0]
+        k = seen[variant] = seen.get(variant, -1) + 1
+        kw = {"marker": "o", "ms": 3, "color": f"C{variants.index(variant) % 10}", "ls": dashes[k % 4],
+              "label": variant if k == 0 else None}
         x = [int(_num(r["epoch"])) for r in rows]
-        axes[0].plot(x, [_num(r.get("loss")) for r in rows], marker="o", ms=3, label=name)
+        axes[0].plot(x, [_num(r.get("loss")) for r in rows], **kw)
         if has_val:
             v = np.array([_num(r.get("val_miou")) for r in rows])
             ok = np.isfinite(v)
-            axes[1].plot(np.array(x)[ok], v[ok], marker="o", ms=3, label=name)
+            axes[1].plot(np.array(x)[ok], v[ok], **kw)
     axes[0].set(title="segmentation training loss (Dice + CE)", xlabel="epoch", ylabel="loss")
     for ax in axes:
         _integer_ticks(ax)
     if has_val:
         axes[1].set(title="validation mIoU", xlabel="epoch", ylabel="mIoU")
-    axes[0].legend(fontsize=7)
+    fig.legend(loc="outside right upper", fontsize=8, title="variant (line style: seed)", title_fontsize=8)
     return _png(fig)
 
 
-def class_iou_bars(rows: list[dict], class_names: list[str]) -> bytes | None:
-    """Grouped bars: per class, one bar per variant (mean over seeds; absent classes left out)."""
+def class_iou_heatmap(rows: list[dict], class_names: list[str]) -> bytes | None:
+    """Per-class IoU as a heatmap: one row per variant, one column per class plus mIoU, each cell
+    written with its mean over seeds (absent classes blank); sized to its table so the text stays
+    at 9-10 pt whatever the number of variants and classes."""
     if not rows:
         return None
-    n = len(rows)
-    fig = _figure(max(7.0, 0.35 * n * len(class_names) + 2), 3.6)
+    cols = [*class_names, "mIoU"]
+    data = np.array([[np.nan if r["per_class"][c][0] is None else r["per_class"][c][0] for c in class_names]
+                     + [r["miou"][0]] for r in rows], dtype=float)
+    fig = _figure(max(6.0, 0.85 * len(cols) + 2.2), max(2.6, 0.42 * len(rows) + 1.6))
     ax = fig.subplots()
-    width = 0.8 / n
-    x = np.arange(len(class_names))
-    for i, r in enumerate(rows):
-        vals = [r["per_class"][c][0] for c in class_names]
-        y = np.array([np.nan if v is None else v for v in vals], dtype=float)
-        ax.bar(x + (i - (n - 1) / 2) * width, np.nan_to_num(y), width, label=r["variant"])
-    ax.set_xticks(x, class_names, rotation=30, ha="right", fontsize=9)
-    ax.set(ylabel="IoU", title="Per-class IoU per input variant", ylim=(0, 1))
-    ax.legend(fontsize=8, ncols=min(n, 6))
+    im = ax.imshow(np.ma.masked_invalid(data), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    for i in range(data.shape[0]):
+        for j in range(data.shape[1]):
+            if np.isfinite(data[i, j]):
+                ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=9,
+                        color="white" if data[i, j] < 0.6 else "black",
+                        fontweight="bold" if j == len(class_names) else "normal")
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=10)
+    ax.set_yticks(range(len(rows)), [r["variant"] for r in rows], fontsize=10)
+    ax.axvline(len(class_names) - 0.5, color="white", lw=3)
+    ax.set_title("Per-class IoU per input variant (mean over seeds; blank: class absent)", fontsize=11)
+    fig.colorbar(im, ax=ax, shrink=0.9, label="IoU")
+    return _png(fig)
+
+
+def _corr_text(c: dict) -> str:
+    if not np.isfinite(c["statistic"]):
+        return "n/a"
+    return f"{c['statistic']:+.2f} (p {c['pvalue']:.2g})"
+
+
+def metric_scatter(correlation: dict, miou_sd: dict[str, float]) -> bytes | None:
+    """One panel per fusion quality metric: its test-set mean (x) against the mean mIoU over seeds
+    (y, error bar: sd over seeds) of each fused variant (one colour and marker per variant, one
+    legend), the rank correlations in the title (``correlation``:
+    :func:`pipelines.analysis.metric_correlations`)."""
+    from matplotlib.ticker import MaxNLocator
+
+    results = [r for r in correlation.get("results", []) if r["x"]]
+    if not results:
+        return None
+    names = list(dict.fromkeys(v for r in results for v in r["x"]))
+    style = {v: (f"C{i % 10}", "osD^vP*Xh<>"[i % 11]) for i, v in enumerate(names)}
+    cols = min(3, len(results))
+    nrows = math.ceil(len(results) / cols)
+    fig = _figure(3.3 * cols + 1.6, 2.8 * nrows + 0.5)
+    axes = np.atleast_1d(fig.subplots(nrows, cols, squeeze=False)).ravel()
+    for ax, r in zip(axes, results):
+        for v in r["x"]:
+            colour, marker = style[v]
+            ax.errorbar([r["x"][v]], [r["y"][v]], yerr=[miou_sd.get(v, 0.0)], fmt=marker, ms=6, capsize=3,
+                        color=colour, label=v)
+        ax.set_title(f"{r['metric']}{' (lower is better)' if r['lower_is_better'] else ''}, n {r['spearman']['n']}\n"
+                     f"rho {_corr_text(r['spearman'])}, tau {_corr_text(r['kendall'])}", fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+        ax.set_ylabel("mIoU", fontsize=8)
+        ax.margins(x=0.12, y=0.15)
+    for ax in axes[len(results):]:
+        ax.set_visible(False)
+    handles = [axes[0].errorbar([], [], yerr=[], fmt=style[v][1], color=style[v][0], ms=6)[0] for v in names]
+    fig.legend(handles, names, loc="outside right upper", fontsize=9, title="fused variant", title_fontsize=9)
+    fig.suptitle("Fusion quality (x) against segmentation mIoU (y; bars: sd over seeds) per fused variant",
+                 fontsize=11)
+    return _png(fig)
+
+
+def class_legend(class_names: list[str], colours: np.ndarray) -> bytes:
+    """The colours of the label and prediction images, one swatch per class, in one or two rows."""
+    from matplotlib.patches import Patch
+
+    per_row = min(len(class_names), 9)
+    fig = _figure(min(12.0, 1.1 * per_row + 0.3), 0.35 + 0.3 * math.ceil(len(class_names) / per_row))
+    handles = [Patch(facecolor=np.asarray(c) / 255.0, edgecolor="#444", label=n) for n, c in zip(class_names, colours)]
+    fig.legend(handles=handles, loc="center", ncols=per_row, fontsize=9, frameon=False, handlelength=1.4,
+               columnspacing=1.0)
     return _png(fig)
 
 

@@ -12,19 +12,26 @@ Every table carries the protocol it was measured under, so two tables are never 
 """
 from __future__ import annotations
 
-import base64
 import csv
-import html
 import io
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 
 from fuseseg.data.io import atomic_write_text
 from fuseseg.errors import FusesegError
-from pipelines.runstate import read_record
+from pipelines.report_page import (  # noqa: F401  (the report's page, importable from here as before)
+    build_report,
+    figure_name,
+    markdown_to_html_table,
+    png_data_uri,
+    report_plots,
+    scene_rows,
+    stage_table,
+    svg_bar_chart,
+    write_report,
+)
 from segmentation.metrics import miou as miou_from_confusion
 
 
@@ -126,32 +133,69 @@ def miou_markdown(rows: list[dict], class_names: list[str], protocol: str) -> st
     return "\n".join(lines) + "\n"
 
 
+def _p(p: float) -> str:
+    return "-" if p is None or np.isnan(p) else ("< 0.0001" if p < 1e-4 else f"{p:.3g}")
+
+
+def _c(v) -> str:
+    """A CSV cell: empty for nothing or NaN, else 6 significant digits."""
+    return "" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.6g}"
+
+
 def write_miou_tables(out_dir: Path, rows: list[dict], class_names: list[str], protocol: str,
-                      protocol_dict: dict, gains: list[dict]) -> dict[str, Path]:
-    """Write miou.md, miou.csv and miou.json into ``out_dir``."""
+                      protocol_dict: dict, gains: list[dict], analysis: dict | None = None) -> dict[str, Path]:
+    """Write miou.md, miou.csv and miou.json into ``out_dir``. With ``analysis`` (see
+    :mod:`pipelines.analysis`) the gain table and the CSV also carry each variant's test against
+    the better single modality and its day and night mIoU."""
+    from pipelines.analysis import find_pair
+
+    base = (analysis or {}).get("baseline")
+    tests = {r["variant"]: find_pair(analysis["pairs"], r["variant"], base)
+             for r in rows if analysis and base and r["variant"] != base}
+    dn = (analysis or {}).get("day_night", {}).get("rows", {})
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"md": out_dir / "miou.md", "csv": out_dir / "miou.csv", "json": out_dir / "miou.json"}
     md = miou_markdown(rows, class_names, protocol)
     if gains:
-        md += "\nmIoU gain over the better single modality (paired bootstrap over test images):\n\n"
-        md += "| variant | baseline | gain | CI | resamples with gain <= 0 |\n|---|---|---:|---|---:|\n"
+        g0 = gains[0]
+        md += (f"\nmIoU gain over the better single modality: paired bootstrap over test images, "
+               f"{int(g0['level'] * 100)}% interval from {g0['n_boot']} resamples of {g0['n_images']} images"
+               + ("; p: paired permutation test against the better single modality (seeds pooled), Holm over "
+                  "all pairs" if tests else "") + ":\n\n")
+        extra = " p | p (Holm) | exceeds the noise |" if tests else ""
+        md += ("| variant | baseline | gain | CI | resamples with gain <= 0 |" + extra + "\n|---|---|---:|---|---:|"
+               + ("---:|---:|---|" if tests else "") + "\n")
         for g in gains:
             md += (f"| {g['variant']} | {g['baseline']} | {g['gain']:+.4f} | "
-                   f"[{g['ci_low']:+.4f}, {g['ci_high']:+.4f}] ({int(g['level'] * 100)}%, {g['n_boot']} resamples, "
-                   f"{g['n_images']} images) | {g['frac_resamples_gain_le_0']:.3f} |\n")
+                   f"[{g['ci_low']:+.4f}, {g['ci_high']:+.4f}] | {g['frac_resamples_gain_le_0']:.3f} |")
+            t = tests.get(g["variant"])
+            if tests:
+                md += (f" {_p(t['pvalue'])} | {_p(t['p_holm'])} | {'yes' if t['exceeds_noise'] else 'no'} |"
+                       if t else " - | - | - |")
+            md += "\n"
     atomic_write_text(paths["md"], md)
     buf = io.StringIO()
     w = csv.writer(buf)
     # one header row, then one row per variant: the protocol is a column (and in miou.json), so
     # csv readers and pandas.read_csv see a plain table
-    w.writerow(["variant", "seeds"] + class_names + ["miou", "miou_std", "pixel_accuracy", "protocol"])
+    w.writerow(["variant", "seeds"] + class_names + ["miou", "miou_std", "pixel_accuracy", "gain_baseline", "gain",
+                                                     "gain_ci_low", "gain_ci_high", "gain_ci_level", "p_vs_baseline",
+                                                     "p_holm_vs_baseline", "exceeds_noise", "day_miou", "day_miou_std",
+                                                     "night_miou", "night_miou_std", "protocol"])
+    by_gain = {g["variant"]: g for g in gains}
     for r in rows:
+        g, t, d = by_gain.get(r["variant"], {}), tests.get(r["variant"]), dn.get(r["variant"], {})
         w.writerow([r["variant"], r["seeds"]] +
                    ["" if r["per_class"][c][0] is None else f"{r['per_class'][c][0]:.6f}" for c in class_names] +
-                   [f"{r['miou'][0]:.6f}", f"{r['miou'][1]:.6f}", f"{r['pixel_accuracy'][0]:.6f}", protocol])
+                   [f"{r['miou'][0]:.6f}", f"{r['miou'][1]:.6f}", f"{r['pixel_accuracy'][0]:.6f}",
+                    g.get("baseline", ""), _c(g.get("gain")), _c(g.get("ci_low")), _c(g.get("ci_high")),
+                    _c(g.get("level")), _c(t and t["pvalue"]), _c(t and t["p_holm"]),
+                    "" if t is None else t["exceeds_noise"], *(_c(x) for x in d.get("day", (None, None))),
+                    *(_c(x) for x in d.get("night", (None, None))), protocol])
     atomic_write_text(paths["csv"], buf.getvalue())
     atomic_write_text(paths["json"], json.dumps({"protocol": protocol_dict, "protocol_text": protocol,
-                                                 "classes": class_names, "rows": rows, "gains": gains},
+                                                 "classes": class_names, "rows": rows, "gains": gains,
+                                                 "analysis": analysis},
                                                 indent=2))
     return paths
 
@@ -212,228 +256,6 @@ def metrics_markdown(d: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
-
-# ---------------------------------------------------------------- report
-def svg_bar_chart(values: list[tuple[str, float, float]], title: str = "mIoU per input variant") -> str:
-    """A small self-contained SVG bar chart of (name, mean, std) with error bars, on a 0..1 axis
-    when every value is in it (mIoU: bars of 0.000 must not fill the chart), with its ticks."""
-    w, bar, gap, h, top, left = 640, 36, 18, 280, 48, 50
-    n = len(values)
-    w = max(w, left + n * (bar + gap) + 20)
-    vmax = max([m + s for _, m, s in values] + [1e-9])
-    vmax = 1.0 if vmax <= 1.0 else vmax
-    scale = (h - top - 40) / vmax
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
-             f'<text x="{left}" y="18" font-weight="bold">{html.escape(title)}</text>',
-             f'<line x1="{left}" y1="{h - 40}" x2="{w - 10}" y2="{h - 40}" stroke="#333"/>',
-             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{h - 40}" stroke="#333"/>']
-    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
-        y = h - 40 - tick * vmax * scale
-        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{tick * vmax:.2g}</text>')
-        if tick:
-            parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{w - 10}" y2="{y:.1f}" stroke="#ddd"/>')
-    for i, (name, m, s) in enumerate(values):
-        x = left + gap + i * (bar + gap)
-        y = h - 40 - m * scale
-        parts.append(f'<rect x="{x}" y="{y:.1f}" width="{bar}" height="{m * scale:.1f}" fill="#4c78a8"/>')
-        if s > 0:
-            parts.append(f'<line x1="{x + bar / 2}" y1="{y - s * scale:.1f}" x2="{x + bar / 2}" '
-                         f'y2="{y + s * scale:.1f}" stroke="#000"/>')
-        parts.append(f'<text x="{x + bar / 2}" y="{y - 4 - s * scale:.1f}" text-anchor="middle">{m:.3f}</text>')
-        parts.append(f'<text x="{x + bar / 2}" y="{h - 24}" text-anchor="middle">{html.escape(name)}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts)
-
-
-def png_data_uri(img: np.ndarray) -> str:
-    from fuseseg.data.io import encode_image
-
-    return "data:image/png;base64," + base64.b64encode(encode_image(img)).decode()
-
-
-def markdown_to_html_table(md: str) -> str:
-    """Convert the simple pipe tables written here to HTML (bold marks kept)."""
-    out, rows = [], []
-
-    def flush():
-        if rows:
-            head, body = rows[0], rows[2:]
-            t = ["<table>", "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"]
-            for r in body:
-                cells = []
-                for c in r:
-                    bold = c.startswith("**") and c.endswith("**")
-                    c = html.escape(c.strip("*"))
-                    cells.append(f"<td><b>{c}</b></td>" if bold else f"<td>{c}</td>")
-                t.append("<tr>" + "".join(cells) + "</tr>")
-            t.append("</table>")
-            out.append("\n".join(t))
-            rows.clear()
-
-    for line in md.splitlines():
-        if line.startswith("|"):
-            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
-        else:
-            flush()
-            if line.startswith("#"):
-                level = len(line) - len(line.lstrip("#"))
-                out.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
-            elif line.strip():
-                out.append(f"<p>{html.escape(line)}</p>")
-    flush()
-    return "\n".join(out)
-
-
-def stage_table(run_dir: Path) -> str:
-    """Markdown table of the stage records: seconds and the stage's own peak memory."""
-    lines = ["Peak RSS: the peak resident memory of the process that ran the stage, while it ran (a job's "
-             "own process under a job executor; \"so far\": the fuseseg process's peak since it started, "
-             "where the peak cannot be reset); child processes (torchrun, data loaders) in parentheses when "
-             "one of them set a new peak during the stage.", "",
-             "| stage | seconds | peak RSS (MiB) |", "|---|---:|---:|"]
-    for rec_path in sorted((run_dir / "stages").glob("*.json")):
-        rec = read_record(rec_path)
-        if rec is None or rec.get("status") != "done":
-            continue
-        rss = rec.get("peak_rss_mib", "")
-        if rss != "" and rec.get("peak_rss_scope") == "process so far":
-            rss = f"{rss} so far"
-        if rec.get("child_peak_rss_mib") is not None:
-            rss = f"{rss} (children {rec['child_peak_rss_mib']})"
-        lines.append(f"| {rec.get('key', rec_path.stem)} | {rec.get('seconds', 0.0):.1f} | {rss} |")
-    return "\n".join(lines)
-
-
-def build_report(run_dir: Path, rows: list[dict], seg: dict[str, list[dict]], class_names: list[str],
-                 seeds: list[int], scenes: list[tuple[str, list[tuple[str, np.ndarray]]]]) -> tuple[Path, Path]:
-    """Assemble and write report.md / report.html of a run folder from its tables (written
-    before), metrics, stage records, the figures of :func:`report_plots` and the scene grid."""
-    sections = [("Segmentation (mIoU)", (run_dir / "tables" / "miou.md").read_text())]
-    mdp = run_dir / "metrics" / "metrics.md"
-    if (run_dir / "metrics" / "metrics.json").is_file() and mdp.is_file():
-        sections.append(("Fusion quality metrics (test split)", mdp.read_text()))
-    sections.append(("Stage times (last run of each stage)", stage_table(run_dir)))
-    chart = svg_bar_chart([(r["variant"], r["miou"][0], r["miou"][1]) for r in rows])
-    return write_report(run_dir, sections, chart, scenes, report_plots(run_dir, rows, seg, class_names, seeds))
-
-
-def scene_rows(run_dir: Path, test: dict[str, Path], fused_test: dict[str, Path | None], variants: list[str],
-               seed: int, n_scenes: int, ir16: str = "minmax") -> list[tuple[str, list[tuple[str, np.ndarray]]]]:
-    """The scene grid: for up to ``n_scenes`` test scenes (night and day alternating) the
-    infrared, visible, every fused image (``fused_test``: method -> its test folder), the ground
-    truth and each variant's prediction (segmentation ``seed``). ``test``: {ir, vi, labels} folders."""
-    from fuseseg.data.io import read_infrared, read_label, read_visible
-    from fuseseg.data.pairs import day_or_night, find_pairs, list_images
-    from segmentation.palette import colorize
-
-    pairs = find_pairs(test["ir"], test["vi"], test["labels"])
-    stems = sorted(pairs.stems)
-    night = [s for s in stems if day_or_night(s) == "night"]
-    day = [s for s in stems if day_or_night(s) != "night"]
-    chosen = [x for pair in zip(night, day) for x in pair][:n_scenes] or stems[:n_scenes]
-    listed = {name: list_images(d) if d is not None and Path(d).is_dir() else {} for name, d in fused_test.items()}
-    rows = []
-    for stem in chosen:
-        cols = [("infrared", read_infrared(pairs.ir[stem], ir16)), ("visible", read_visible(pairs.vi[stem]))]
-        for name, imgs in listed.items():
-            if stem in imgs:
-                cols.append((name, read_visible(imgs[stem])))
-        cols.append(("ground truth", colorize(read_label(pairs.labels[stem]))))
-        for v in variants:
-            pred = run_dir / "segment" / v / f"seed{seed}" / "predictions" / f"{stem}.png"
-            if pred.is_file():
-                cols.append((f"pred {v}", read_visible(pred)))
-        rows.append((stem, cols))
-    return rows
-
-
-def report_plots(run_dir: Path, rows: list[dict], seg: dict[str, list[dict]], class_names: list[str],
-                 seeds: list[int]) -> list[tuple[str, str, bytes]]:
-    """The report's matplotlib figures as (title, file name, PNG bytes): training curves of every
-    training found in the run folder, per-class IoU bars, confusion matrices (``seg``: variant ->
-    its seeds' eval.json dicts), per-image fusion metric distributions (see
-    :mod:`pipelines.figures`)."""
-    from pipelines import figures
-
-    fusion_logs = {p.parent.name: figures.read_log(p)
-                   for p in sorted((run_dir / "train_fusion").glob("*/log.csv"))}
-    seg_logs = {}
-    for v in seg:
-        for seed in seeds:
-            p = run_dir / "segment" / v / f"seed{seed}" / "log.csv"
-            if p.is_file():
-                seg_logs[f"{v}/seed{seed}"] = figures.read_log(p)
-    confusions = {v: np.sum([np.asarray(ev["confusion"]) for ev in evs], axis=0) for v, evs in seg.items()}
-    mjson = run_dir / "metrics" / "metrics.json"
-    drawn = [("Fusion training curves", "curves_fusion.png", figures.fusion_curves(fusion_logs)),
-             ("Segmentation training curves", "curves_segmentation.png", figures.segmentation_curves(seg_logs)),
-             ("Per-class IoU per variant", "class_iou.png", figures.class_iou_bars(rows, class_names)),
-             ("Confusion matrices (rows normalised; summed over seeds)", "confusion.png",
-              figures.confusion_grid(confusions, class_names)),
-             ("Fusion quality metrics per test image", "metric_distributions.png",
-              figures.metric_distributions(json.loads(mjson.read_text())) if mjson.is_file() else None)]
-    return [(t, f, png) for t, f, png in drawn if png is not None]
-
-
-def figure_name(scene: str, title: str) -> str:
-    """``('00161D', 'ground truth')`` -> ``00161D_ground-truth.png``: no spaces or other characters
-    that Markdown viewers fail on in an image link."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{scene}_{title}").strip("-") + ".png"
-
-
-def write_report(run_dir: Path, sections: list[tuple[str, str]], chart_svg: str,
-                 figure_rows: list[tuple[str, list[tuple[str, np.ndarray]]]],
-                 plots: list[tuple[str, str, bytes]] = ()) -> tuple[Path, Path]:
-    """Write report.md and the self-contained report.html (every image embedded; works offline).
-
-    ``sections``: (title, markdown body); ``figure_rows``: (scene name, [(column title, RGB or
-    grey uint8 image)]) for the figure grid; ``plots``: (title, file name, PNG bytes) from
-    :func:`report_plots`, written to ``figures/`` and embedded in the HTML."""
-    from fuseseg.data.io import atomic_write_bytes, write_image
-
-    md = ["# fuseseg report", ""]
-    for title, body in sections:
-        md += [f"## {title}", "", body, ""]
-    fig_dir = run_dir / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(fig_dir / "miou.svg", chart_svg)
-    md += ["## Figures", "", "![mIoU per variant](figures/miou.svg)", ""]
-    plots_html = []
-    for title, name, png in plots:
-        atomic_write_bytes(fig_dir / name, png)
-        md += [f"### {title}", "", f"![{title}](figures/{name})", ""]
-        uri = "data:image/png;base64," + base64.b64encode(png).decode()
-        plots_html.append(f"<h3>{html.escape(title)}</h3><img class='plot' src='{uri}' alt='{html.escape(title)}'>")
-
-    grid_html = []
-    for scene, cols in figure_rows:
-        md.append(f"Scene {scene}: " + ", ".join(f"![{t}](figures/{figure_name(scene, t)})" for t, _ in cols))
-        cells = []
-        for t, img in cols:
-            write_image(fig_dir / figure_name(scene, t), img)
-            cells.append(f'<figure><img src="{png_data_uri(img)}"><figcaption>{html.escape(t)}</figcaption></figure>')
-        grid_html.append(f"<h3>{html.escape(scene)}</h3><div class='grid'>{''.join(cells)}</div>")
-    md_text = "\n".join(md) + "\n"
-    md_path, html_path = run_dir / "report.md", run_dir / "report.html"
-    atomic_write_text(md_path, md_text)
-    body = "\n".join(f"<h2>{html.escape(t)}</h2>\n{markdown_to_html_table(b)}" for t, b in sections)
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fuseseg report</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}} table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} th{{background:#eee}}
-td:first-child,th:first-child{{text-align:left}}
-.grid{{display:flex;flex-wrap:wrap;gap:6px}} figure{{margin:0}} img{{max-width:220px;image-rendering:pixelated}}
-figcaption{{text-align:center;font-size:12px}} img.plot{{max-width:100%;image-rendering:auto;display:block}}</style></head><body>
-<h1>fuseseg report</h1>
-{body}
-<h2>mIoU per variant</h2>
-{chart_svg}
-<h2>Figures</h2>
-{''.join(plots_html)}
-<h2>Test scenes</h2>
-{''.join(grid_html)}
-</body></html>"""
-    atomic_write_text(html_path, page)
-    return md_path, html_path
 
 
 # ---------------------------------------------------------------- compare

@@ -76,7 +76,7 @@ def test_config_show_round_trips_and_documents_every_key(tmp_path):
     assert d["lr"] == d["min_lr"] and "cosine decay" in d["lr"]
     assert "nproc_per_node=K" in d["batch_size"]   # a continuation line joined in
     # every key of the shipped configs has its documentation: a comment line just above it
-    for name in ("default", "msrs"):
+    for name in ("default", "msrs", "table4"):
         lines = cli("config", "show", name, cwd=tmp_path).stdout.splitlines()
         bare = [ln for i, ln in enumerate(lines) if re.match(r"^\s*(- )?\w+:", ln)
                 and not lines[i - 1].lstrip().startswith("#")]

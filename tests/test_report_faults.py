@@ -93,10 +93,10 @@ def test_figures_draw_what_they_are_given():
     from pipelines import figures
 
     rows = rows_with({"ir": (0.31, 0.1), "vi": (0.52, 0.9)})
-    bars = decode(figures.class_iou_bars(rows, ["car", "bump"]))
+    bars = decode(figures.class_iou_heatmap(rows, ["car", "bump"]))
     assert bars.shape[0] > 200 and bars.std() > 10
     # a different table draws a different figure (the values reach the plot)
-    assert not np.array_equal(bars, decode(figures.class_iou_bars(rows_with({"ir": (0.9, 0.1), "vi": (0.1, 0.9)}),
+    assert not np.array_equal(bars, decode(figures.class_iou_heatmap(rows_with({"ir": (0.9, 0.1), "vi": (0.1, 0.9)}),
                                                                    ["car", "bump"])))
     eye = decode(figures.confusion_grid({"ir": np.eye(2) * 10, "vi": np.ones((2, 2))}, ["car", "bump"]))
     assert eye.shape[1] > 400
@@ -110,7 +110,7 @@ def test_figures_draw_what_they_are_given():
                "methods": {"gff": {"per_image": {"a": {"EN": 6.0, "MSE": 0.1}, "b": {"EN": 6.5, "MSE": None}}}}}
     assert decode(figures.metric_distributions(metrics)).std() > 10
     # nothing to draw: no figure (the report leaves it out)
-    assert figures.fusion_curves({}) is None and figures.class_iou_bars([], ["car"]) is None
+    assert figures.fusion_curves({}) is None and figures.class_iou_heatmap([], ["car"]) is None
     assert figures.confusion_grid({}, ["car"]) is None and figures.metric_distributions({}) is None
 
 

@@ -111,7 +111,8 @@ def test_report_html_is_self_contained_with_every_figure(quick):
     html = (run / "report.html").read_text()
     plots = re.findall(r"<img class='plot' src='data:image/png;base64,([^']+)'", html)
     titles = re.findall(r"<h3>([^<]+)</h3><img class='plot'", html)
-    assert titles == ["Fusion training curves", "Segmentation training curves", "Per-class IoU per variant",
+    assert titles == ["Fusion quality metric against mIoU per fused variant",
+                      "Fusion training curves", "Segmentation training curves", "Per-class IoU per variant",
                       "Confusion matrices (rows normalised; summed over seeds)",
                       "Fusion quality metrics per test image"]
     import cv2
@@ -315,7 +316,10 @@ def test_report_renders_in_headless_chromium(quick):
     for part in np.array_split(img, 4):
         assert (part < 200).mean() > 0.01
     # the embedded figures are on the page as drawn (shown at their own size): a patch of each
-    # of the first two is found in the screenshot
+    # of the first two is found in a screenshot of the whole page (they follow the analysis sections)
+    tall = run.parent / "report-screenshot-tall.png"
+    chromium_screenshot(run / "report.html", tall, "1400,16000")
+    img = cv2.imread(str(tall), cv2.IMREAD_COLOR)
     for name in ("curves_fusion.png", "curves_segmentation.png"):
         fig = cv2.imread(str(run / "figures" / name), cv2.IMREAD_COLOR)
         h, w = fig.shape[:2]

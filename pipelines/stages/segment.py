@@ -115,16 +115,35 @@ def protocol_of(cfg: ExperimentConfig, device=None) -> tuple[dict, str]:
             f"{s.epochs - s.frozen_epochs} at batch {s.batch_size} (global batches, {world} "
             f"process{'es' if world > 1 else ''}), crop {s.crop_size}, "
             f"{keys['precision']}, mIoU convention '{s.miou_convention}' (one confusion matrix over the test set), "
-            f"seeds {list(cfg.seg_seeds)}, data {keys['data']}")
+            f"seeds {list(cfg.seg_seeds)}, data {data_text(cfg)}")
     fusion_text = _fusion_protocol(cfg)
     if fusion_text:
         text += f"; {fusion_text}"
     return keys, text
 
 
+def data_text(cfg: ExperimentConfig) -> str:
+    """The data set in words: ``MSRS-layout folder /data/MSRS`` or ``synthetic MSRS-like set: 160
+    training / 48 test scenes of 144x192 px, zoom 2.0, generator seed 0``."""
+    if cfg.data.root:
+        return f"MSRS-layout folder {cfg.data.root}"
+    sy = cfg.data.synthetic
+    return (f"synthetic MSRS-like set generated in the run folder: {sy.train} training / {sy.test} test scenes "
+            f"of {sy.size[0]}x{sy.size[1]} px, zoom {sy.zoom}, generator seed {sy.seed}")
+
+
+def _kwargs_text(kwargs: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in kwargs.items()) if kwargs else "default"
+
+
 def _fusion_protocol(cfg: ExperimentConfig) -> str:
     """How each learned fusion variant got its weights (for the protocol line; not part of the
     segmentation protocol's fingerprint)."""
+    return ", ".join(fusion_protocol_parts(cfg))
+
+
+def fusion_protocol_parts(cfg: ExperimentConfig) -> list[str]:
+    """One phrase per learned fusion variant, ``NAME how its weights were made``."""
     from fusion.registry import get_entry
     from fusion.train_config import phase_schedule
 
@@ -143,9 +162,9 @@ def _fusion_protocol(cfg: ExperimentConfig) -> str:
             parts.append(f"{m.name} trained from scratch here ("
                          + " + ".join(f"{n} {p}" for p, n in sched)
                          + f" epochs, crop {t['crop_size']}, batch {t['batch_size']}, "
-                         f"lr {t['lr']}, kwargs {dict(m.kwargs) or 'default'}"
+                         f"lr {t['lr']}, kwargs {_kwargs_text(dict(m.kwargs))}"
                          f"{_recipe_text(m.method, dict(m.kwargs), False)})")
-    return ", ".join(parts)
+    return parts
 
 
 def _recipe_text(method: str, kwargs: dict | None, shipped: bool) -> str:
