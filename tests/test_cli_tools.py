@@ -85,7 +85,8 @@ def test_config_show_round_trips_and_documents_every_key(tmp_path):
 
 def test_config_show_unknown_name_is_a_usage_error(tmp_path):
     r = cli("config", "show", "nosuch", cwd=tmp_path)
-    assert r.returncode == 2 and "default, msrs" in (r.stdout + r.stderr)
+    listed = (r.stdout + r.stderr).split("shipped configs:")[-1]
+    assert r.returncode == 2 and all(f" {name}" in listed for name in ("default", "msrs", "table4"))
 
 
 def test_resolve_config_names_and_files(tmp_path, monkeypatch):
