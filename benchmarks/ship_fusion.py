@@ -133,6 +133,7 @@ def score_test_sets(pt: Path, method: str, preset: str) -> dict:
     with tempfile.TemporaryDirectory() as d:
         for name in ("msrs", "tno"):
             ts = REAL / name
+            print(f"fusing and scoring {method} and mean on {ts} ...", flush=True)
             got = score_method(pt, ts, Path(d) / name, name=method, conventions=preset)
             fuse_reproducibly(load_fusion_method("mean", device="cpu"), ts / "ir", ts / "vi", Path(d) / name / "mean")
             res = score_folders(ts / "ir", ts / "vi", {"mean": Path(d) / name / "mean"}, workers=1,
