@@ -110,6 +110,18 @@ def make_pairs(root, n: int = 12, size=(40, 48), seed: int = 0, colour: bool = T
         write_image(os.path.join(root, "vi", f"p{i:02d}.png"), vi if colour else vi[..., 0])
 
 
+def train_config(data, **kw):
+    """A FusionTrainConfig of the tiny trainable method on ``data`` (pairs of :func:`make_pairs`):
+    1 structure + 3 fusion epochs, batch 4, 32 crops, CPU; ``kw`` overrides any field."""
+    from fusion.train_config import FusionTrainConfig
+
+    base = dict(method="tiny-trainable", plugins=["fusion_tiny"], data_root=str(data),
+                structure_epochs=1, epochs=3, batch_size=4, crop_size=32, workers=0, lr=1e-2,
+                seed=0, device="cpu", log_every=1)
+    base.update(kw)
+    return FusionTrainConfig(**base)
+
+
 def ddp_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> None:
     """torch.multiprocessing.spawn target: one rank of a gloo DDP run on CPU."""
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),

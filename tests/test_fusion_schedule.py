@@ -34,11 +34,7 @@ def data(tmp_path_factory) -> Path:
 
 
 def make_cfg(data: Path, **kw) -> FusionTrainConfig:
-    base = dict(method="tiny-trainable", plugins=["fusion_tiny"], data_root=str(data),
-                structure_epochs=1, epochs=3, batch_size=4, crop_size=32, workers=0, lr=1e-2,
-                seed=0, device="cpu", log_every=1)
-    base.update(kw)
-    return FusionTrainConfig(**base)
+    return fusion_tiny.train_config(data, **kw)
 
 
 def rows(out: Path) -> list[tuple[str, str, str]]:
