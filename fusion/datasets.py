@@ -27,9 +27,12 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from fuseseg.data.colour import KB, KG, KR
-from fuseseg.data.io import read_infrared, read_visible
+from fuseseg.data.io import read_infrared, read_label, read_visible
 from fuseseg.data.pairs import PairSet
 from fuseseg.errors import DataError
+
+EXTRAS = ("labels", "visible")   # the extra items a PairDataset can provide
+IGNORE = 255                      # label value of pixels (and whole pairs) without a class
 
 
 def visible_luminance_u8(vi: np.ndarray) -> np.ndarray:
@@ -42,13 +45,13 @@ def visible_luminance_u8(vi: np.ndarray) -> np.ndarray:
 
 
 def _pad_to(img: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Pad (H, W) ``img`` by reflection (without repeating the edge pixel) at the bottom/right up
-    to at least (h, w). A side of length 1 cannot be reflected and is repeated instead."""
+    """Pad (H, W) or (H, W, C) ``img`` by reflection (without repeating the edge pixel) at the
+    bottom/right up to at least (h, w). A side of length 1 cannot be reflected and is repeated."""
     ph, pw = max(0, h - img.shape[0]), max(0, w - img.shape[1])
     if ph == 0 and pw == 0:
         return img
     mode = "reflect" if min(img.shape[:2]) > 1 else "edge"
-    return np.pad(img, ((0, ph), (0, pw)), mode=mode)
+    return np.pad(img, ((0, ph), (0, pw)) + ((0, 0),) * (img.ndim - 2), mode=mode)
 
 
 class PairDataset(Dataset):
@@ -68,6 +71,11 @@ class PairDataset(Dataset):
       visible Y, with g ~ U(g_lo, g_hi) and gamma ~ U(gamma_lo, gamma_hi) keyed like the crop (so a
       bright training set also shows dark scenes and the relation between the two modalities is
       kept). None (default) or the identity ranges ((1, 1), (1, 1)) leave the images untouched.
+    * ``extras``: more tensors per item, in the order given, after ``(ir, vi_y)``, cropped and
+      flipped with the images: ``"labels"`` (h, w) int64 class ids from the pair set's label files,
+      255 (ignore) everywhere for a pair without one; ``"visible"`` (3, h, w) float32 RGB in
+      [0, 1] (a grey visible repeated; the photometric transform applied as to Y). A method that
+      trains with a segmentation loss (SeAFusion's semantic rounds) asks for them.
     * ``cache=True`` keeps each decoded image (uint8 ir, float32 Y) in memory after its first
       read, so a file is decoded once per worker process (call :meth:`preload` before the
       DataLoader starts its workers to decode each file exactly once and share the arrays).
@@ -75,7 +83,8 @@ class PairDataset(Dataset):
 
     def __init__(self, pairset: PairSet, crop: int | None = 256, train: bool = True,
                  ir16: str = "minmax", *, cache: bool = False, seed: int = 0, vflip: bool = False,
-                 photometric: tuple[tuple[float, float], tuple[float, float]] | None = None):
+                 photometric: tuple[tuple[float, float], tuple[float, float]] | None = None,
+                 extras: tuple[str, ...] = ()):
         if crop is not None and crop < 1:
             raise DataError(f"crop size must be a positive number of pixels or None, got {crop}")
         if len(pairset) == 0:
@@ -96,28 +105,47 @@ class PairDataset(Dataset):
                 raise DataError(f"photometric augmentation needs 0 < low <= high for gain and gamma, "
                                 f"got gain {photometric[0]}, gamma {photometric[1]}")
         self.photometric = photometric
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        unknown = [e for e in extras if e not in EXTRAS]
+        if unknown:
+            raise DataError(f"unknown extra item(s) {unknown}; a pair dataset provides {list(EXTRAS)}")
+        self.extras = tuple(extras)
+        self._cache: dict[int, tuple[np.ndarray, ...]] = {}
 
     def __len__(self) -> int:
         return len(self.stems)
 
     # ------------------------------------------------------------------ decoding
-    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Decoded pair ``i``: (H, W) uint8 infrared and (H, W) float32 visible Y (0..255)."""
+    def load(self, i: int) -> tuple[np.ndarray, ...]:
+        """Decoded pair ``i``: (H, W) uint8 infrared and (H, W) float32 visible Y (0..255), then
+        one array per requested extra: (H, W) uint8 labels, (H, W, 3) uint8 visible RGB."""
         if i in self._cache:
             return self._cache[i]
         stem = self.stems[i]
         ir_path: Path = self.pairset.ir[stem]
         vi_path: Path = self.pairset.vi[stem]
         ir = read_infrared(ir_path, self.ir16)
-        vi_y = visible_luminance_u8(read_visible(vi_path))
+        vi = read_visible(vi_path)
+        vi_y = visible_luminance_u8(vi)
         if ir.shape != vi_y.shape:
             raise DataError(f"pair {stem!r}: infrared {ir_path} is {ir.shape[0]}x{ir.shape[1]} but "
                             f"visible {vi_path} is {vi_y.shape[0]}x{vi_y.shape[1]}. Fusion needs "
                             "registered pairs of equal size: resize/crop one of them or drop the pair.")
+        more = tuple(self._extra_array(e, stem, vi, ir.shape) for e in self.extras)
         if self.cache:
-            self._cache[i] = (ir, vi_y)
-        return ir, vi_y
+            self._cache[i] = (ir, vi_y, *more)
+        return (ir, vi_y, *more)
+
+    def _extra_array(self, name: str, stem: str, vi: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        if name == "visible":
+            return np.repeat(vi[..., None], 3, axis=2) if vi.ndim == 2 else vi
+        path = self.pairset.labels.get(stem)
+        if path is None:
+            return np.full(shape, IGNORE, np.uint8)
+        label = read_label(path)
+        if label.shape != shape:
+            raise DataError(f"pair {stem!r}: label {path} is {label.shape[0]}x{label.shape[1]} but the "
+                            f"images are {shape[0]}x{shape[1]}; a label must match its pair's size.")
+        return label
 
     def preload(self) -> None:
         """Decode every pair now (only with ``cache=True``)."""
@@ -126,16 +154,16 @@ class PairDataset(Dataset):
                 self.load(i)
 
     # ------------------------------------------------------------------ items
-    def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key) -> tuple[torch.Tensor, ...]:
         if isinstance(key, (tuple, list)):
             i, epoch = int(key[0]), int(key[1])
         else:
             i, epoch = int(key), 0
-        ir, vi_y = self.load(i)
+        arrays = list(self.load(i))   # ir, vi_y, *extras: every one (H, W[, 3]), cropped alike
         if self.crop is not None:
             c = self.crop
-            ir, vi_y = _pad_to(ir, c, c), _pad_to(vi_y, c, c)
-            h, w = ir.shape
+            arrays = [_pad_to(a, c, c) for a in arrays]
+            h, w = arrays[0].shape[:2]
             if self.train:
                 rng = np.random.default_rng([self.seed, epoch, i])
                 top = int(rng.integers(0, h - c + 1))
@@ -143,23 +171,31 @@ class PairDataset(Dataset):
                 hflip, vflip = bool(rng.integers(0, 2)), bool(rng.integers(0, 2))
             else:
                 top, left, hflip, vflip = (h - c) // 2, (w - c) // 2, False, False
-            ir = ir[top:top + c, left:left + c]
-            vi_y = vi_y[top:top + c, left:left + c]
+            arrays = [a[top:top + c, left:left + c] for a in arrays]
         elif self.train:
             rng = np.random.default_rng([self.seed, epoch, i])
             hflip, vflip = bool(rng.integers(0, 2)), bool(rng.integers(0, 2))
         else:
             hflip = vflip = False
         if self.train and hflip:
-            ir, vi_y = ir[:, ::-1], vi_y[:, ::-1]
+            arrays = [a[:, ::-1] for a in arrays]
         if self.train and self.vflip and vflip:
-            ir, vi_y = ir[::-1], vi_y[::-1]
+            arrays = [a[::-1] for a in arrays]
+        ir, vi_y = arrays[:2]
         ir_t = torch.from_numpy(np.ascontiguousarray(ir, dtype=np.float32) / 255.0)[None]
         vi_t = torch.from_numpy(np.ascontiguousarray(vi_y, dtype=np.float32) / 255.0)[None].clamp_(0.0, 1.0)
+        more = []
+        for name, a in zip(self.extras, arrays[2:], strict=True):
+            if name == "labels":
+                more.append(torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)))
+            else:
+                more.append(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32) / 255.0).permute(2, 0, 1))
         if self.train and self.photometric is not None:
             gain, gamma = self.photometric_params(i, epoch)
             ir_t, vi_t = (photometric_transform(x, gain, gamma) for x in (ir_t, vi_t))
-        return ir_t, vi_t
+            more = [photometric_transform(x, gain, gamma) if n == "visible" else x
+                    for n, x in zip(self.extras, more, strict=True)]
+        return (ir_t, vi_t, *more)
 
     def photometric_params(self, i: int, epoch: int) -> tuple[float, float]:
         """(gain, gamma) of sample ``i`` in ``epoch``: keyed by (seed, epoch, i, 1), independent of

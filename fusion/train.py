@@ -5,7 +5,13 @@ A trainable method is an ``nn.Module`` registered with ``trainable=True`` that p
 * ``phases``: the names of its training phases, run in order, e.g. ``("structure", "fusion")``;
 * ``training_losses(ir, vi_y, phase) -> (loss, {name: float})`` on (B, 1, H, W) tensors in [0, 1];
 * ``parameters_for_phase(phase)`` (optional; default: all parameters);
-* ``init_kwargs``: the keyword arguments that rebuild it (stored in checkpoints).
+* ``init_kwargs``: the keyword arguments that rebuild it (stored in checkpoints);
+* ``batch_extras`` (optional; default ()): more batch items its ``training_losses`` takes as
+  keyword arguments (``"labels"``, ``"visible"``: :class:`fusion.datasets.PairDataset`'s extras).
+
+``init_checkpoint`` starts from the weights of a fusion checkpoint of the same method (only the
+weights; ``pretrained``: the shipped ones); ``train_fusion(..., prepare=fn)`` calls
+``fn(model, device)`` once the model is built (SeAFusion's rounds set its semantic loss so).
 
 Schedule: phase ``"structure"`` runs ``structure_epochs`` epochs, every other phase ``epochs``
 epochs, unless ``phase_epochs`` gives a phase its own count (e.g. ``{autoencoder: 4, fusion: 6}``;
@@ -92,8 +98,15 @@ class _Losses(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, ir, vi_y, phase: str):
-        return self.model.training_losses(ir, vi_y, phase)
+    def forward(self, ir, vi_y, phase: str, *extras):
+        names = batch_extras(self.model)
+        return self.model.training_losses(ir, vi_y, phase, **dict(zip(names, extras, strict=True)))
+
+
+def batch_extras(model: nn.Module) -> tuple[str, ...]:
+    """The extra batch items (:data:`fusion.datasets.EXTRAS`) the method's ``training_losses``
+    takes as keyword arguments: its ``batch_extras`` attribute, () when it has none."""
+    return tuple(getattr(runtime.unwrap(model), "batch_extras", ()))
 
 
 def _check_resumable(saved: dict, cfg: FusionTrainConfig, path: Path) -> None:
@@ -125,9 +138,16 @@ def _phase_params(model: nn.Module, phase: str) -> list[nn.Parameter]:
 
 
 def train_fusion(cfg: FusionTrainConfig, out_dir: Path | str, resume: bool = False,
-                 progress: bool = True, tensorboard: bool = False) -> Path:
+                 progress: bool = True, tensorboard: bool = False, prepare=None) -> Path:
     """Train ``cfg.method`` and return the path of ``out_dir/final.pt`` (see the module doc).
-    ``tensorboard``: also log to ``out_dir/tensorboard/`` (:mod:`fuseseg.tblog`)."""
+    ``tensorboard``: also log to ``out_dir/tensorboard/`` (:mod:`fuseseg.tblog`). ``prepare``:
+    ``prepare(model, device)`` is called once the model is built and on its device (e.g. to set
+    SeAFusion's semantic loss, which :mod:`pipelines.semantic_rounds` does)."""
+    if cfg.semantic_rounds:
+        raise ConfigError(
+            f"fusion_train.semantic_rounds={cfg.semantic_rounds}: the joint fusion/segmentation rounds "
+            "need the segmentation trainer, which fusion.train does not run. Use `fuseseg train-fusion` "
+            "or an experiment (they run pipelines.semantic_rounds), or set semantic_rounds: 0.")
     device = runtime.resolve_device(cfg.device)
     was_initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
     if device.type == "cuda" and device.index is None:
@@ -135,14 +155,14 @@ def train_fusion(cfg: FusionTrainConfig, out_dir: Path | str, resume: bool = Fal
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     rank, world = runtime.init_distributed(device)
     try:
-        return _train(cfg, Path(out_dir), resume, progress, device, rank, world, tensorboard)
+        return _train(cfg, Path(out_dir), resume, progress, device, rank, world, tensorboard, prepare)
     finally:
         if world > 1 and not was_initialised:
             torch.distributed.destroy_process_group()
 
 
 def _train(cfg: FusionTrainConfig, out_dir: Path, resume: bool, progress: bool,
-           device: torch.device, rank: int, world: int, tensorboard: bool = False) -> Path:
+           device: torch.device, rank: int, world: int, tensorboard: bool = False, prepare=None) -> Path:
     """The training run: open the run folder, build model and data, then the flat loop (phase set-up,
     each epoch's steps, its log row and checkpoint), then the final checkpoint and the verdict."""
     from rich.console import Console
@@ -150,19 +170,19 @@ def _train(cfg: FusionTrainConfig, out_dir: Path, resume: bool, progress: bool,
     main = rank == 0
     console = Console(stderr=True, quiet=not main)
     last_path, final_path = out_dir / "last.pt", out_dir / "final.pt"
-
     ckpt = _open_run(cfg, out_dir, resume, console)
     if ckpt is not None and ckpt.get("complete"):   # nothing left to train: (re)write final.pt only
         if main and not final_path.exists():
             runtime.save_checkpoint(final_path, _final_payload(ckpt))
         console.print(f"training in {out_dir} is already complete: {final_path}")
         return final_path
-    model, init_kwargs = _build_model(cfg, ckpt, device, last_path)
+    model, init_kwargs = _build_model(cfg, ckpt, device, last_path, prepare)
     if main:
         render_synthetic(cfg, out_dir)
     if world > 1:
         torch.distributed.barrier()
-    dataset, sampler, loader, steps_per_epoch = _build_data(cfg, out_dir, device, rank, world)
+    extras = batch_extras(model)   # e.g. labels, for a method trained with a segmentation loss
+    dataset, sampler, loader, steps_per_epoch = _build_data(cfg, out_dir, device, rank, world, extras)
     phases = cfg.schedule(tuple(model.phases))
     st = _State.resume_from(ckpt, cfg, last_path)
     precision = runtime.precision_record(device, cfg.amp, cfg.channels_last)
@@ -262,10 +282,10 @@ def _run_epoch(cfg: FusionTrainConfig, model: nn.Module, tools, loader, st: _Sta
     for step in range(step0, steps_per_epoch):
         st.position = (f"phase {phase!r}, epoch {ep + 1}/{n_epochs}, "
                        f"step {step + 1}/{steps_per_epoch}")
-        ir, vi_y = _to_device(next(batches), device, channels_last)
+        ir, vi_y, *extras = _to_device(next(batches), device, channels_last)
         opt.zero_grad(set_to_none=True)
         with runtime.autocast(device, cfg.amp):
-            loss, comps = loss_fn(ir, vi_y, phase)
+            loss, comps = loss_fn(ir, vi_y, phase, *extras)
         comps = {k: float(v) for k, v in comps.items()}
         if _check_step(loss, comps, stop, world, st.position, st.global_step, cfg, last_path):
             acc.pause()
@@ -337,8 +357,9 @@ def _open_run(cfg: FusionTrainConfig, out_dir: Path, resume: bool, console) -> d
 
 
 def _build_model(cfg: FusionTrainConfig, ckpt: dict | None, device: torch.device,
-                 last_path: Path) -> tuple[nn.Module, dict]:
-    """The seeded model on ``device`` (weights from ``ckpt`` when resuming) and its init kwargs."""
+                 last_path: Path, prepare=None) -> tuple[nn.Module, dict]:
+    """The seeded model on ``device`` (weights from ``ckpt`` when resuming, else from
+    ``init_checkpoint`` when given), ``prepare(model, device)`` applied, and its init kwargs."""
     runtime.seed_everything(cfg.seed)
     model = create_method(cfg.method, **cfg.method_kwargs)
     _check_trainable(model, cfg.method)
@@ -347,14 +368,30 @@ def _build_model(cfg: FusionTrainConfig, ckpt: dict | None, device: torch.device
         model.to(memory_format=torch.channels_last)
     if ckpt is not None:
         runtime.load_state_dict_checked(model, ckpt["state_dict"], last_path)
+    elif cfg.init_checkpoint:
+        _load_init(model, cfg)
+    if prepare is not None:
+        prepare(model, device)
     return model, dict(getattr(model, "init_kwargs", cfg.method_kwargs))
 
 
-def _build_data(cfg: FusionTrainConfig, out_dir: Path, device: torch.device, rank: int, world: int):
-    """(dataset, sampler, loader, steps_per_epoch) of the training pairs."""
+def _load_init(model: nn.Module, cfg: FusionTrainConfig) -> None:
+    """Start from the weights of ``cfg.init_checkpoint`` (a fusion checkpoint of the same method;
+    ``pretrained``: the shipped ones). Only the weights are taken, not the optimiser or position."""
+    from fusion.pretrained import resolve_checkpoint
+
+    path = resolve_checkpoint(cfg.init_checkpoint, cfg.method)
+    ck = runtime.load_checkpoint(path, expect={"kind": "fusion", "method": cfg.method})
+    runtime.load_state_dict_checked(model, ck["state_dict"], path)
+
+
+def _build_data(cfg: FusionTrainConfig, out_dir: Path, device: torch.device, rank: int, world: int,
+                extras: tuple[str, ...] = ()):
+    """(dataset, sampler, loader, steps_per_epoch) of the training pairs (with the method's
+    ``extras``, e.g. labels)."""
     dataset = PairDataset(resolve_pairs(cfg, out_dir), crop=cfg.crop_size, train=True, ir16=cfg.ir16,
                           cache=cfg.cache_images, seed=cfg.seed, vflip=cfg.vflip,
-                          photometric=cfg.photometric_range())
+                          photometric=cfg.photometric_range(), extras=extras)
     sampler = EpochBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
     if cfg.cache_images and cfg.workers > 0:
         dataset.preload()  # decode once, shared with the forked workers
@@ -444,12 +481,12 @@ def _setup_phase(cfg: FusionTrainConfig, model: nn.Module, phase: str, total_ste
     return opt, sched, scaler, loss_fn
 
 
-def _to_device(batch, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    ir, vi_y = (x.to(device, non_blocking=True) for x in batch)
+def _to_device(batch, device: torch.device, channels_last: bool) -> list[torch.Tensor]:
+    """The batch's tensors on ``device``; the 4-D ones (images) channels-last when asked."""
+    out = [x.to(device, non_blocking=True) for x in batch]
     if channels_last:
-        ir = ir.contiguous(memory_format=torch.channels_last)
-        vi_y = vi_y.contiguous(memory_format=torch.channels_last)
-    return ir, vi_y
+        out = [x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in out]
+    return out
 
 
 def _check_step(loss: torch.Tensor, comps: dict, stop: runtime.StopRequest, world: int, position: str,

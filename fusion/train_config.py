@@ -69,6 +69,10 @@ class FusionTrainConfig:
     log_every: int = 10   # steps between two progress-bar updates of the loss
     cache_images: bool = False   # keep the decoded training images in memory
     ir16: Literal["minmax", "scale"] = "minmax"   # 16-bit infrared -> 8-bit mapping: minmax (per image) or scale (/257)
+    init_checkpoint: str | None = None   # start from these weights (a fusion checkpoint of the same method; `pretrained` = the shipped ones); null = random init
+    semantic_rounds: int = 0   # > 0: SeAFusion's joint rounds (fusion, then a segmenter on its fused labelled pairs, whose loss joins the next round's); 0 = off
+    semantic_gamma: float = 1.0   # beta of round m = semantic_gamma x (m - 1) (the paper's schedule)
+    semantic_segment: dict[str, Any] = field(default_factory=dict)   # segmenter settings of the rounds (SegConfig keys, e.g. {epochs: 4})
 
     def __post_init__(self):
         for key in ("structure_epochs", "epochs", "workers"):
@@ -95,6 +99,9 @@ class FusionTrainConfig:
         if not self.phase_epochs and self.structure_epochs + self.epochs == 0:
             raise ValueError("structure_epochs=0 and epochs=0 train nothing (final.pt would hold an untrained "
                              "model); give at least one epoch")
+        if self.semantic_rounds < 0 or not self.semantic_gamma >= 0:
+            raise ValueError(f"semantic_rounds must be >= 0 and semantic_gamma >= 0, got "
+                             f"{self.semantic_rounds} and {self.semantic_gamma}")
         if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
 
@@ -170,6 +177,18 @@ def resolve_pairs(cfg: FusionTrainConfig, out_dir: Path | None = None) -> PairSe
                           "folder with ir/ and vi/), or ir_dir and vi_dir, or synthetic_pairs.")
     return sets[0] if len(sets) == 1 else merge_pairsets(sets)
 
+def labelled_sources(cfg: FusionTrainConfig, out_dir: Path | None = None) -> list[PairSet]:
+    """The training sources that hold labels (every pair of the source labelled or not), in the
+    order of :func:`resolve_pairs`: ``data_root`` (or ``ir_dir``/``vi_dir``: never labelled), each of
+    ``extra_data``, then the synthetic scenes in ``out_dir/synthetic`` (labelled)."""
+    sets: list[PairSet] = []
+    if cfg.data_root and not (cfg.ir_dir or cfg.vi_dir):
+        sets.append(_root_pairs(cfg.data_root, cfg.split, "data_root"))
+    sets += [_root_pairs(r, cfg.split, "extra_data") for r in cfg.extra_data]
+    if cfg.synthetic_pairs and out_dir is not None:
+        sets.append(load_split(out_dir / "synthetic", "train"))
+    return [s for s in sets if s.labels_dir is not None and s.labels]
+
 def merge_pairsets(sets: list[PairSet]) -> PairSet:
     """One PairSet of several; stems become ``"<j>/<stem>"`` (j = the set's index), so equal file
     names in different folders stay distinct."""
@@ -179,6 +198,8 @@ def merge_pairsets(sets: list[PairSet]) -> PairSet:
             key = f"{j}/{stem}"
             out.stems.append(key)
             out.ir[key], out.vi[key] = ps.ir[stem], ps.vi[stem]
+            if stem in ps.labels:
+                out.labels[key] = ps.labels[stem]
     return out
 
 def render_synthetic(cfg: FusionTrainConfig, out_dir: Path) -> None:

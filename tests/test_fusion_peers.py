@@ -182,10 +182,27 @@ def test_seafusion_training_loss_is_content_loss_of_its_output_and_semantic_hook
     m2.load_state_dict(m.state_dict())
     with pytest.raises(ConfigError, match="semantic_weight=0.5 needs a semantic loss"):
         m2.training_losses(ir, vi, "fusion")
-    m2.set_semantic_loss(lambda fused, ir_, vi_: (1.0 - fused).pow(2).mean())
-    total2, parts2 = m2.training_losses(ir, vi, "fusion")
-    assert parts2["semantic"] == pytest.approx(np.mean((1 - f) ** 2), rel=1e-5)
-    assert float(total2.detach()) == pytest.approx(want + 0.5 * np.mean((1 - f) ** 2), rel=1e-5)
+    labels = torch.full((2, 16, 20), 255, dtype=torch.long)
+    visible = vi.repeat(1, 3, 1, 1)
+    assert m2.batch_extras == ("labels", "visible") and m.batch_extras == ()
+    seen = []
+
+    def sem(fused, visible_, labels_):   # a stand-in segmenter loss: mean (1 - fused)^2 of labelled samples
+        seen.append(labels_.shape[0])
+        return (1.0 - fused).pow(2).mean()
+    m2.set_semantic_loss(sem)
+    # no labelled pair in the batch (RoadScene): the semantic term is off, total = L_content
+    total_off, parts_off = m2.training_losses(ir, vi, "fusion", labels=labels, visible=visible)
+    assert parts_off["semantic"] == 0.0 and parts_off["labelled"] == 0.0 and seen == []
+    assert float(total_off.detach()) == pytest.approx(want, rel=1e-5)
+    # the second pair labelled: L_f = L_content + beta L_semantic over that pair only
+    labels[1, 3:5, 4:9] = 2
+    total2, parts2 = m2.training_losses(ir, vi, "fusion", labels=labels, visible=visible)
+    assert seen == [1] and parts2["labelled"] == 0.5
+    assert parts2["semantic"] == pytest.approx(np.mean((1 - f[1]) ** 2), rel=1e-5)
+    assert float(total2.detach()) == pytest.approx(want + 0.5 * np.mean((1 - f[1]) ** 2), rel=1e-5)
+    with pytest.raises(ConfigError, match="labels and visible RGB"):
+        m2.training_losses(ir, vi, "fusion")
 
 
 def test_didfuse_training_loss_known_value():

@@ -3,11 +3,12 @@ run of it (2 seeds, tiny data, one epoch) whose report opens with the headline a
 pairwise tests, day/night, the metric-vs-mIoU section and the LaTeX tables.
 
 The tiny run keeps SSPFusion's shipped weights, retrains one learned peer (seafusion, `checkpoint:
-null`, one epoch per phase) and drops didfuse and rfn_nest: retraining RFN-Nest alone takes minutes
+null`, one epoch per phase, in two semantic rounds) and drops didfuse and rfn_nest: retraining RFN-Nest alone takes minutes
 even at one epoch per phase (its autoencoder phase), too long for CI."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -42,8 +43,8 @@ def test_table4_is_the_comparison_and_msrs_is_one_key_away():
 
 
 TINY = ["name=tiny4", "data.synthetic.train=8", "data.synthetic.test=6", "data.synthetic.size=[96,128]",
-        "fusion=[{name: sspfusion, checkpoint: pretrained}, {name: seafusion, checkpoint: null}, {name: mean}, "
-        "{name: gff}]", "fusion_train.structure_epochs=1", "fusion_train.epochs=1", "segmentation.epochs=1",
+        "fusion=[{name: sspfusion, checkpoint: pretrained}, {name: seafusion, checkpoint: null, train: "
+        "{semantic_rounds: 2, semantic_segment: {max_steps_per_epoch: 2}}}, {name: mean}, {name: gff}]", "fusion_train.structure_epochs=1", "fusion_train.epochs=1", "segmentation.epochs=1",
         "segmentation.crop_size=64", "seg_seeds=[0,1]", "metrics.names=[EN, SD, SF, AG]", "report.bootstrap=200",
         "report.permutations=999", "report.figure_scenes=2"]
 
@@ -69,6 +70,11 @@ def test_tiny_table4_report_opens_with_the_headline_and_tests_every_pair(tiny_ru
     assert "Warning: one segmentation seed" not in md                   # 2 seeds were run
     protocol = md.split("## Protocol")[1].split("## ")[0]
     assert "{'" not in protocol and "seafusion:** trained from scratch here" in protocol
+    # SeAFusion retrained in the run with its semantic rounds: on, since the synthetic data are labelled
+    assert "in 2 semantic rounds (beta = 1 x (round - 1)" in protocol
+    rounds = json.loads((tiny_run / "train_fusion" / "seafusion" / "rounds.json").read_text())
+    assert rounds["semantic_loss"].startswith("on") and [r["beta"] for r in rounds["rounds"]] == [0.0, 1.0]
+    assert (tiny_run / "train_fusion" / "seafusion" / "round1" / "segment" / "final.pt").is_file()
     variants = ["ir", "vi", "sspfusion", "seafusion", "mean", "gff"]
     assert "| row - column | " + " | ".join(variants) + " |" in md
     with (tiny_run / "tables" / "pairwise.csv").open(newline="") as f:

@@ -19,9 +19,12 @@ Content loss (the paper's Eqs.): ``L_content = L_int + alpha L_texture`` with
 ``L_texture = mean | |grad I_f| - max(|grad I_ir|, |grad I_vi|) |``, ``|grad x| = |Sobel_x x| +
 |Sobel_y x|``, alpha = 10. The paper's total fusion loss is ``L_f = L_content + beta L_semantic``;
 the semantic loss comes from a segmentation network trained in alternation with the fusion
-network (the paper's joint, "in the loop" rounds). Those rounds are NOT built here:
-``semantic_weight`` (beta) defaults to 0, which is the paper's first round (pure content loss),
-and :meth:`SeAFusion.set_semantic_loss` is the hook a future joint trainer sets.
+network (the paper's joint, "in the loop" rounds, with beta = gamma (m - 1) in round m). The rounds
+are run by :mod:`pipelines.semantic_rounds` (``fusion_train.semantic_rounds``), with this
+project's DeepLabV3+ in place of BiSeNet; here ``semantic_weight`` is beta, 0 by default (the
+paper's first round, pure content loss), and :meth:`SeAFusion.set_semantic_loss` takes the
+segmenter's loss. With beta > 0 the method asks the trainer for the batch's labels and visible
+RGB (``batch_extras``); pairs without labels (RoadScene) add no semantic loss.
 """
 from __future__ import annotations
 
@@ -99,8 +102,8 @@ class SeAFusion(LuminanceFusion):
 
     * ``alpha`` (10.0, the paper's): weight of L_texture in L_content = L_int + alpha L_texture.
     * ``semantic_weight`` (0.0): beta of L_f = L_content + beta L_semantic. The semantic loss is a
-      callable set with :meth:`set_semantic_loss` (the segmentation-driven rounds are not built in
-      fuseseg); with beta > 0 and no callable set, training raises a ConfigError.
+      callable set with :meth:`set_semantic_loss` (by :mod:`pipelines.semantic_rounds`); with
+      beta > 0 and no callable set, training raises a ConfigError.
 
     One training phase, ``"fusion"``, over all parameters.
     """
@@ -130,22 +133,34 @@ class SeAFusion(LuminanceFusion):
         return 0.5 * (torch.tanh(z) + 1.0)
 
     # ------------------------------------------------------------------ training
+    @property
+    def batch_extras(self) -> tuple[str, ...]:
+        """The extra batch items training needs: labels and visible RGB when beta > 0."""
+        return ("labels", "visible") if self.semantic_weight > 0 else ()
+
     def set_semantic_loss(self, fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None) -> None:
-        """Hook of the paper's semantic loss: ``fn(fused_y, ir, vi_y) -> scalar`` (differentiable in
-        ``fused_y``; e.g. a frozen segmenter's ``L_main + lambda L_aux`` on the recoloured fused
-        image and the batch's labels, which a joint trainer would bind per batch). ``None`` unsets."""
+        """Hook of the paper's semantic loss: ``fn(fused_y, visible, labels) -> scalar`` on the
+        labelled samples of a batch (fused_y (b, 1, h, w), visible RGB (b, 3, h, w) in [0, 1],
+        labels (b, h, w) int64, 255 = ignore); differentiable in ``fused_y`` (e.g. a frozen
+        segmenter's loss on the recoloured fused image). ``None`` unsets."""
         if fn is not None and not callable(fn):
             raise TypeError(f"seafusion: the semantic loss must be callable, got {type(fn).__name__}")
-        self.semantic_loss_fn = fn
+        # kept outside the module tree: a segmenter behind the loss is neither a parameter to
+        # train, nor part of the state_dict, nor switched by .train()/.to()
+        object.__setattr__(self, "semantic_loss_fn", fn)
 
     def fusion_loss(self, fused: torch.Tensor, ir: torch.Tensor, vi_y: torch.Tensor) -> torch.Tensor:
         """L_content of any fused Y (B, 1, H, W) (float32 scalar); the trainer also scores
         max(IR, VI_Y) and the mean with it."""
         return content_loss(fused, ir, vi_y, self.alpha)[0]
 
-    def training_losses(self, ir: torch.Tensor, vi_y: torch.Tensor, phase: str) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_losses(self, ir: torch.Tensor, vi_y: torch.Tensor, phase: str,
+                        labels: torch.Tensor | None = None,
+                        visible: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of one batch (phase ``"fusion"``): ``L_content (+ beta L_semantic)``; components
-        ``int, texture, fus`` (= L_content), ``semantic`` (when beta > 0) and ``total``."""
+        ``int, texture, fus`` (= L_content), with beta > 0 also ``semantic`` (the semantic loss
+        over the batch's labelled samples, 0 when none is labelled) and ``labelled`` (their
+        share of the batch), and ``total``."""
         _check_phase("seafusion", phase, self.phases)
         fused = self.fuse_y(ir, vi_y)
         l_content, parts = content_loss(fused, ir, vi_y, self.alpha)
@@ -156,11 +171,19 @@ class SeAFusion(LuminanceFusion):
             if self.semantic_loss_fn is None:
                 raise ConfigError(
                     f"seafusion: semantic_weight={self.semantic_weight} needs a semantic loss, but none is set. "
-                    "The segmentation-driven rounds of SeAFusion are not built in fuseseg: train with "
-                    "semantic_weight 0 (the paper's first round), or call model.set_semantic_loss(fn) first.")
-            l_sem = self.semantic_loss_fn(fused, ir, vi_y).float()
+                    "Train it with fusion_train.semantic_rounds (the segmentation-driven rounds), "
+                    "with semantic_weight 0 (the paper's first round), or call model.set_semantic_loss(fn) first.")
+            if labels is None or visible is None:
+                raise ConfigError("seafusion: semantic_weight > 0 needs the batch's labels and visible RGB "
+                                  "(the trainer passes them as batch_extras); none were given.")
+            has = (labels != 255).flatten(1).any(1)
+            if bool(has.any()):
+                l_sem = self.semantic_loss_fn(fused[has], visible[has], labels[has]).float()
+            else:   # no labelled pair in this batch: the semantic term is off for it
+                l_sem = fused.sum() * 0.0
             total = total + self.semantic_weight * l_sem
             out["semantic"] = float(l_sem.detach())
+            out["labelled"] = float(has.float().mean())
         out["total"] = float(total.detach())
         return total, out
 

@@ -60,8 +60,13 @@ def _train(args) -> int:
 
     with folder_lock(out, "fuseseg train-fusion --out"), scoped(args.threads) as threads:
         console.print(f"[dim]{threads.threads} torch thread(s): {threads.why}[/]", highlight=False)
-        final = train_fusion(cfg, out, resume=args.resume, progress=not args.no_progress,
-                             tensorboard=args.tensorboard)
+        if cfg.semantic_rounds:
+            from pipelines.semantic_rounds import train_semantic_rounds
+            final = train_semantic_rounds(cfg, out, resume=args.resume, progress=not args.no_progress,
+                                          tensorboard=args.tensorboard)
+        else:
+            final = train_fusion(cfg, out, resume=args.resume, progress=not args.no_progress,
+                                 tensorboard=args.tensorboard)
     console.print(f"trained fusion model: [bold]{final}[/]  (fuse with: fuseseg fuse "
                   f"--checkpoint {final} --ir IR_DIR --vi VI_DIR --out OUT_DIR)", highlight=False)
     return 0

@@ -163,8 +163,18 @@ def fusion_protocol_parts(cfg: ExperimentConfig) -> list[str]:
                          + " + ".join(f"{n} {p}" for p, n in sched)
                          + f" epochs, crop {t['crop_size']}, batch {t['batch_size']}, "
                          f"lr {t['lr']}, kwargs {_kwargs_text(dict(m.kwargs))}"
-                         f"{_recipe_text(m.method, dict(m.kwargs), False)})")
+                         f"{_recipe_text(m.method, dict(m.kwargs), False)}{_rounds_text(t)})")
     return parts
+
+
+def _rounds_text(t: dict) -> str:
+    """``, in M semantic rounds ...`` when SeAFusion's joint rounds train the method, else ""."""
+    m = t.get("semantic_rounds") or 0
+    if not m:
+        return ""
+    return (f", in {m} semantic rounds (beta = {t.get('semantic_gamma', 1.0):g} x (round - 1) times the loss "
+            "of a DeepLabV3+ trained on the previous round's fused labelled training pairs; "
+            "rounds.json in its train_fusion folder says whether labels were found)")
 
 
 def _recipe_text(method: str, kwargs: dict | None, shipped: bool) -> str:
@@ -180,4 +190,7 @@ def _recipe_text(method: str, kwargs: dict | None, shipped: bool) -> str:
 
         resolved = getattr(create_method(method, **kwargs), "init_kwargs", {})
     names = (("output", "head"), ("rec_reduction", "L_rec"))
-    return "".join(f", {label} {resolved[k]}" for k, label in names if k in resolved)
+    text = "".join(f", {label} {resolved[k]}" for k, label in names if k in resolved)
+    if shipped and has_shipped(method) and (shipped_info(method) or {}).get("semantic_loss"):
+        text += f", semantic loss {shipped_info(method)['semantic_loss'].split(':')[0]}"
+    return text

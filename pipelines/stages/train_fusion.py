@@ -35,12 +35,18 @@ def _method_train_cfg(cfg: ExperimentConfig, m: FusionMethodConfig, data_root: P
     return from_dict(FusionTrainConfig, base, f"fusion[{m.name}].train")
 
 
+# keys added to fuseseg after run folders existed, with their defaults
+LATER_KEYS = {"phase_epochs": {}, "init_checkpoint": None, "semantic_rounds": 0, "semantic_gamma": 1.0,
+              "semantic_segment": {}}
+
+
 def train_inputs(tcfg) -> dict:
     """The training config as a fingerprint input: keys added to fuseseg later are left out while
-    at their default (``phase_epochs: {}``), so earlier run folders stay current."""
+    at their default (:data:`LATER_KEYS`), so earlier run folders stay current."""
     out = to_dict(tcfg)
-    if not out.get("phase_epochs"):
-        out.pop("phase_epochs", None)
+    for key, default in LATER_KEYS.items():
+        if key in out and out[key] == default:
+            out.pop(key)
     return out
 
 
@@ -52,12 +58,18 @@ class TrainFusionJob(StageJob):
     out: Path
     nproc: int = 1          # >1: under torchrun (DDP)
     tensorboard: bool = False   # also log to out/tensorboard/
+    segment: dict | None = None   # the experiment's segment settings (base of SeAFusion's rounds' segmenter)
 
     def run(self) -> dict:
         from fusion.train import train_fusion
 
         out = Path(self.out)
         resume = (out / "last.pt").is_file()
+        if self.tcfg.semantic_rounds:   # SeAFusion's joint rounds, in this process (no torchrun)
+            from pipelines.semantic_rounds import train_semantic_rounds
+            final = train_semantic_rounds(self.tcfg, out, resume=(out / "rounds.json").is_file(),
+                                          tensorboard=self.tensorboard, segment_base=self.segment)
+            return {"checkpoint": str(final)}
         if self.nproc > 1:
             dump_config(self.tcfg, out / "requested.yaml")
             self.launch(["train-fusion", str(out / "requested.yaml"), "--out", str(out)]
@@ -92,7 +104,8 @@ def stage_train_fusion(cfg: ExperimentConfig, run_dir: Path, plan: Plan, m: Fusi
     ex = ex or Executor()
     with Stage(run_dir, f"train_fusion/{m.name}", fp, plan, "train_fusion") as st:
         if not st.skip:
-            job = TrainFusionJob(tcfg, out, ex.nproc(cfg.launcher, cfg.gpus), cfg.tensorboard)
+            job = TrainFusionJob(tcfg, out, ex.nproc(cfg.launcher, cfg.gpus), cfg.tensorboard,
+                                 _segment_base(cfg) if tcfg.semantic_rounds else None)
             prepare = lambda: prepare_dir(out, fp, run_dir, st.key, fresh=st.forced)  # noqa: E731
             st.info.update(ex.run(run_dir, st.key, fp, out, job, prepare))
     ck = out / "final.pt"
@@ -100,6 +113,16 @@ def stage_train_fusion(cfg: ExperimentConfig, run_dir: Path, plan: Plan, m: Fusi
         raise FusesegError(f"fusion method {m.name!r} has no trained checkpoint ({ck}); run the "
                            "train_fusion stage (drop --only/--from) first.")
     return ck, fp
+
+
+def _segment_base(cfg: ExperimentConfig) -> dict:
+    """The experiment's segmenter settings as the base of SeAFusion's rounds' segmenter (its seed
+    list and evaluation keys left out)."""
+    from segmentation.config import SegConfig
+
+    seg = to_dict(cfg.segmentation)
+    names = {f.name for f in dataclasses.fields(SegConfig)}
+    return {k: v for k, v in seg.items() if k in names and k not in ("seed", "device")}
 
 
 def _train_fp(run_dir: Path, name: str, tcfg, data_fp: str, source: str | None, precision: str) -> str:
