@@ -40,13 +40,20 @@ def write_png(path: Path, arr: np.ndarray) -> Path:
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
-    """Run a module's tests with one torch thread (small tensors: threads only add overhead)."""
+    """Run a module's tests with one torch thread (small tensors: threads only add overhead), also
+    in the in-process ``fuseseg run``s, whose thread policy reads OMP_NUM_THREADS (so they compute
+    as the one-thread subprocesses the tests compare them with)."""
     import torch
 
-    n = torch.get_num_threads()
+    n, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
     yield
     torch.set_num_threads(n)
+    if omp is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = omp
 
 
 @pytest.fixture
