@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from benchmarks.bench_e2e import QUICK_OVERRIDES
-from benchmarks.common import REPO, RESULTS, matmul_rates, write_record
+from benchmarks.common import REPO, RESULTS, figure, make_record, matmul_rates, write_record
 
 
 def _start(config: str, name: str, results: Path, extra: list[str]) -> tuple[subprocess.Popen, float, Path]:
@@ -61,6 +61,18 @@ def _stage_threads(run_dir: Path) -> dict[str, object]:
     return found
 
 
+def _figures(r: dict) -> list[dict]:
+    sec = f"two `fuseseg run {r['config']}` at once"
+    out = [figure(sec, "one run alone", r["alone"]["wall_s"], "s")]
+    for i, p in enumerate(r["pair"], 1):
+        out.append(figure(sec, f"run {i} of two together", p["wall_s"], "s", f"{p['ratio_to_alone']:.2f}x alone"))
+    out.append(figure(sec, "worst run together / alone", r["worst_ratio"], "x", "target <= 2.4"))
+    for when, rates in r["matmul_gflops"].items():
+        for prec, v in rates.items():
+            out.append(figure(sec, f"{prec} matmul 2048^2 ({when})", v, "GFLOP/s"))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="default", help="experiment config (default: default)")
@@ -86,15 +98,16 @@ def main(argv: list[str] | None = None) -> int:
         rates["after"] = matmul_rates()
     ok = all(r["rc"] == 0 for r in [alone, *pair])
     worst = max(r["ratio_to_alone"] for r in pair)
-    record = {"benchmark": "two_runs", "date": dt.datetime.now().isoformat(timespec="seconds"),
-              "config": args.config, "quick": args.quick, "alone": alone, "pair": pair,
-              "worst_ratio": worst, "target_ratio": 2.4, "target_met": ok and worst <= 2.4,
-              "loadavg_before": load, "matmul_gflops": rates, "cpus": os.cpu_count()}
+    result = {"config": args.config, "alone": alone, "pair": pair, "worst_ratio": worst, "target_ratio": 2.4,
+              "target_met": ok and worst <= 2.4, "loadavg_before": load, "matmul_gflops": rates,
+              "cpus": os.cpu_count()}
+    record = make_record(_figures(result), {"two_runs": result}, quick=args.quick,
+                         command=[sys.executable, "-m", "benchmarks.bench_two_runs", *(argv or sys.argv[1:])])
     print(f"\n{'run':<8} {'wall s':>8} {'x alone':>8}")
     print(f"{'alone':<8} {alone['wall_s']:>8.0f} {1.0:>8.2f}")
     for i, r in enumerate(pair, 1):
         print(f"{'pair' + str(i):<8} {r['wall_s']:>8.0f} {r['ratio_to_alone']:>8.2f}")
-    print(f"worst ratio {worst:.2f} (target <= 2.4: {'met' if record['target_met'] else 'NOT met'}); "
+    print(f"worst ratio {worst:.2f} (target <= 2.4: {'met' if result['target_met'] else 'NOT met'}); "
           f"matmul fp32/bf16 GFLOP/s before {rates['before']}, after {rates['after']}; load {load}")
     out = args.out or RESULTS / f"two-runs-{dt.date.today().isoformat()}.json"
     write_record(record, out)
