@@ -194,3 +194,15 @@ def test_rounds_need_a_method_with_a_semantic_loss_and_the_pipeline(tmp_path):
         train_fusion(train_config(tmp_path / "d", semantic_rounds=2), tmp_path / "b", progress=False)
     with pytest.raises(ValueError, match="semantic_rounds must be >= 0"):
         train_config(tmp_path / "d", semantic_rounds=-1)
+
+
+def test_an_experiment_refuses_rounds_for_a_method_without_a_semantic_loss():
+    """Checked before any stage runs, naming the variant; SeAFusion's rounds pass the check."""
+    from pipelines.api import load_config
+    from pipelines.stages.train_fusion import check_fusion_methods
+
+    bad = load_config("default", ["fusion=[{name: sspfusion, checkpoint: null, train: {semantic_rounds: 2}}]"])
+    with pytest.raises(ConfigError, match=r"fusion\[sspfusion\].*semantic_rounds=2.*no semantic loss"):
+        check_fusion_methods(bad.fusion, bad.fusion_train)
+    good = load_config("default", ["fusion=[{name: seafusion, checkpoint: null, train: {semantic_rounds: 2}}]"])
+    check_fusion_methods(good.fusion, good.fusion_train)

@@ -168,6 +168,10 @@ def check_fusion_methods(methods: list[FusionMethodConfig], fusion_train=None) -
                 raise ConfigError(f"fusion[{m.name}].kwargs: {exc}") from exc
             if fusion_train is not None and hasattr(model, "phases"):
                 t = {**to_dict(fusion_train), **m.train}
+                if t.get("semantic_rounds") and not hasattr(model, "set_semantic_loss"):
+                    raise ConfigError(f"fusion[{m.name}] (train: or fusion_train:): semantic_rounds="
+                                      f"{t['semantic_rounds']}, but method {m.method!r} has no semantic loss; "
+                                      "the rounds are SeAFusion's (method: seafusion). Set semantic_rounds: 0 for it.")
                 try:
                     phase_schedule(m.method, tuple(model.phases), t["structure_epochs"], t["epochs"],
                                    t.get("phase_epochs"))
