@@ -72,3 +72,26 @@ def make_pairs(tmp_path):
         return root
 
     return _make
+
+
+def flat(text: str) -> str:
+    """``text`` with every run of whitespace (rich's line wrapping included) as one space."""
+    return " ".join(text.split())
+
+
+@pytest.fixture
+def wide_console(monkeypatch):
+    """The project console without line wrapping (messages checked as one line)."""
+    from pipelines.console import console
+
+    monkeypatch.setattr(console, "_width", 10_000)
+
+
+@pytest.fixture
+def tiny_knobs():
+    """fusion_tiny's module-level knobs reset before and after the test."""
+    import fusion_tiny
+
+    fusion_tiny.reset_knobs()
+    yield
+    fusion_tiny.reset_knobs()

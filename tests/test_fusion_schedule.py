@@ -16,14 +16,7 @@ from fuseseg.errors import ConfigError
 from fusion.train import FusionTrainConfig, train_fusion
 from fusion.train_config import phase_schedule
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(autouse=True)
-def _knobs():
-    fusion_tiny.reset_knobs()
-    yield
-    fusion_tiny.reset_knobs()
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "tiny_knobs")
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +26,7 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
-def make_cfg(data: Path, **kw) -> FusionTrainConfig:
-    return fusion_tiny.train_config(data, **kw)
+make_cfg = fusion_tiny.train_config
 
 
 def rows(out: Path) -> list[tuple[str, str, str]]:

@@ -30,14 +30,7 @@ TESTS = Path(__file__).resolve().parent
 TIMING_KEYS = ("images_per_s", "seconds")
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(autouse=True)
-def _knobs():
-    fusion_tiny.reset_knobs()
-    yield
-    fusion_tiny.reset_knobs()
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "tiny_knobs")
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +40,7 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
-def make_cfg(data: Path, **kw) -> FusionTrainConfig:
-    return fusion_tiny.train_config(data, **kw)
+make_cfg = fusion_tiny.train_config
 
 
 def state(path: Path) -> dict:

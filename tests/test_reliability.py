@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import flat
 
 from fuseseg.errors import FusesegError
 from pipelines.cli import main
@@ -73,21 +74,11 @@ def snapshot(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def flat(text: str) -> str:
-    """Console output with rich's line wrapping undone."""
-    return " ".join(text.split())
-
-
 def state_dict(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
 
 
-@pytest.fixture(autouse=True)
-def wide_console(monkeypatch):
-    """No line wrapping of long paths in the captured console output."""
-    from pipelines.console import console
-
-    monkeypatch.setattr(console, "_width", 10_000)
+pytestmark = pytest.mark.usefixtures("wide_console")
 
 
 @pytest.fixture(scope="module")

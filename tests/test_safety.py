@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import flat
 
 from fuseseg import runtime
 from fuseseg.data.io import atomic_write_bytes, atomic_write_text, write_image
@@ -30,15 +31,7 @@ from pipelines.cli import main
 REPO = Path(__file__).resolve().parents[1]
 
 
-def flat(text: str) -> str:
-    return " ".join(text.split())
-
-
-@pytest.fixture(autouse=True)
-def wide_console(monkeypatch):
-    from pipelines.console import console
-
-    monkeypatch.setattr(console, "_width", 10_000)
+pytestmark = pytest.mark.usefixtures("wide_console")
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import flat
 from test_safety import SEG_SETTINGS, seg_run  # noqa: F401 - the fixture: a one-step segmenter
 
 from fuseseg.data.io import atomic_write_text
@@ -31,15 +32,7 @@ from pipelines.runstate import RUN_MARKER
 REPO = Path(__file__).resolve().parents[1]
 
 
-def flat(text: str) -> str:
-    return " ".join(text.split())
-
-
-@pytest.fixture(autouse=True)
-def wide_console(monkeypatch):
-    from pipelines.console import console
-
-    monkeypatch.setattr(console, "_width", 10_000)
+pytestmark = pytest.mark.usefixtures("wide_console")
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
