@@ -61,6 +61,7 @@ class SegmenterLoss(nn.Module):
 
     def __init__(self, checkpoint: Path | str, device: torch.device | str = "cpu"):
         super().__init__()
+        from segmentation.data import IMAGENET_MEAN, IMAGENET_STD
         from segmentation.losses import DiceCELoss
         from segmentation.model import model_from_checkpoint, output_stride
 
@@ -73,6 +74,11 @@ class SegmenterLoss(nn.Module):
         self.normalisation = ck.get("normalisation", cfg.get("normalisation", "imagenet"))
         self.stride = output_stride(model)
         self.loss = DiceCELoss(float(cfg.get("ce_weight", 1.0)), float(cfg.get("dice_weight", 1.0)))
+        c = self.in_channels   # ImageNet statistics (their channel mean for 1 channel), as segmentation.data
+        mean = IMAGENET_MEAN if c == 3 else [sum(IMAGENET_MEAN) / 3]
+        std = IMAGENET_STD if c == 3 else [sum(IMAGENET_STD) / 3]
+        self.register_buffer("mean", torch.tensor(mean, device=device)[:, None, None], persistent=False)
+        self.register_buffer("std", torch.tensor(std, device=device)[:, None, None], persistent=False)
 
     def train(self, mode: bool = True) -> SegmenterLoss:   # the segmenter stays in eval mode
         super().train(mode)
@@ -80,15 +86,11 @@ class SegmenterLoss(nn.Module):
         return self
 
     def forward(self, fused_y: torch.Tensor, visible: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        from segmentation.data import IMAGENET_MEAN, IMAGENET_STD
         from segmentation.evaluate import pad_to_multiple
 
         x = recolour(fused_y.float(), visible.float()) if self.in_channels == 3 else fused_y.float()
         if self.normalisation == "imagenet":
-            c = x.shape[1]
-            mean = torch.tensor(IMAGENET_MEAN if c == 3 else [sum(IMAGENET_MEAN) / 3], device=x.device)
-            std = torch.tensor(IMAGENET_STD if c == 3 else [sum(IMAGENET_STD) / 3], device=x.device)
-            x = (x - mean[:, None, None]) / std[:, None, None]
+            x = (x - self.mean) / self.std
         h, w = x.shape[-2:]
         logits = self.segmenter(pad_to_multiple(x, self.stride))[..., :h, :w]
         return self.loss(logits, labels)[0]
@@ -166,13 +168,9 @@ def _check_folder(cfg: FusionTrainConfig, out_dir: Path, resume: bool) -> None:
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot resume the rounds in {out_dir}: {saved_path} is unreadable ({exc}); "
                           "start a new run in another --out folder.") from exc
-    now = config_to_dict(cfg)
-    from fusion.train_config import RUNTIME_KEYS
-    diff = [k for k in now if k not in RUNTIME_KEYS and (saved or {}).get(k) != now[k]]
-    if diff:
-        raise ConfigError(f"cannot resume the rounds in {out_dir}: the config differs from {saved_path} ("
-                          + "; ".join(f"{k}: {(saved or {}).get(k)!r} -> {now[k]!r}" for k in diff)
-                          + "). Resume with the same settings, or start a new run in another --out folder.")
+    from fusion.train import _check_resumable  # the trainer's rule: every non-runtime key equal
+
+    _check_resumable(saved or {}, cfg, saved_path)
 
 
 def _fusion_round(cfg: FusionTrainConfig, out: Path, beta: float, init: str | None, seg_ck: Path | None,
