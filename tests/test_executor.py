@@ -37,12 +37,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import flat
 from executor_jobs import CountingJob
-from test_reliability import (  # noqa: F401 - the fixtures ws (the tiny data set) and wide_console
+from test_reliability import (  # noqa: F401 - the fixture ws (the tiny data set)
     assert_same_results,
-    flat,
     tiny_config,
-    wide_console,
     write_config,
     ws,
 )
@@ -61,6 +60,7 @@ from pipelines.jobs import JobRef, job_state, status_rows
 
 REPO = Path(__file__).resolve().parents[1]
 TRAININGS = {"train_fusion/sspfusion", "segment/ir/seed0", "segment/sspfusion/seed0"}
+pytestmark = pytest.mark.usefixtures("wide_console")
 
 
 SEG_EPOCHS, HOLD_EPOCH = 4, 2
