@@ -20,8 +20,11 @@ epoch per phase) three times -- the config as it is, every stage at ``amp=off`` 
   summed RSS of all processes of the tree (pipeline + DataLoader / pool workers), sampled from
   ``/proc`` every 0.25 s (a short spike between samples can be missed).
 
-Usage: ``python -m benchmarks.bench_e2e [--quick] [--keep DIR] [--default-only | --precisions default,fp32]``;
-prints the table and writes ``results/benchmarks/e2e-<date>.json``.
+Usage: ``python -m benchmarks.bench_e2e [--quick] [--keep DIR] [--default-only | --precisions default,fp32]
+[--config NAME_OR_PATH] [--run-args "--executor local --jobs 2"]``; prints the table and writes
+``results/benchmarks/e2e-<date>.json`` (``e2e-<config>-<date>.json`` for another config).
+``--config table4 --default-only`` times issue #23's comparison experiment (target: 40 min, 3 GiB);
+``--run-args`` are passed to ``fuseseg run`` as they are (e.g. the local executor).
 """
 from __future__ import annotations
 
@@ -98,11 +101,24 @@ def stage_summary(run_dir: Path) -> tuple[list[dict], dict[str, float]]:
     return recs, kinds
 
 
+def config_path(config: str) -> Path:
+    """``"table4"`` -> ``configs/table4.yaml`` of the repository; a path is taken as it is."""
+    p = Path(config)
+    named = REPO / "configs" / f"{config}.yaml"
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p.resolve()
+    if named.is_file():
+        return named
+    raise FileNotFoundError(f"--config {config}: neither a YAML file nor one of "
+                            f"{sorted(q.stem for q in (REPO / 'configs').glob('*.yaml'))}")
+
+
 def run_pipeline(overrides: list[str], results_dir: Path, timeout: float | None = None,
-                 poll_s: float = 0.25) -> dict:
-    """Run the default experiment in a subprocess; returns wall time, rusage and the RSS peaks."""
+                 poll_s: float = 0.25, config: str = "default", run_args: tuple[str, ...] = ()) -> dict:
+    """Run an experiment (default: ``configs/default.yaml``) in a subprocess; returns wall time,
+    rusage and the RSS peaks."""
     stats = results_dir / "rusage.json"
-    cmd = [sys.executable, "-m", "pipelines.cli", "run", str(REPO / "configs" / "default.yaml"),
+    cmd = [sys.executable, "-m", "pipelines.cli", "run", str(config_path(config)), *run_args,
            "name=bench-e2e", f"results_dir={results_dir}", *overrides]
     log = results_dir / "run.log"
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -144,26 +160,30 @@ def parse_precisions(text: str) -> tuple[str, ...]:
     return names
 
 
-def run_one(quick: bool, extra: list[str], keep: Path | None = None) -> dict:
+def run_one(quick: bool, extra: list[str], keep: Path | None = None, config: str = "default",
+            run_args: tuple[str, ...] = ()) -> dict:
     overrides = (list(QUICK_OVERRIDES) if quick else []) + list(extra)
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
         results_dir = keep or Path(tmp)
-        res = run_pipeline(overrides, results_dir, timeout=None)
+        res = run_pipeline(overrides, results_dir, timeout=None, config=config, run_args=run_args)
         stages, kinds = stage_summary(results_dir / "bench-e2e")
         env = json.loads((results_dir / "bench-e2e" / "environment.json").read_text())
     res["max_process_rss_mib"] = max([res["max_process_rss_mib"]] +
                                      [r["process_peak_rss_mib"] or 0 for r in stages])
-    res.update({"quick": quick, "overrides": overrides, "stages": stages, "seconds_by_kind": kinds,
+    res.update({"config": config, "run_args": list(run_args),
+                "quick": quick, "overrides": overrides, "stages": stages, "seconds_by_kind": kinds,
                 "stage_seconds_total": sum(kinds.values()), "precision": env.get("precision")})
     return res
 
 
 def run(quick: bool = False, keep: Path | None = None,
-        precisions: tuple[str, ...] = ("default", "fp32", "auto")) -> dict:
+        precisions: tuple[str, ...] = ("default", "fp32", "auto"), config: str = "default",
+        run_args: tuple[str, ...] = ()) -> dict:
     """The default run, then (unless only "default" is asked for) the same with every stage at
     ``amp=off`` and at ``amp=auto`` (separate run folders)."""
     before = matmul_rates()   # the machine's speed today (shared VMs differ from day to day)
-    runs = {name: run_one(quick, PRECISION_RUNS[name], keep / name if keep else None) for name in precisions}
+    runs = {name: run_one(quick, PRECISION_RUNS[name], keep / name if keep else None, config, run_args)
+            for name in precisions}
     res = dict(runs[precisions[0]])
     res["by_precision"] = runs
     res["matmul_2048_gflops_per_s"] = {"before": before, "after": matmul_rates()}
@@ -191,7 +211,8 @@ def figures(result: dict) -> list[dict]:
 
 
 def _single_figures(result: dict) -> list[dict]:
-    sec = "e2e fuseseg run" + (" (quick overrides)" if result["quick"] else " (default)")
+    what = " ".join([result.get("config", "default"), *result.get("run_args", [])])
+    sec = f"e2e fuseseg run {what}" + (" (quick overrides)" if result["quick"] else "")
     out = [figure(sec, "wall time (whole command)", result["wall_s"], "s", "start-up and imports included"),
            figure(sec, "CPU time (user + sys, whole tree)", result["cpu_user_s"] + result["cpu_sys_s"], "s"),
            figure(sec, "peak RSS, largest process", result["max_process_rss_mib"], "MiB",
@@ -225,6 +246,8 @@ if __name__ == "__main__":
     ap.add_argument("--precisions", default="default,fp32,auto",
                     help="comma-separated runs, a subset of default,fp32,auto in any order (e.g. default,fp32 "
                          "when the config already runs at amp=auto)")
+    ap.add_argument("--config", default="default", help="a config of configs/ by name (e.g. table4) or a YAML path")
+    ap.add_argument("--run-args", default="", help='arguments for `fuseseg run`, e.g. "--executor local --jobs 2"')
     a = ap.parse_args()
     try:
         chosen = ("default",) if a.default_only else parse_precisions(a.precisions)
@@ -234,9 +257,15 @@ if __name__ == "__main__":
 
     from benchmarks.common import figures_table, make_record, write_record
 
-    result = run(quick=a.quick, keep=a.keep, precisions=chosen)
+    import shlex
+    try:
+        config_path(a.config)
+    except FileNotFoundError as e:
+        ap.error(str(e))
+    result = run(quick=a.quick, keep=a.keep, precisions=chosen, config=a.config, run_args=tuple(shlex.split(a.run_args)))
     figs = figures(result)
     Console().print(figures_table(figs, "end to end"))
     path = write_record(make_record(figs, {"e2e": result}, a.quick, command=sys.argv),
-                        REPO / "results" / "benchmarks" / f"e2e-{time.strftime('%Y-%m-%d')}.json")
+                        REPO / "results" / "benchmarks" /
+                        f"e2e-{'' if a.config == 'default' else Path(a.config).stem + '-'}{time.strftime('%Y-%m-%d')}.json")
     Console().print(f"written: {path}")

@@ -145,6 +145,27 @@ def score_test_sets(pt: Path, method: str, preset: str) -> dict:
     return out
 
 
+def rounds_record(rounds: dict, rows: list[dict]) -> dict:
+    """The record's part for a run trained in semantic rounds: the semantic loss's state (from the
+    rounds' own record), per round its beta, steps, last fus / fus_max / semantic and verdict; the
+    steps of all rounds together (each round's trainer counts from 0), and the convergence of the
+    last round's loss (beta changes between rounds, so losses of different rounds differ in kind)."""
+    per, steps = [], 0
+    for r in rounds.get("rounds", []):
+        mine = [x for x in rows if str(x.get("round")) == str(r["round"])]
+        n = max((int(x["global_step"]) for x in mine), default=0)
+        steps += n
+        f = r.get("fusion") or {}
+        per.append({"round": r["round"], "beta": r["beta"], "steps": n,
+                    **{k: f[k] for k in ("fus", "fus_max", "semantic", "labelled", "total", "verdict") if k in f},
+                    "segmenter_trained_after": r.get("segmenter") is not None})
+    last = [x for x in rows if per and str(x.get("round")) == str(per[-1]["round"])]
+    return {"semantic_loss": rounds.get("semantic_loss"), "semantic_rounds": per,
+            "semantic_gamma": rounds.get("semantic_gamma"), "steps": steps,
+            "convergence": loss_convergence(last) if last else None,
+            "convergence_scope": f"round {per[-1]['round']} of {len(per)} (its loss has a fixed beta)" if per else None}
+
+
 def record(run: Path, ckpt: dict, pt: Path, preset: str, metrics: dict | None) -> dict:
     """The JSON record beside the shipped weights (see the module doc)."""
     rows, cfg, kwargs, method = ckpt["log"], ckpt["config"], ckpt["kwargs"], ckpt["method"]
@@ -169,7 +190,9 @@ def record(run: Path, ckpt: dict, pt: Path, preset: str, metrics: dict | None) -
     }
     if metrics is None:
         info["metrics_note"] = "not scored (--no-metrics)"
-    if "semantic_weight" in kwargs:
+    if ckpt.get("rounds"):   # SeAFusion's semantic rounds (pipelines/semantic_rounds.py)
+        info.update(rounds_record(ckpt["rounds"], rows))
+    elif "semantic_weight" in kwargs:
         info["semantic_loss"] = ("on" if kwargs["semantic_weight"] > 0 else
                                  "off: semantic_weight 0 (the training data have no labels; content loss only)")
     if any(r.get("phase") == "structure" for r in rows):   # SSPFusion's structure branch and head

@@ -8,7 +8,7 @@ import pytest
 from benchmarks import common
 from benchmarks.__main__ import NAMES, figures_of, parse_only, run_all
 from benchmarks.bench_dataloading import verdict
-from benchmarks.bench_e2e import parse_precisions, stage_summary
+from benchmarks.bench_e2e import config_path, parse_precisions, stage_summary
 from benchmarks.bench_memory import extrapolate, saved_tensor_bytes
 
 
@@ -184,6 +184,15 @@ def test_e2e_precision_runs_are_parsed_in_order_and_unknown_names_refused():
         parse_precisions("default,bf32")
     with pytest.raises(ValueError, match="nothing given"):
         parse_precisions(" , ")
+
+
+def test_e2e_config_by_name_or_path_and_unknown_names_listed(tmp_path):
+    assert config_path("table4") == common.REPO / "configs" / "table4.yaml"
+    own = tmp_path / "mine.yaml"
+    own.write_text("name: mine\n")
+    assert config_path(str(own)) == own.resolve()
+    with pytest.raises(FileNotFoundError, match=r"--config tabel4: .*'table4'"):
+        config_path("tabel4")
 
 
 def test_e2e_reports_every_stage_at_both_precisions():

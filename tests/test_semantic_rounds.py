@@ -139,6 +139,13 @@ def test_two_rounds_train_with_the_semantic_loss_on_record_it_and_resume(tmp_pat
     method = load_fusion_method(checkpoint=final, device="cpu")
     fused = fuse_arrays(method, np.full((32, 32), 200, np.uint8), np.dstack([np.full((32, 32), v, np.uint8) for v in (50, 90, 130)]))
     assert fused.shape == (32, 32, 3)
+    # shipping it records the rounds: the state of the semantic loss, beta and the steps of every round
+    from benchmarks.ship_fusion import main as ship
+    pt = ship([str(out), "--no-metrics", "--weights-dir", str(tmp_path / "w")])
+    info = json.loads(pt.with_suffix(".json").read_text())
+    assert info["semantic_loss"].startswith("on") and [r["beta"] for r in info["semantic_rounds"]] == [0.0, 1.0]
+    assert info["steps"] == 2 * 2 and [r["steps"] for r in info["semantic_rounds"]] == [2, 2]  # 1 epoch x 2 steps
+    assert info["semantic_rounds"][1]["semantic"] > 0 and "round 2 of 2" in info["convergence_scope"]
     # again without --resume: refused; with it: nothing is retrained
     with pytest.raises(ConfigError, match="already holds SeAFusion rounds"):
         train_semantic_rounds(cfg, out, progress=False)
