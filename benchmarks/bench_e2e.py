@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -257,7 +258,6 @@ if __name__ == "__main__":
 
     from benchmarks.common import figures_table, make_record, write_record
 
-    import shlex
     try:
         config_path(a.config)
     except FileNotFoundError as e:

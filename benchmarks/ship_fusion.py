@@ -150,18 +150,19 @@ def rounds_record(rounds: dict, rows: list[dict]) -> dict:
     rounds' own record), per round its beta, steps, last fus / fus_max / semantic and verdict; the
     steps of all rounds together (each round's trainer counts from 0), and the convergence of the
     last round's loss (beta changes between rounds, so losses of different rounds differ in kind)."""
-    per, steps = [], 0
+    by_round: dict[str, list[dict]] = {}
+    for x in rows:
+        by_round.setdefault(str(x.get("round")), []).append(x)
+    per = []
     for r in rounds.get("rounds", []):
-        mine = [x for x in rows if str(x.get("round")) == str(r["round"])]
-        n = max((int(x["global_step"]) for x in mine), default=0)
-        steps += n
         f = r.get("fusion") or {}
-        per.append({"round": r["round"], "beta": r["beta"], "steps": n,
+        per.append({"round": r["round"], "beta": r["beta"],
+                    "steps": max((int(x["global_step"]) for x in by_round.get(str(r["round"]), [])), default=0),
                     **{k: f[k] for k in ("fus", "fus_max", "semantic", "labelled", "total", "verdict") if k in f},
                     "segmenter_trained_after": r.get("segmenter") is not None})
-    last = [x for x in rows if per and str(x.get("round")) == str(per[-1]["round"])]
+    last = by_round.get(str(per[-1]["round"]), []) if per else []
     return {"semantic_loss": rounds.get("semantic_loss"), "semantic_rounds": per,
-            "semantic_gamma": rounds.get("semantic_gamma"), "steps": steps,
+            "semantic_gamma": rounds.get("semantic_gamma"), "steps": sum(r["steps"] for r in per),
             "convergence": loss_convergence(last) if last else None,
             "convergence_scope": f"round {per[-1]['round']} of {len(per)} (its loss has a fixed beta)" if per else None}
 
