@@ -47,6 +47,7 @@ writes files and prints.
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,6 +223,8 @@ def _train(cfg: FusionTrainConfig, out_dir: Path, resume: bool, progress: bool,
                     # ------------------------------------------------------ epoch end
                     st.end_epoch(acc.row(phase, ep + 1, st.global_step, opt, steps_per_epoch, cfg.batch_size))
                     save(last_path, pi, ep + 1, 0, opt, sched, scaler)
+                    if cfg.keep_every and (ep + 1) % cfg.keep_every == 0 and main:
+                        keep_epoch(out_dir, _payload(cfg, model, init_kwargs, phases, st, pi, ep + 1, 0), phase, ep + 1)
                     if main:
                         write_log(out_dir / "log.csv", st.rows)
                         log_epoch(bar, task, tb, st.rows[-1], phases, pi, n_epochs, cfg.method, model, ir, vi_y)
@@ -294,6 +297,10 @@ def _run_epoch(cfg: FusionTrainConfig, model: nn.Module, tools, loader, st: _Sta
                            f"step {step}/{steps_per_epoch}")
             raise KeyboardInterrupt("saved")
         scaler.scale(loss).backward()
+        if cfg.grad_clip is not None:
+            norm = _clip_gradients(opt, scaler, cfg.grad_clip)
+            if math.isfinite(norm):   # not: an fp16 overflow, whose step the scaler skips
+                comps["grad_norm"] = norm
         scaler.step(opt)
         scaler.update()
         sched.step()
@@ -504,6 +511,24 @@ def _check_step(loss: torch.Tensor, comps: dict, stop: runtime.StopRequest, worl
             f"checkpoint is kept: {last_path} ({'none yet' if not last_path.exists() else 'end of the last completed epoch'}). "
             f"Lower lr (now {cfg.lr:g}) or set amp=off, then retrain or resume with --resume.")
     return stop_now
+
+
+def _clip_gradients(opt: torch.optim.Optimizer, scaler, max_norm: float) -> float:
+    """Clip the (unscaled) gradients of ``opt``'s parameters to global L2 norm ``max_norm``; the
+    norm before clipping (inf / nan when a gradient is not finite: the scaler then skips the step)."""
+    scaler.unscale_(opt)
+    params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+def keep_epoch(out_dir: Path, payload: dict, phase: str, epoch: int) -> Path:
+    """Keep the weights at the end of ``phase`` epoch ``epoch`` as ``OUT/epochs/<phase>-<epoch>.pt``:
+    a self-describing weights checkpoint (as final.pt, with the log so far), usable as a fusion
+    ``checkpoint:`` or ``init_checkpoint``. Returns its path."""
+    path = out_dir / "epochs" / f"{phase}-{epoch:04d}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    runtime.save_checkpoint(path, _final_payload(payload))
+    return path
 
 
 def _final_payload(ckpt: dict) -> dict:

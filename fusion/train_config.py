@@ -14,7 +14,7 @@ from fuseseg.data.pairs import PairSet, detect_splits, find_pairs, load_split
 from fuseseg.errors import ConfigError
 
 # settings that may differ between a run and its resumption (they do not change the maths on CPU)
-RUNTIME_KEYS = ("workers", "device", "amp", "compile", "channels_last", "log_every", "cache_images")
+RUNTIME_KEYS = ("workers", "device", "amp", "compile", "channels_last", "log_every", "cache_images", "keep_every")
 
 @dataclass
 class FusionTrainConfig:
@@ -58,6 +58,8 @@ class FusionTrainConfig:
     min_lr: float = 0.0   # learning rate at the end of each phase
     betas: tuple[float, float] = (0.9, 0.999)   # Adam betas
     weight_decay: float = 0.0   # Adam weight decay
+    grad_clip: float | None = None   # clip the gradients' global L2 norm to this before each step (logged as `grad_norm`, before clipping); null = off
+    keep_every: int = 0   # > 0: also keep the weights every that many epochs of each phase, as OUT/epochs/<phase>-<epoch>.pt; 0 = off
     workers: int = 4   # DataLoader worker processes (0: load in the training process)
     seed: int = 0   # seeds initialisation, crops and batch order
     device: str = "auto"   # auto | cpu | cuda | cuda:1 ...
@@ -102,6 +104,10 @@ class FusionTrainConfig:
         if self.semantic_rounds < 0 or not self.semantic_gamma >= 0:
             raise ValueError(f"semantic_rounds must be >= 0 and semantic_gamma >= 0, got "
                              f"{self.semantic_rounds} and {self.semantic_gamma}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or null (off), got {self.grad_clip}")
+        if self.keep_every < 0:
+            raise ValueError(f"keep_every must be >= 0 (0: off), got {self.keep_every}")
         if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
 

@@ -40,7 +40,7 @@ from fusion.losses import REC_REDUCTIONS, fusion_loss, rec_loss
 from fusion.registry import register_method
 from fusion.structure import structure_map, structure_pyramid, xor_masks
 
-__all__ = ["SSPFusion", "sspfusion_no_sfe", "sspfusion_no_spf", "PAPER_LIKE_CHANNELS"]
+__all__ = ["SSPFusion", "restoring_clamp", "sspfusion_no_sfe", "sspfusion_no_spf", "PAPER_LIKE_CHANNELS"]
 
 DEFAULT_CHANNELS = (16, 32, 48, 64)
 #: Widths of a typical U-Net-sized variant (the paper gives none); ~17x the default's FLOPs.
@@ -50,6 +50,36 @@ _NEG_SLOPE = 0.1
 OUTPUTS = ("sigmoid", "clamp", "max_residual")
 #: Weight initialisations: PyTorch's default (kaiming-uniform, a = sqrt(5)); He-normal for LeakyReLU.
 INITS = ("default", "kaiming")
+#: Gradient of the [0, 1] clamp of the "clamp" / "max_residual" outputs (see :func:`restoring_clamp`).
+CLAMP_GRADS = ("restoring", "zero")
+
+
+class _RestoringClamp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp(0.0, 1.0)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        # a gradient-descent step moves x by -g: let g through inside [0, 1], and outside it
+        # wherever that step points back into [0, 1]
+        keep = ((x >= 0) & (x <= 1)) | ((x > 1) & (g > 0)) | ((x < 0) & (g < 0))
+        return g * keep.to(g.dtype)
+
+
+def restoring_clamp(x: torch.Tensor) -> torch.Tensor:
+    """``clamp(x, 0, 1)`` whose gradient does not die outside [0, 1]: inside, the gradient is g (as
+    torch's clamp); outside, g passes where a descent step (``-g``) moves x back towards [0, 1] and
+    is 0 where it would push x further out. torch's clamp gives 0 to every pixel outside, so a head
+    whose output leaves [0, 1] everywhere (the 12,000-step SSPFusion run of fusion/README.md: a fused
+    image of all ones from fusion epoch 15 on) gets no gradient and never comes back."""
+    return _RestoringClamp.apply(x)
+
+
+def _torch_clamp(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(0.0, 1.0)
 
 
 def _conv(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Conv2d:
@@ -156,6 +186,10 @@ class SSPFusion(LuminanceFusion):
     * ``init`` ("default": PyTorch's; "kaiming": He-normal for LeakyReLU(0.1), zero biases).
     * ``rec_reduction`` ("norm", the paper's Eq. 7: ``sqrt(||P - S||^2 + eps^2)`` per image, level
       and modality; "mean": the per-pixel Charbonnier mean, for comparison).
+    * ``clamp_grad`` ("restoring"): the gradient of the [0, 1] clamp of the "clamp" and
+      "max_residual" outputs: "restoring" (:func:`restoring_clamp`: a saturated output still gets the
+      gradient that brings it back) or "zero" (torch's clamp: none outside [0, 1]). The forward
+      pass, and so the fused image, is the same.
 
     Training interface (used by :mod:`fusion.train`): ``phases``, ``training_losses``,
     ``parameters_for_phase``; inference: ``fuse_y`` / ``forward`` (the fusion contract).
@@ -168,7 +202,7 @@ class SSPFusion(LuminanceFusion):
                  use_spf: bool = True, structure_map: str = "G", charbonnier_eps: float = 1.0,
                  alpha: float = 0.01, structure_branch: str = "shared", w_ssim: float = 1.0,
                  w_smooth: float = 1.0, w_grad: float = 1.0, output: str = "sigmoid",
-                 init: str = "default", rec_reduction: str = "norm"):
+                 init: str = "default", rec_reduction: str = "norm", clamp_grad: str = "restoring"):
         super().__init__()
         channels = tuple(int(c) for c in channels)
         if int(levels) != levels or levels < 1:
@@ -186,6 +220,8 @@ class SSPFusion(LuminanceFusion):
         if rec_reduction not in REC_REDUCTIONS:
             raise ConfigError(f"sspfusion: `rec_reduction` must be one of {', '.join(REC_REDUCTIONS)}, "
                               f"got {rec_reduction!r}")
+        if clamp_grad not in CLAMP_GRADS:
+            raise ConfigError(f"sspfusion: `clamp_grad` must be one of {', '.join(CLAMP_GRADS)}, got {clamp_grad!r}")
         if init not in INITS:
             raise ConfigError(f"sspfusion: `init` must be one of {', '.join(INITS)}, got {init!r}")
         if min(w_ssim, w_smooth, w_grad) < 0:
@@ -199,9 +235,10 @@ class SSPFusion(LuminanceFusion):
                             "charbonnier_eps": float(charbonnier_eps), "alpha": float(alpha),
                             "structure_branch": structure_branch, "w_ssim": float(w_ssim),
                             "w_smooth": float(w_smooth), "w_grad": float(w_grad), "output": output,
-                            "init": init, "rec_reduction": rec_reduction}
+                            "init": init, "rec_reduction": rec_reduction, "clamp_grad": clamp_grad}
         self.loss_weights = {"w_ssim": float(w_ssim), "w_smooth": float(w_smooth), "w_grad": float(w_grad)}
         self.output = output
+        self._clamp = restoring_clamp if clamp_grad == "restoring" else _torch_clamp
         self.levels, self.channels = levels, channels
         self.use_sfe, self.use_spf = bool(use_sfe), bool(use_spf)
         self.structure_map_mode = structure_map
@@ -288,8 +325,8 @@ class SSPFusion(LuminanceFusion):
         if self.output == "sigmoid":
             return torch.sigmoid(z)
         if self.output == "clamp":
-            return z.clamp(0.0, 1.0)
-        return (torch.maximum(ir, vi_y).float() + z).clamp(0.0, 1.0)
+            return self._clamp(z)
+        return self._clamp(torch.maximum(ir, vi_y).float() + z)
 
     # ------------------------------------------------------------------ inference
     def fuse_y(self, ir: torch.Tensor, vi_y: torch.Tensor) -> torch.Tensor:
