@@ -95,6 +95,24 @@ def test_gflops_figures_sit_next_to_both_matmul_rates():
     assert [f["value"] for f in common.rate_figures("s", rates)] == [300.0, 1800.0]
 
 
+def test_matmul_rates_time_a_slow_precision_fewer_times():
+    """A precision whose first call overruns the budget (bf16 emulated: ~60 s per 2048^2 matmul)
+    gets 1 timed call after it instead of 2 warm-ups + 5; rates are 2 n^3 / median seconds."""
+    durations = [0.1] * 6 + [60.0] * 2          # fp32: first + 5 timed; bf16: first + 1 timed
+    ticks, now = [], [0.0]
+
+    def clock():                                 # t0, t1 pairs: each pair lasts the next duration
+        if len(ticks) % 2 == 1:
+            now[0] += durations[len(ticks) // 2]
+        ticks.append(now[0])
+        return now[0]
+
+    rates = common.matmul_rates(n=64, repeats=5, budget_s=20.0, clock=clock)
+    assert len(ticks) == 2 * len(durations)     # 6 fp32 calls timed, 2 bf16 calls timed
+    assert rates["fp32"] == pytest.approx(2 * 64 ** 3 / 0.1 / 1e9)
+    assert rates["bf16"] == pytest.approx(2 * 64 ** 3 / 60.0 / 1e9)
+
+
 def _prec(amp):
     return {"precision": "fp32" if amp == "off" else "bf16", "channels_last": amp != "off"}
 
