@@ -146,7 +146,8 @@ def _train_fuse_segment(cfg: ExperimentConfig, run_dir: Path, plan: Plan, ex: Ex
 
     def train_and_fuse(m: FusionMethodConfig):
         ckpt, tfp = stage_train_fusion(cfg, run_dir, plan, m, data_root, data_fp, ex)
-        return stage_fuse(cfg, run_dir, plan, m, data_root, ckpt, tfp, device)
+        with ex.local_work():   # the local executor: fusing holds a job slot
+            return stage_fuse(cfg, run_dir, plan, m, data_root, ckpt, tfp, device)
 
     def segment(v: str, seed: int) -> str:
         fused_v = {} if v in ("ir", "vi") else {v: fusing[v].result()}

@@ -506,3 +506,37 @@ def test_a_job_reaching_its_time_limit_is_requeued_and_resumes(tmp_path, slurm, 
     assert info["job_id"] == rec["job_id"] and info["attempt"] == 1
     assert info["count"] == 10 and info["starts"][:2] == [0, 5]
     assert "this job is timed-out" in log and "Requeued job" in log
+
+
+def test_local_work_holds_a_job_slot_and_runs_with_a_jobs_thread_count(monkeypatch):
+    """Fusing in the submitting process under ``--executor local`` counts as one of the ``jobs``
+    (a third heavy thing waits for a slot) and uses a job's share of the cores; in process it is
+    a no-op."""
+    import torch
+
+    import pipelines.executor as exm
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(exm, "job_threads", lambda jobs: (1, True))
+    before = torch.get_num_threads()
+    got: list = []
+    try:
+        torch.set_num_threads(2)
+        with exm.LocalExecutor(ExecutorConfig(kind="local", jobs=2)) as ex:
+            with ex.local_work():
+                assert torch.get_num_threads() == 1 and len(ex.slots) == 1
+                with ex.local_work():
+                    assert ex.slots == []
+                    waiter = threading.Thread(target=lambda: got.append(ex._acquire_slot()))
+                    waiter.start()
+                    waiter.join(0.3)
+                    assert waiter.is_alive() and got == []      # no slot left: it waits
+                waiter.join(5)
+                assert got == [1]                                # the slot the inner block gave back
+                ex._release_slot(got[0])
+            assert ex.slots == [0, 1]
+        torch.set_num_threads(2)
+        with exm.Executor().local_work():
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
