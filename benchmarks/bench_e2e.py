@@ -17,8 +17,10 @@ epoch per phase) three times -- the config as it is, every stage at ``amp=off`` 
   .ru_maxrss`` of a small wrapper process whose only child is the pipeline, or the pipeline's
   own ``process_peak_rss_mib`` record when larger: the per-stage resets lower the kernel's
   figure), and the peak of the
-  summed RSS of all processes of the tree (pipeline + DataLoader / pool workers), sampled from
-  ``/proc`` every 0.25 s (a short spike between samples can be missed).
+  summed RSS of all processes of the tree (pipeline + DataLoader / pool workers + local jobs),
+  sampled from ``/proc`` every 0.25 s (a short spike between samples can be missed), and the peak of
+  their summed PSS (shared pages split between the processes that map them: with several processes
+  the summed RSS counts the torch libraries once per process, the PSS once in all).
 
 Usage: ``python -m benchmarks.bench_e2e [--quick] [--keep DIR] [--default-only | --precisions default,fp32]
 [--config NAME_OR_PATH] [--run-args "--executor local --jobs 2"]``; prints the table and writes
@@ -66,21 +68,46 @@ def _children_map() -> dict[int, list[int]]:
     return kids
 
 
-def tree_rss_mib(pid: int) -> float:
-    """Summed resident memory (MiB) of ``pid`` and all its descendants, from ``/proc`` (0 when
-    ``/proc`` is unavailable or the process is gone)."""
-    if not Path("/proc/self/statm").is_file():
-        return 0.0
-    kids = _children_map()
-    todo, total, page = [pid], 0, os.sysconf("SC_PAGE_SIZE")
+def _tree_pids(pid: int) -> list[int]:
+    kids, todo, out = _children_map(), [pid], []
     while todo:
         p = todo.pop()
+        out.append(p)
+        todo.extend(kids.get(p, []))
+    return out
+
+
+def tree_rss_mib(pid: int) -> float:
+    """Summed resident memory (MiB) of ``pid`` and all its descendants, from ``/proc`` (0 when
+    ``/proc`` is unavailable or the process is gone). Pages shared between the processes (the
+    torch libraries: ~320 MiB of each process) are counted once per process."""
+    if not Path("/proc/self/statm").is_file():
+        return 0.0
+    total, page = 0, os.sysconf("SC_PAGE_SIZE")
+    for p in _tree_pids(pid):
         try:
             total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * page
         except (OSError, IndexError, ValueError):
             pass
-        todo.extend(kids.get(p, []))
     return total / 2**20
+
+
+def tree_pss_mib(pid: int) -> float:
+    """Summed proportional set size (MiB) of ``pid`` and its descendants: each page shared by n
+    processes counts 1/n in each (``Pss`` of ``/proc/PID/smaps_rollup``), so the sum is the
+    memory the tree takes from the machine; 0 where smaps_rollup is unavailable."""
+    if not Path("/proc/self/smaps_rollup").is_file():
+        return 0.0
+    total = 0
+    for p in _tree_pids(pid):
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+                    break
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / 1024
 
 
 def stage_summary(run_dir: Path) -> tuple[list[dict], dict[str, float]]:
@@ -127,9 +154,10 @@ def run_pipeline(overrides: list[str], results_dir: Path, timeout: float | None 
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-c", _WRAPPER, str(stats), *cmd], cwd=REPO,
                                 stdout=out, stderr=subprocess.STDOUT)
-        peak_tree = 0.0
+        peak_tree = peak_pss = 0.0
         while proc.poll() is None:
             peak_tree = max(peak_tree, tree_rss_mib(proc.pid))
+            peak_pss = max(peak_pss, tree_pss_mib(proc.pid))
             if timeout is not None and time.perf_counter() - t0 > timeout:
                 proc.kill()
                 proc.wait()
@@ -141,7 +169,7 @@ def run_pipeline(overrides: list[str], results_dir: Path, timeout: float | None 
         raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}); its output ends:\n{tail}")
     r = json.loads(stats.read_text())
     return {"command": cmd, "wall_s": wall, "max_process_rss_mib": r["maxrss_kib"] / 1024,
-            "peak_tree_rss_mib": peak_tree, "cpu_user_s": r["user_s"], "cpu_sys_s": r["sys_s"]}
+            "peak_tree_rss_mib": peak_tree, "peak_tree_pss_mib": peak_pss, "cpu_user_s": r["user_s"], "cpu_sys_s": r["sys_s"]}
 
 
 #: the precision variants of the run: the config as it is, then every stage in fp32 and in the
@@ -219,7 +247,9 @@ def _single_figures(result: dict) -> list[dict]:
            figure(sec, "peak RSS, largest process", result["max_process_rss_mib"], "MiB",
                   "getrusage(RUSAGE_CHILDREN).ru_maxrss"),
            figure(sec, "peak RSS, process tree summed", result["peak_tree_rss_mib"], "MiB",
-                  "sampled from /proc every 0.25 s")]
+                  "sampled from /proc every 0.25 s; shared library pages counted once per process"),
+           figure(sec, "peak PSS, process tree summed", result.get("peak_tree_pss_mib"), "MiB",
+                  "sampled with the RSS; shared pages split between their processes: the tree's memory")]
     rates = result.get("matmul_2048_gflops_per_s")
     if rates:
         for when in ("before", "after"):

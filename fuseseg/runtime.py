@@ -156,6 +156,31 @@ def precision_record(device: torch.device | str, amp: str = "auto", channels_las
             "channels_last": use_channels_last(device, precision, channels_last)}
 
 
+# ---------------------------------------------------------------- memory
+def release_memory() -> bool:
+    """Collect garbage, then hand the heap memory malloc keeps free back to the OS (glibc's
+    ``malloc_trim(0)``; elsewhere only the collection). After a stage that allocated large
+    temporary tensors in a worker thread (fusing under ``--executor local``), the freed memory
+    otherwise stays in that thread's malloc arena: table4's submitting process held 3.2 GiB
+    after its fuse stages, against 2.3 GiB for the whole run in process. Returns whether memory
+    was trimmed."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):   # musl and other libcs without malloc_trim
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True
+
+
 # ---------------------------------------------------------------- seeds and RNG state
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch (all devices)."""

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -263,3 +267,25 @@ def test_contention_helpers(monkeypatch):
     assert rows["default: 2 loops together / 1 alone"] == 0.25    # (10 + 5) / 60
     assert rows["policy: 2 loops together / 1 alone"] == 1.5      # (45 + 45) / 60
     assert rows["fp32 matmul 256x256 (this run)"] == 100.0 and rows["load average before / after"] == "0.50 / 2.00"
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").is_file(), reason="needs Linux /proc smaps_rollup")
+def test_tree_pss_counts_pages_shared_by_a_forked_child_once():
+    """Parent touches 200 MiB, forks: the child shares those pages (copy-on-write). Summed RSS
+    counts them twice, summed PSS once (each process 1/2)."""
+    body = ("import os, sys, time, numpy as np\n"
+            "from benchmarks.bench_e2e import tree_pss_mib, tree_rss_mib\n"
+            "a = np.ones(200 * 2**20 // 8)\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    time.sleep(30); os._exit(0)\n"
+            "time.sleep(1.0)\n"
+            "print(tree_rss_mib(os.getpid()), tree_pss_mib(os.getpid()))\n"
+            "os.kill(pid, 9)\n")
+    r = subprocess.run([sys.executable, "-c", body], cwd=common.REPO, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(common.REPO)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rss, pss = map(float, r.stdout.split())
+    assert rss > 400                      # the 200 MiB counted in both processes
+    assert rss - pss > 180                # ... and once in the PSS sum
+    assert pss > 200                      # the array itself is still counted

@@ -62,6 +62,7 @@ def stage_fuse(cfg: ExperimentConfig, run_dir: Path, plan: Plan, m: FusionMethod
     dirs = {s: out_root / s for s in ("train", "test")}
     with Stage(run_dir, f"fuse/{m.name}", fp, plan, "fuse") as st:
         if not st.skip:
+            from fuseseg.runtime import release_memory
             from fusion.fuse import fuse_folder, load_fusion_method
 
             # build the method first: a bad checkpoint must not clear the earlier fused images;
@@ -73,4 +74,6 @@ def stage_fuse(cfg: ExperimentConfig, run_dir: Path, plan: Plan, m: FusionMethod
                 fuse_folder(method, p["ir"], p["vi"], out, device, batch_size=cfg.fuse_batch_size,
                             skip_existing=True, ir16=cfg.data.ir16, amp=fusion_amp(cfg, m),
                             name=f"{m.name}, {split}", compile=cfg.fuse_compile)
+            del method
+            release_memory()   # the fusing's temporaries: freed, and given back to the OS
     return dirs, fp
