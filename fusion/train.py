@@ -172,10 +172,7 @@ def _train(cfg: FusionTrainConfig, out_dir: Path, resume: bool, progress: bool,
     console = Console(stderr=True, quiet=not main)
     last_path, final_path = out_dir / "last.pt", out_dir / "final.pt"
     ckpt = _open_run(cfg, out_dir, resume, console)
-    if ckpt is not None and ckpt.get("complete"):   # nothing left to train: (re)write final.pt only
-        if main and not final_path.exists():
-            runtime.save_checkpoint(final_path, _final_payload(ckpt))
-        console.print(f"training in {out_dir} is already complete: {final_path}")
+    if _already_complete(ckpt, final_path, main, console):
         return final_path
     model, init_kwargs = _build_model(cfg, ckpt, device, last_path, prepare)
     if main:
@@ -254,6 +251,17 @@ def _train(cfg: FusionTrainConfig, out_dir: Path, resume: bool, progress: bool,
     if world > 1:
         torch.distributed.barrier()
     return final_path
+
+
+def _already_complete(ckpt, final_path: Path, main: bool, console) -> bool:
+    """A resumed run whose checkpoint is marked complete has nothing left to train: (re)write
+    ``final.pt`` if it is missing, say so, and return True."""
+    if ckpt is None or not ckpt.get("complete"):
+        return False
+    if main and not final_path.exists():
+        runtime.save_checkpoint(final_path, _final_payload(ckpt))
+    console.print(f"training in {final_path.parent} is already complete: {final_path}")
+    return True
 
 
 def _announce(cfg: FusionTrainConfig, out_dir: Path, console, n_pairs: int, world: int, device: torch.device,

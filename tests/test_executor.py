@@ -273,8 +273,8 @@ def test_gpus_per_job_2_runs_every_training_under_torchrun_in_its_job(ws, monkey
     command under ``torchrun --nproc_per_node=2``; here the command runs in one process (no GPUs),
     which checks that it is a valid fuseseg command for that stage folder, resuming when it has a
     checkpoint."""
-    import pipelines.executor as executor
     import pipelines.run as run
+    import pipelines.stage_job as stage_job
 
     calls: list[tuple[int, list[str]]] = []
 
@@ -283,7 +283,7 @@ def test_gpus_per_job_2_runs_every_training_under_torchrun_in_its_job(ws, monkey
         assert main(args) == 0
 
     made: list[_SlurmSettingsHere] = []
-    monkeypatch.setattr(executor, "torchrun", torchrun_here)
+    monkeypatch.setattr(stage_job, "torchrun", torchrun_here)
     monkeypatch.setattr(run, "make_executor", lambda c: made.append(_SlurmSettingsHere(c)) or made[-1])
     cfg = write_config(ws, tiny_config(ws, "gpus2"))
     assert main(["run", str(cfg), "--executor", "slurm", "--slurm", "gpus_per_job=2"]) == 0
