@@ -131,12 +131,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--ablation-runs", type=Path, help="folder holding ablation/<variant>/final.pt already")
     ap.add_argument("--no-ablation", action="store_true")
     ap.add_argument("--baselines", default=",".join(BASELINES),
-                    help="classical fusions to compare (gtf is slow: ~2.5 min per 480x640 pair on a busy 2-core CPU)")
+                    help="classical fusions to compare; mean and max are always added, the targets name them (gtf is slow: ~2.5 min per 480x640 pair on a busy 2-core CPU)")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "evidence-sspfusion")
     args = ap.parse_args(argv)
     if not (REAL / "msrs").is_dir():
         raise SystemExit(f"{REAL} is absent: this evidence needs ../shared/data/real")
     out = args.out
+    baselines = [b for b in args.baselines.split(",") if b]
+    baselines += [b for b in ("mean", "max") if b not in baselines]   # the targets are stated against them
     summary: dict = {"checkpoint": str(args.checkpoint), "convention": CONVENTION, "sets": {}, "timings": {}}
     if str(args.checkpoint) == "pretrained":
         from fusion.pretrained import shipped_info
@@ -156,7 +158,7 @@ def main(argv=None) -> dict:
                                     checkpoint=args.checkpoint, device="cpu")
         fused["sspfusion"] = out / set_name / "sspfusion"
         fuse_reproducibly(method, ts / "ir", ts / "vi", fused["sspfusion"])
-        for b in args.baselines.split(","):
+        for b in baselines:
             fused[b] = out / set_name / b
             fuse_folder(load_fusion_method(b, device="cpu"), ts / "ir", ts / "vi", fused[b], "cpu",
                         progress=False)
@@ -199,7 +201,9 @@ def main(argv=None) -> dict:
                      f"({', '.join(t['paper_90pct'])}) ({'met' if t['paper_met'] else 'NOT met'})")
         console.print(line, highlight=False)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "evidence.json").write_text(json.dumps(summary, indent=2, default=str))
+    from fuseseg.data.io import atomic_write_text
+
+    atomic_write_text(out / "evidence.json", json.dumps(summary, indent=2, default=str))
     console.print(summary["timings"])
     return summary
 
