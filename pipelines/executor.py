@@ -52,7 +52,7 @@ from typing import Any, Literal
 from fuseseg.errors import ConfigError, FusesegError
 from fuseseg.threads import job_threads
 from pipelines.jobs import JobRef, job_state, read_result, ref_of_record, slurm_query
-from pipelines.stage_job import StageJob, torchrun  # noqa: F401  (StageJob: the executors' contract, imported from here)
+from pipelines.stage_job import StageJob
 
 KINDS = ("inprocess", "local", "slurm")
 

@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from pipelines.executor import StageJob
+from pipelines.stage_job import StageJob
 
 
 @dataclasses.dataclass

@@ -54,9 +54,9 @@ from pipelines.executor import (
     ExecutorConfig,
     JobExecutor,
     SlurmExecutor,
-    StageJob,
 )
 from pipelines.jobs import JobRef, job_state, status_rows
+from pipelines.stage_job import StageJob
 
 REPO = Path(__file__).resolve().parents[1]
 TRAININGS = {"train_fusion/sspfusion", "segment/ir/seed0", "segment/sspfusion/seed0"}

@@ -15,9 +15,10 @@ import numpy as np
 from fuseseg.data.io import atomic_write_bytes, atomic_write_text
 from fuseseg.errors import DataError
 from pipelines.config import dump_config, to_dict
-from pipelines.executor import Executor, StageJob
+from pipelines.executor import Executor
 from pipelines.experiment import ExperimentConfig
 from pipelines.runstate import fingerprint, named_fingerprint
+from pipelines.stage_job import StageJob
 from pipelines.stages.base import Plan, Stage, precision_of, prepare_dir, split_paths, world_size
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from fuseseg.errors import CheckpointError, ConfigError, FusesegError
 from fusion.pretrained import resolve_checkpoint
 from pipelines.config import dump_config, from_dict, to_dict
-from pipelines.executor import Executor, StageJob
+from pipelines.executor import Executor
 from pipelines.experiment import ExperimentConfig, FusionMethodConfig
 from pipelines.runstate import (
     accept_earlier_form,
@@ -21,6 +21,7 @@ from pipelines.runstate import (
     source_digest,
     stage_record,
 )
+from pipelines.stage_job import StageJob
 from pipelines.stages.base import Plan, Stage, precision_of, prepare_dir
 
 
