@@ -102,7 +102,10 @@ def test_batch_equals_items_fused_alone(name):
     for i in range(2):
         alone = fuse(name, ir[i:i + 1], vi[i:i + 1])
         diff = float((together[i:i + 1] - alone).abs().max())
-        assert diff <= 1e-5, f"{name}: item {i} fused in a batch differs by {diff:.2e} from alone"
+        # 1e-4: 40x finer than the 1/255 the output is stored at; a batch-dependent method (batch
+        # statistics, a per-batch stretch) differs by far more. Finer than that is float32 noise,
+        # amplified by a per-image stretch of an untrained network's near-flat output (rfn_nest).
+        assert diff <= 1e-4, f"{name}: item {i} fused in a batch differs by {diff:.2e} from alone"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")

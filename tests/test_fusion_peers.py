@@ -272,7 +272,10 @@ def test_rfn_nest_losses_known_value():
     total, parts = m.training_losses(ir, vi, "fusion")
     f_ir, f_vi = m.encode(ir), m.encode(vi)
     f_f = m.fuse_features(f_ir, f_vi)
-    out = m.decode(f_f)
+    raw = npd(m.decode(f_f))
+    # output_norm "minmax" (the default): in training the batch's output stretched to [0, 1] before L_detail
+    lo, hi = raw.min(), raw.max()
+    out = torch.from_numpy((raw - lo) / (hi - lo + 1e-8)).float()
     feat = sum(w * np.mean((npd(ff) - (6 * npd(a) + 3 * npd(b))) ** 2)
                for w, ff, a, b in zip((1, 10, 100, 1000), f_f, f_ir, f_vi, strict=True))
     detail = 1 - np_batch_ssim(out, vi)
@@ -308,10 +311,34 @@ def test_rfn_nest_losses_on_an_odd_size_pad_by_reflection_and_crop():
     f_ir, f_vi = m.encode(ir_p), m.encode(vi_p)
     f_f = m.fuse_features(f_ir, f_vi)
     out = m.decode(f_f)[..., :13, :19]
+    out = (out - out.min()) / (out.max() - out.min() + 1e-8)
     feat = sum(w * np.mean((npd(ff) - (6 * npd(a) + 3 * npd(b))) ** 2)
                for w, ff, a, b in zip((1, 10, 100, 1000), f_f, f_ir, f_vi, strict=True))
     assert parts["feature"] == pytest.approx(feat, rel=1e-5)
     assert float(total.detach()) == pytest.approx(700 * (1 - np_batch_ssim(out, vi)) + feat, rel=1e-5)
+
+
+def test_rfn_nest_output_norm_stretches_each_image_and_none_keeps_the_raw_output():
+    """output_norm minmax (the release's test-time and training normalisation): each fused image spans
+    [0, 1] on its own (batch-independent); "none": the decoder's raw output, as before."""
+    ir, vi = scene(3, h=16, w=24)
+    ir2, vi2 = torch.cat([ir, 0.3 * ir]), torch.cat([vi, 0.3 * vi])
+    raw_m = create_method("rfn_nest", widths=[8, 12, 16, 20], output_norm="none").eval()
+    m = create_method("rfn_nest", widths=[8, 12, 16, 20]).eval()
+    m.load_state_dict(raw_m.state_dict())
+    assert m.init_kwargs["output_norm"] == "minmax" and raw_m.init_kwargs["output_norm"] == "none"
+    with torch.no_grad():
+        raw, out = npd(raw_m.fuse_y(ir2, vi2)), npd(m.fuse_y(ir2, vi2))
+        alone = npd(m.fuse_y(ir2[1:], vi2[1:]))
+    for b in range(2):
+        r = raw[b]
+        np.testing.assert_allclose(out[b], (r - r.min()) / (r.max() - r.min() + 1e-8), rtol=1e-4, atol=1e-5)
+        assert out[b].min() == pytest.approx(0.0, abs=1e-6) and out[b].max() == pytest.approx(1.0, abs=1e-3)   # eps vs a flat untrained output
+    np.testing.assert_allclose(alone[0], out[1], atol=1e-4)   # per image, not per batch
+    assert np.ptp(raw[1]) < 0.9   # so the stretch did change something
+    # a constant image maps to 0, not NaN
+    from fusion.models.rfn_nest import minmax_per_image
+    assert torch.equal(minmax_per_image(torch.full((1, 1, 4, 4), 0.7)), torch.zeros(1, 1, 4, 4))
 
 
 # ---------------------------------------------------------------- contract on odd and tiny sizes
@@ -404,6 +431,7 @@ BAD_KWARGS = [
     ("rfn_nest", {"widths": [64, 112]}, ["widths", "4 integers"]),
     ("rfn_nest", {"feature_weights": [1, 10, 100]}, ["feature_weights", "4 numbers"]),
     ("rfn_nest", {"intensity_scale": 0}, ["intensity_scale", "> 0"]),
+    ("rfn_nest", {"output_norm": "clip"}, ["output_norm", "minmax", "none", "'clip'"]),
     ("seafusion", {"beta": 1.0}, ["'seafusion' rejected its settings", "beta"]),
 ]
 

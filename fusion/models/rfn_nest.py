@@ -54,6 +54,25 @@ PAPER_FEATURE_WEIGHTS = (1.0, 10.0, 100.0, 1000.0)
 STEM_WIDTH = 16
 #: Inputs are padded to a multiple of this (three 2x2 poolings).
 MULTIPLE = 8
+#: ``output_norm`` values: per-image min-max stretch of the decoded image (the release's), or none.
+OUTPUT_NORMS = ("minmax", "none")
+NORM_EPS = 1e-8
+
+
+def minmax_per_batch(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    """(B, C, H, W) -> stretched to [0, 1] over the whole batch: ``(x - min) / (max - min + eps)``."""
+    x = x.float()
+    lo, hi = x.min(), x.max()
+    return (x - lo) / (hi - lo + eps)
+
+
+def minmax_per_image(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    """(B, C, H, W) -> each image stretched to [0, 1]: ``(x - min) / (max - min + eps)`` over its
+    C, H, W (a constant image gives 0)."""
+    flat = x.float().flatten(1)
+    lo = flat.min(dim=1).values.view(-1, 1, 1, 1)
+    hi = flat.max(dim=1).values.view(-1, 1, 1, 1)
+    return (x.float() - lo) / (hi - lo + eps)
 
 
 def _pad_reflect(x: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
@@ -120,6 +139,13 @@ class RFNNest(LuminanceFusion):
       L_RFN = alpha L_detail + sum_m w_m ||Phi_f - (w_ir Phi_ir + w_vi Phi_vi)||^2.
     * ``intensity_scale`` (255.0): grey level of white inside the network and its losses (the
       losses' balance depends on it; 1.0 works on [0, 1] directly).
+    * ``output_norm`` ("minmax"): the decoded image is stretched to [0, 1],
+      ``(O - min O) / (max O - min O + 1e-8)``, as the authors' release does: in training over the
+      batch, before L_detail (a 32x32 crop alone may be nearly flat, and stretching it would blow up
+      its noise); in the fused image per image (the release's test code, batch 1, before saving).
+      L_feature asks for fused features at w_ir + w_vi = 9 times a source's, whose decoded image has
+      no fixed grey level. "none": the raw output (clamped to [0, 1] by the contract; it saturated,
+      measured in fusion/README.md).
 
     Phases ``("autoencoder", "fusion")``: encoder + decoder, then the RFNs with the rest frozen.
     """
@@ -128,8 +154,10 @@ class RFNNest(LuminanceFusion):
 
     def __init__(self, widths: Iterable[int] = PAPER_WIDTHS, lam: float = 100.0, alpha: float = 700.0,
                  w_ir: float = 6.0, w_vi: float = 3.0, feature_weights: Iterable[float] = PAPER_FEATURE_WEIGHTS,
-                 intensity_scale: float = 255.0):
+                 intensity_scale: float = 255.0, output_norm: str = "minmax"):
         super().__init__()
+        if output_norm not in OUTPUT_NORMS:
+            raise ConfigError(f"rfn_nest: `output_norm` must be one of {', '.join(OUTPUT_NORMS)}, got {output_norm!r}")
         try:
             widths = [int(c) for c in widths]
             feature_weights = [float(v) for v in feature_weights]
@@ -151,7 +179,8 @@ class RFNNest(LuminanceFusion):
         self.scale = float(intensity_scale)
         self.init_kwargs = {"widths": list(widths), "lam": self.lam, "alpha": self.alpha, "w_ir": self.w_ir,
                             "w_vi": self.w_vi, "feature_weights": list(feature_weights),
-                            "intensity_scale": self.scale}
+                            "intensity_scale": self.scale, "output_norm": output_norm}
+        self.output_norm = output_norm
         c1, c2, c3, c4 = widths
         self.stem = _Conv(1, STEM_WIDTH, 1)
         self.ecb = nn.ModuleList([_block(STEM_WIDTH, c1), _block(c1, c2), _block(c2, c3), _block(c3, c4)])
@@ -205,12 +234,17 @@ class RFNNest(LuminanceFusion):
         """The four RFNs: [Phi_f^1..Phi_f^4]."""
         return [rfn(a, b) for rfn, a, b in zip(self.rfn, f_ir, f_vi, strict=True)]
 
+    def _output(self, decoded: torch.Tensor) -> torch.Tensor:
+        """The fused image of a decoded (cropped) output: ``output_norm`` applied."""
+        return minmax_per_image(decoded) if self.output_norm == "minmax" else decoded
+
     def fuse_y(self, ir: torch.Tensor, vi_y: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) infrared and visible Y in [0, 1] -> fused Y (B, 1, H, W) (float32; the
-        contract's forward clamps it to [0, 1])."""
+        """(B, 1, H, W) infrared and visible Y in [0, 1] -> fused Y (B, 1, H, W) (float32; with
+        ``output_norm: minmax`` stretched to [0, 1] per image, else clamped by the contract's forward).
+        Images fused in tiles (a side above fusion.fuse.TILE) are stretched per tile."""
         h, w = ir.shape[-2:]
         ir_p, vi_p = self._pad(ir, vi_y)
-        return self.decode(self.fuse_features(self.encode(ir_p), self.encode(vi_p)))[..., :h, :w]
+        return self._output(self.decode(self.fuse_features(self.encode(ir_p), self.encode(vi_p)))[..., :h, :w])
 
     # ------------------------------------------------------------------ training
     def autoencoder_loss(self, x: torch.Tensor, rec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -242,6 +276,8 @@ class RFNNest(LuminanceFusion):
             f_ir, f_vi = self.encode(ir_p), self.encode(vi_p)
         f_f = self.fuse_features(f_ir, f_vi)
         out = self.decode(f_f)[..., :h, :w]
+        if self.output_norm == "minmax":   # the release's training: the batch's output stretched
+            out = minmax_per_batch(out)
         total, detail, feat = self._rfn_loss(out, vi_y, f_f, f_ir, f_vi)
         with torch.no_grad():
             fus = self._score(out.detach(), vi_y, f_ir, f_vi)
