@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from benchmarks import common
 from benchmarks.__main__ import NAMES, figures_of, parse_only, run_all
@@ -289,3 +291,27 @@ def test_tree_pss_counts_pages_shared_by_a_forked_child_once():
     assert rss > 400                      # the 200 MiB counted in both processes
     assert rss - pss > 180                # ... and once in the PSS sum
     assert pss > 200                      # the array itself is still counted
+
+
+def test_sharpen_oracle_blur_matches_opencv_and_sharpening_is_exact():
+    """benchmarks.sharpen_oracle: its Gaussian blur equals OpenCV's (5x5, sigma 1, reflect-101);
+    the unsharp probe is M + k (M - blur M) clipped; a flat image is left unchanged."""
+    import cv2
+
+    from benchmarks.sharpen_oracle import SharpenedMax, gaussian_blur
+
+    rng = np.random.default_rng(0)
+    img = rng.random((23, 31)).astype(np.float32)
+    want = cv2.GaussianBlur(img.astype(np.float64), (5, 5), 1.0, borderType=cv2.BORDER_REFLECT_101)
+    got = gaussian_blur(torch.from_numpy(img)[None, None])[0, 0].double().numpy()
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    ir = torch.from_numpy(rng.random((1, 1, 23, 31)).astype(np.float32))
+    vi = torch.from_numpy(rng.random((1, 1, 23, 31)).astype(np.float32))
+    m = np.maximum(ir.numpy(), vi.numpy())[0, 0].astype(np.float64)
+    blur_m = cv2.GaussianBlur(m, (5, 5), 1.0, borderType=cv2.BORDER_REFLECT_101)
+    out = SharpenedMax("unsharp", 0.3).fuse_y(ir, vi)[0, 0].double().numpy()
+    np.testing.assert_allclose(out, np.clip(m + 0.3 * (m - blur_m), 0, 1), atol=1e-6)
+    flat = torch.full((1, 1, 9, 9), 0.4)
+    assert torch.allclose(SharpenedMax("weak-hp", 1.0).fuse_y(flat, flat), flat)
+    with pytest.raises(ValueError, match="unsharp or weak-hp"):
+        SharpenedMax("blur", 1.0)
