@@ -71,18 +71,27 @@ def ssim(x: torch.Tensor, y: torch.Tensor, *, window_size: int = 11, sigma: floa
     x, y = x.to(dt), y.to(dt)
     g = gaussian_window(window_size, sigma, dtype=dt, device=x.device)
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    mu_x, mu_y = _blur(x, g), _blur(y, g)
-    sxx = _blur(x * x, g) - mu_x * mu_x
-    syy = _blur(y * y, g) - mu_y * mu_y
-    sxy = _blur(x * y, g) - mu_x * mu_y
+    # the five local means in one grouped convolution: PyTorch's CPU kernel for a single-channel
+    # convolution is ~10x slower per map than its depthwise one (measured: 415 vs 42 ms for the
+    # five maps of a 480x640 image, forward + backward, one thread)
+    mu_x, mu_y, exx, eyy, exy = _blur(torch.cat([x, y, x * x, y * y, x * y], dim=1), g).chunk(5, dim=1)
+    sxx = exx - mu_x * mu_x
+    syy = eyy - mu_y * mu_y
+    sxy = exy - mu_x * mu_y
     num = (2 * mu_x * mu_y + c1) * (2 * sxy + c2)
     den = (mu_x * mu_x + mu_y * mu_y + c1) * (sxx + syy + c2)
     return (num / den).mean(dim=(1, 2, 3))
 
 
 def ssim_loss(fused: torch.Tensor, ir: torch.Tensor, vi: torch.Tensor, **ssim_kwargs) -> torch.Tensor:
-    """``L_ssim = 1 - mean_batch (SSIM(F, IR) + SSIM(F, VI)) / 2`` (Eq. 9); scalar."""
-    return 1.0 - 0.5 * (ssim(fused, ir, **ssim_kwargs) + ssim(fused, vi, **ssim_kwargs)).mean()
+    """``L_ssim = 1 - mean_batch (SSIM(F, IR) + SSIM(F, VI)) / 2`` (Eq. 9); scalar.
+
+    Both SSIMs in one call: SSIM averages over channels, so SSIM([F, F], [IR, VI]) over the
+    2C channels is (SSIM(F, IR) + SSIM(F, VI)) / 2 (same-sized maps)."""
+    if fused.shape != ir.shape or fused.shape != vi.shape:
+        raise ValueError(f"ssim_loss expects fused, ir and vi of one shape, got {tuple(fused.shape)}, "
+                         f"{tuple(ir.shape)} and {tuple(vi.shape)}")
+    return 1.0 - ssim(torch.cat([fused, fused], dim=1), torch.cat([ir, vi], dim=1), **ssim_kwargs).mean()
 
 
 class SSIMLoss(nn.Module):
@@ -120,8 +129,12 @@ def sobel_l1(x: torch.Tensor) -> torch.Tensor:
 def grad_loss(fused: torch.Tensor, ir: torch.Tensor, vi: torch.Tensor) -> torch.Tensor:
     """Max-gradient L1, ``L_grad = mean | |grad F| - max(|grad IR|, |grad VI|) |`` (Eq. 11), with
     ``|grad x| = |Gx| + |Gy|`` (:func:`sobel_l1`); scalar, float32."""
-    f, a, b = fused.float(), ir.float(), vi.float()
-    return (sobel_l1(f) - torch.maximum(sobel_l1(a), sobel_l1(b))).abs().mean()
+    if fused.shape != ir.shape or fused.shape != vi.shape:
+        raise ValueError(f"grad_loss expects fused, ir and vi of one shape, got {tuple(fused.shape)}, "
+                         f"{tuple(ir.shape)} and {tuple(vi.shape)}")
+    # the three images' Sobel filters in one grouped convolution (faster on CPU than three calls)
+    g_f, g_a, g_b = sobel_l1(torch.cat([fused.float(), ir.float(), vi.float()], dim=1)).chunk(3, dim=1)
+    return (g_f - torch.maximum(g_a, g_b)).abs().mean()
 
 
 def fusion_loss(fused: torch.Tensor, ir: torch.Tensor, vi: torch.Tensor, *, w_ssim: float = 1.0,

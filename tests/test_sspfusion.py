@@ -126,6 +126,22 @@ def test_ssim_loss_formula():
     assert SSIMLoss()(t(f), t(f), t(f)).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_ssim_batches_and_channels_match_numpy_per_map():
+    # ssim() blurs its five local statistics of every channel in one grouped convolution: each
+    # (image, channel) must still get its own SSIM, averaged over channels, per batch item
+    rng = np.random.default_rng(4)
+    x = rng.random((2, 3, 13, 15))
+    y = np.clip(x + 0.3 * rng.standard_normal(x.shape), 0, 1)
+    got = ssim(torch.from_numpy(x), torch.from_numpy(y)).numpy()
+    want = [np.mean([np_ssim(x[i, c], y[i, c]) for c in range(3)]) for i in range(2)]
+    np.testing.assert_allclose(got, want, atol=1e-10)
+    f, a, b = (rng.random((3, 1, 12, 14)) for _ in range(3))
+    expect = 1 - np.mean([(np_ssim(f[i, 0], a[i, 0]) + np_ssim(f[i, 0], b[i, 0])) / 2 for i in range(3)])
+    assert ssim_loss(*(torch.from_numpy(v) for v in (f, a, b))).item() == pytest.approx(expect, abs=1e-10)
+    with pytest.raises(ValueError, match="one shape"):
+        ssim_loss(torch.rand(1, 1, 12, 12), torch.rand(1, 1, 12, 12), torch.rand(2, 1, 12, 12))
+
+
 def test_smooth_loss_hand_value():
     f = torch.tensor([0.2, 0.5, 0.9, 0.0]).view(1, 1, 2, 2)
     a = torch.tensor([0.1, 0.7, 0.3, 0.4]).view(1, 1, 2, 2)
