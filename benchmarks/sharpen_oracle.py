@@ -24,24 +24,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.common import RESULTS, make_record, write_record
 from benchmarks.sspfusion_evidence import CONVENTION, REAL, fuse_reproducibly
 from fusion.base import LuminanceFusion
+from fusion.structure import gaussian_blur
 
 RATIO_METRICS = ("SF", "AG", "VIF", "Qabf")
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float = 1.0, radius: int = 2) -> torch.Tensor:
-    """(B, 1, H, W) -> separable Gaussian blur, reflect padding (replicate where a side is short)."""
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-t ** 2 / (2 * sigma ** 2))
-    k = (k / k.sum()).to(x)
-    mode = "reflect" if min(x.shape[-2:]) > radius else "replicate"
-    x = F.pad(x, (radius, radius, radius, radius), mode=mode)
-    x = F.conv2d(x, k.view(1, 1, 1, -1))
-    return F.conv2d(x, k.view(1, 1, -1, 1))
 
 
 class SharpenedMax(LuminanceFusion):

@@ -29,7 +29,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-__all__ = ["no_autocast", "sobel", "gradient_magnitude", "structure_map", "structure_gt", "structure_pyramid",
+__all__ = ["no_autocast", "sobel", "gaussian_blur", "high_pass", "gradient_magnitude", "structure_map", "structure_gt", "structure_pyramid",
            "level_size", "xor_masks"]
 
 def no_autocast(fn):
@@ -45,6 +45,29 @@ def no_autocast(fn):
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float = 1.0, radius: int = 2) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, H, W), kernel ``exp(-t^2 / (2 sigma^2))`` for t in
+    [-radius, radius] normalised to sum 1, **reflect** padding (replicate where a side is not longer
+    than ``radius``); same shape and dtype; channels filtered independently (one grouped
+    convolution per direction)."""
+    if x.ndim != 4:
+        raise ValueError(f"gaussian_blur expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+    c = x.shape[1]
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    k = (k / k.sum()).to(dtype=x.dtype, device=x.device)
+    mode = "reflect" if min(x.shape[-2:]) > radius else "replicate"
+    x = F.pad(x, (radius, radius, radius, radius), mode=mode)
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def high_pass(x: torch.Tensor, sigma: float = 1.0, radius: int = 2) -> torch.Tensor:
+    """``x - gaussian_blur(x)``: the detail of ``x`` finer than the Gaussian (a constant or a
+    linear ramp away from the borders gives 0). (B, C, H, W) -> same shape."""
+    return x - gaussian_blur(x, sigma, radius)
 
 
 _KX = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))

@@ -298,13 +298,17 @@ def test_sharpen_oracle_blur_matches_opencv_and_sharpening_is_exact():
     the unsharp probe is M + k (M - blur M) clipped; a flat image is left unchanged."""
     import cv2
 
-    from benchmarks.sharpen_oracle import SharpenedMax, gaussian_blur
+    from benchmarks.sharpen_oracle import SharpenedMax
+    from fusion.structure import gaussian_blur
 
     rng = np.random.default_rng(0)
     img = rng.random((23, 31)).astype(np.float32)
     want = cv2.GaussianBlur(img.astype(np.float64), (5, 5), 1.0, borderType=cv2.BORDER_REFLECT_101)
     got = gaussian_blur(torch.from_numpy(img)[None, None])[0, 0].double().numpy()
     np.testing.assert_allclose(got, want, atol=1e-6)
+    two = gaussian_blur(torch.from_numpy(np.stack([img, img[::-1].copy()]))[None])[0].double().numpy()
+    np.testing.assert_allclose(two[1], cv2.GaussianBlur(img[::-1].astype(np.float64), (5, 5), 1.0,
+                                                        borderType=cv2.BORDER_REFLECT_101), atol=1e-6)
     ir = torch.from_numpy(rng.random((1, 1, 23, 31)).astype(np.float32))
     vi = torch.from_numpy(rng.random((1, 1, 23, 31)).astype(np.float32))
     m = np.maximum(ir.numpy(), vi.numpy())[0, 0].astype(np.float64)
@@ -315,3 +319,39 @@ def test_sharpen_oracle_blur_matches_opencv_and_sharpening_is_exact():
     assert torch.allclose(SharpenedMax("weak-hp", 1.0).fuse_y(flat, flat), flat)
     with pytest.raises(ValueError, match="unsharp or weak-hp"):
         SharpenedMax("blur", 1.0)
+
+
+def test_lfus_optimum_lowers_the_loss_from_the_max_and_highpass_form_keeps_local_means():
+    """benchmarks.lfus_optimum: Adam on the fused image lowers L_fus below the max's (recomputed
+    here); the high-pass form's correction F - M has little coarse content (a sigma-3 blur keeps
+    a small share of it), the free form's keeps more."""
+    from benchmarks.lfus_optimum import VARIANTS, LossOptimum
+    from fusion.losses import fusion_loss
+    from fusion.structure import gaussian_blur
+
+    rng = np.random.default_rng(5)
+    base = torch.from_numpy(cv_smooth(rng.random((40, 48)))).float()[None, None]
+    ir, vi = (0.2 + 0.5 * base).clamp(0, 1), (0.6 - 0.4 * base.flip(-1)).clamp(0, 1)
+    m = torch.maximum(ir, vi)
+    corrections = {}
+    for form in ("free", "highpass"):
+        probe = LossOptimum(form, (1.0, 1.0, 1.0), steps=40, lr=0.003)
+        fused = probe.fuse_y(ir, vi)
+        lmax, lopt = probe.losses[0]
+        assert lmax == pytest.approx(float(fusion_loss(m, ir, vi)[0]), rel=1e-6)
+        assert lopt == pytest.approx(float(fusion_loss(fused, ir, vi)[0]), rel=1e-6)
+        assert lopt < lmax - 1e-3
+        corrections[form] = fused - m
+    inner = (slice(None), slice(None), slice(10, -10), slice(10, -10))
+    mean_of = {f: float(gaussian_blur(c, 3.0, 9)[inner].abs().mean() / c[inner].abs().mean())
+               for f, c in corrections.items()}
+    assert mean_of["highpass"] < 0.5 * mean_of["free"], mean_of
+    with pytest.raises(ValueError, match="free or highpass"):
+        LossOptimum("lowpass", (1, 1, 1), 1, 0.01)
+    assert set(VARIANTS) >= {"paper", "hp-paper"}
+
+
+def cv_smooth(a: np.ndarray) -> np.ndarray:
+    import cv2
+
+    return cv2.GaussianBlur(a, (0, 0), 3.0)

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import fusion_tiny
+import numpy as np
 import pytest
 import torch
 
@@ -141,3 +142,32 @@ def test_grad_clip_changes_training_and_keep_every_does_not(data, tmp_path):
         runs[name] = runtime.load_checkpoint(out / "final.pt")["state_dict"]
     assert all(torch.equal(runs["plain"][k], runs["keep"][k]) for k in runs["plain"])
     assert any(not torch.equal(runs["plain"][k], runs["clip"][k]) for k in runs["plain"])
+
+
+def test_max_detail_head_adds_only_the_high_pass_of_its_output():
+    """output="max_detail": F = clamp(max + z - blur(z)), blur = OpenCV's 5x5 Gaussian (sigma 1,
+    reflect-101) on the padded z; a constant head output shifts nothing (max_residual's does)."""
+    import cv2
+
+    torch.manual_seed(3)
+    ir, vi = torch.rand(1, 1, 24, 40) * 0.8, torch.rand(1, 1, 24, 40) * 0.8
+    mx = torch.maximum(ir, vi)
+    detail = SSPFusion(channels=(4, 4, 4, 4), output="max_detail", init="kaiming")
+    assert torch.equal(detail.fuse_y(ir, vi), mx)        # zero-initialised head: exactly the max
+    resid = SSPFusion(channels=(4, 4, 4, 4), output="max_residual", init="kaiming")
+    resid.load_state_dict(detail.state_dict())
+    with torch.no_grad():
+        detail.head.bias.fill_(0.1)
+        resid.head.bias.fill_(0.1)
+    assert torch.allclose(detail.fuse_y(ir, vi), mx, atol=1e-6)
+    assert torch.allclose(resid.fuse_y(ir, vi), (mx + 0.1).clamp(0, 1), atol=1e-6)
+    with torch.no_grad():
+        detail.head.weight.normal_(0, 0.2)
+    seen = {}
+    detail.head.register_forward_hook(lambda mod, args, out: seen.update(z=out.detach()))
+    fused = detail.fuse_y(ir, vi)[0, 0].detach().double().numpy()
+    z = seen["z"][0, 0].double().numpy()                 # padded to the model's multiple
+    hp = z - cv2.GaussianBlur(z, (5, 5), 1.0, borderType=cv2.BORDER_REFLECT_101)
+    want = np.clip(mx[0, 0].double().numpy() + hp[:24, :40], 0, 1)
+    assert np.abs(hp).max() > 0.01                        # the head really adds detail
+    np.testing.assert_allclose(fused, want, atol=1e-5)

@@ -38,7 +38,7 @@ from fuseseg.errors import ConfigError
 from fusion.base import LuminanceFusion
 from fusion.losses import REC_REDUCTIONS, fusion_loss, rec_loss
 from fusion.registry import register_method
-from fusion.structure import structure_map, structure_pyramid, xor_masks
+from fusion.structure import high_pass, structure_map, structure_pyramid, xor_masks
 
 __all__ = ["SSPFusion", "restoring_clamp", "sspfusion_no_sfe", "sspfusion_no_spf", "PAPER_LIKE_CHANNELS"]
 
@@ -47,7 +47,7 @@ DEFAULT_CHANNELS = (16, 32, 48, 64)
 PAPER_LIKE_CHANNELS = (32, 64, 128, 256)
 _NEG_SLOPE = 0.1
 #: Output activations: the paper's sigmoid; a clamped linear head; max(IR, VI_Y) + a clamped residual.
-OUTPUTS = ("sigmoid", "clamp", "max_residual")
+OUTPUTS = ("sigmoid", "clamp", "max_residual", "max_detail")
 #: Weight initialisations: PyTorch's default (kaiming-uniform, a = sqrt(5)); He-normal for LeakyReLU.
 INITS = ("default", "kaiming")
 #: Gradient of the [0, 1] clamp of the "clamp" / "max_residual" outputs (see :func:`restoring_clamp`).
@@ -182,7 +182,10 @@ class SSPFusion(LuminanceFusion):
     * ``w_ssim``, ``w_smooth``, ``w_grad`` (1.0 each, the paper's 1:1:1): weights of L_fus.
     * ``output`` ("sigmoid", the paper's): the fused Y is ``sigmoid(z)`` of the head's output z;
       ``"clamp"``: ``clamp(z, 0, 1)``; ``"max_residual"``: ``clamp(max(IR, VI_Y) + z, 0, 1)`` with
-      the head initialised to zero, so training starts at the pixel-wise max (fusion/README.md).
+      the head initialised to zero, so training starts at the pixel-wise max (fusion/README.md);
+      ``"max_detail"``: ``clamp(max(IR, VI_Y) + z - blur(z), 0, 1)``, the same but only the high-pass
+      of z (Gaussian sigma 1, :func:`fusion.structure.high_pass`) is added: detail, no smooth
+      intensity shift (the issue #22 measurements in fusion/README.md: why).
     * ``init`` ("default": PyTorch's; "kaiming": He-normal for LeakyReLU(0.1), zero biases).
     * ``rec_reduction`` ("norm", the paper's Eq. 7: ``sqrt(||P - S||^2 + eps^2)`` per image, level
       and modality; "mean": the per-pixel Charbonnier mean, for comparison).
@@ -256,7 +259,7 @@ class SSPFusion(LuminanceFusion):
         self.head = _conv(channels[0], 1)
         if init == "kaiming":
             self._kaiming_init()
-        if output == "max_residual":  # start exactly at max(IR, VI_Y)
+        if output in ("max_residual", "max_detail"):  # start exactly at max(IR, VI_Y)
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
@@ -326,6 +329,8 @@ class SSPFusion(LuminanceFusion):
             return torch.sigmoid(z)
         if self.output == "clamp":
             return self._clamp(z)
+        if self.output == "max_detail":
+            z = high_pass(z)
         return self._clamp(torch.maximum(ir, vi_y).float() + z)
 
     # ------------------------------------------------------------------ inference

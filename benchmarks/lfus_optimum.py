@@ -1,0 +1,147 @@
+"""What does L_fus itself ask for on the test images? (issue #22's target, independent of any network)
+
+    python -m benchmarks.lfus_optimum [--set msrs] [--steps 200] [--variants paper,hp-paper,...]
+
+Each variant minimises the SSPFusion fusion loss ``w_ssim L_ssim + w_smooth L_smooth + w_grad L_grad``
+(fusion/losses.py, Eq. 8-11) directly over the fused image of every test pair, starting from the
+pixel-wise max M (Adam on a free correction z, ``--steps`` steps, lr ``--lr``):
+
+* ``paper``: F = clamp(M + z), the paper's 1 : 1 : 1 weights: the best image the paper's loss can
+  describe, a bound on what any network trained with it converges to on this image;
+* ``hp-...``: F = clamp(M + z - blur(z)): only a zero-mean, high-pass correction is allowed (no
+  smooth intensity shift);
+* ``gradN``: the weights 1 : 1 : N (L_grad N times heavier).
+
+Each optimum's SF, AG, VIF and Qabf are printed as ratios to the max's (sspfusion preset, the
+target's: SF, AG >= 1.02 and VIF, Qabf >= 0.95), with L_fus of the optimum and of the max. It
+tells whether the loss, at its own minimum on these very images, delivers "sharper than max while
+keeping max's information", and which change of the loss or of the head's form would.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import RESULTS, make_record, write_record
+from benchmarks.sharpen_oracle import RATIO_METRICS
+from benchmarks.sspfusion_evidence import CONVENTION, REAL, fuse_reproducibly
+from fusion.base import LuminanceFusion
+from fusion.losses import fusion_loss
+from fusion.structure import high_pass
+
+VARIANTS = {
+    # name: (parametrisation, (w_ssim, w_smooth, w_grad))
+    "paper": ("free", (1.0, 1.0, 1.0)),
+    "hp-paper": ("highpass", (1.0, 1.0, 1.0)),
+    "grad4": ("free", (1.0, 1.0, 4.0)),
+    "hp-grad4": ("highpass", (1.0, 1.0, 4.0)),
+    "no-ssim": ("free", (0.0, 1.0, 1.0)),
+}
+
+
+class LossOptimum(LuminanceFusion):
+    """The fused Y that minimises L_fus (given weights) on this very pair, found by Adam from the
+    max. ``form``: "free" (F = clamp(M + z)) or "highpass" (F = clamp(M + z - blur(z))). A probe,
+    not registered; records L_fus of the max and of the optimum per image in ``self.losses``."""
+
+    def __init__(self, form: str, weights: tuple[float, float, float], steps: int, lr: float):
+        super().__init__()
+        if form not in ("free", "highpass"):
+            raise ValueError(f"form must be free or highpass, got {form!r}")
+        self.form, self.steps, self.lr = form, int(steps), float(lr)
+        self.weights = dict(zip(("w_ssim", "w_smooth", "w_grad"), weights, strict=True))
+        self.losses: list[tuple[float, float]] = []
+
+    def _fused(self, m: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if self.form == "highpass":
+            z = high_pass(z)
+        return (m + z).clamp(0, 1)
+
+    def fuse_y(self, ir: torch.Tensor, vi_y: torch.Tensor) -> torch.Tensor:
+        # the fusion contract runs under inference mode: leave it, with ordinary copies of the inputs
+        with torch.inference_mode(False), torch.enable_grad():
+            ir, vi_y = ir.float().clone(), vi_y.float().clone()
+            m = torch.maximum(ir, vi_y)
+            z = torch.zeros_like(m, requires_grad=True)
+            opt = torch.optim.Adam([z], lr=self.lr)
+            loss_max = float(fusion_loss(m, ir, vi_y, **self.weights)[0])
+            for _ in range(self.steps):
+                opt.zero_grad(set_to_none=True)
+                loss = fusion_loss(self._fused(m, z), ir, vi_y, **self.weights)[0]
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                fused = self._fused(m, z)
+                self.losses.append((loss_max, float(fusion_loss(fused, ir, vi_y, **self.weights)[0])))
+        return fused.detach().clone()
+
+
+def run(test_set: Path, variants: list[str], steps: int, lr: float) -> dict:
+    from fusion.fuse import load_fusion_method
+    from fusion.scoring import score_folders
+
+    methods = {"max": load_fusion_method("max", device="cpu")}
+    for v in variants:
+        form, weights = VARIANTS[v]
+        methods[v] = LossOptimum(form, weights, steps, lr).eval()
+    with tempfile.TemporaryDirectory() as d:
+        folders = {}
+        for name, method in methods.items():
+            folders[name] = Path(d) / name
+            fuse_reproducibly(method, test_set / "ir", test_set / "vi", folders[name])
+        res = score_folders(test_set / "ir", test_set / "vi", folders, workers=1, conventions=CONVENTION,
+                            metrics=RATIO_METRICS).to_dict()["methods"]
+    means = {name: dict(r["mean"]) for name, r in res.items()}
+    ratios = {name: {k: means[name][k] / means["max"][k] for k in RATIO_METRICS} for name in means}
+    meets = {name: r["SF"] >= 1.02 and r["AG"] >= 1.02 and r["VIF"] >= 0.95 and r["Qabf"] >= 0.95
+             for name, r in ratios.items()}
+    losses = {v: {"lfus_max": sum(a for a, _ in methods[v].losses) / len(methods[v].losses),
+                  "lfus_optimum": sum(b for _, b in methods[v].losses) / len(methods[v].losses)}
+              for v in variants}
+    return {"test_set": str(test_set), "convention": CONVENTION, "steps": steps, "lr": lr,
+            "variants": {v: {"form": VARIANTS[v][0], "weights": VARIANTS[v][1]} for v in variants},
+            "means": means, "ratios_to_max": ratios, "lfus": losses, "meets_issue22_target": meets}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--set", default="msrs", help="a folder of ../shared/data/real (ir/, vi/)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--out", type=Path, default=None, help="JSON folder (default results/benchmarks)")
+    args = ap.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"error: unknown variant(s) {', '.join(unknown)}; valid: {', '.join(VARIANTS)}")
+    test_set = REAL / args.set
+    if not (test_set / "ir").is_dir():
+        raise SystemExit(f"error: {test_set}/ir not found: this benchmark needs ../shared/data/real/{args.set}.")
+    out = run(test_set, variants, args.steps, args.lr)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"L_fus minimised per image on {args.set} ({CONVENTION} preset), ratio to max")
+    for col in ("variant", *(f"{k}/max" for k in RATIO_METRICS), "L_fus max -> optimum", "meets #22"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for name, r in out["ratios_to_max"].items():
+        lf = out["lfus"].get(name)
+        table.add_row(name, *(f"{r[k]:.3f}" for k in RATIO_METRICS),
+                      f"{lf['lfus_max']:.4f} -> {lf['lfus_optimum']:.4f}" if lf else "",
+                      "yes" if out["meets_issue22_target"][name] else "no")
+    Console().print(table)
+    folder = args.out or RESULTS
+    path = write_record(make_record([], {"lfus_optimum": out}, quick=False, command=sys.argv),
+                        Path(folder) / f"lfus-optimum-{args.set}-{dt.date.today().isoformat()}.json")
+    print(f"written: {path}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
