@@ -20,16 +20,12 @@ keeping max's information", and which change of the loss or of the head's form w
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS, make_record, write_record
-from benchmarks.sharpen_oracle import RATIO_METRICS
-from benchmarks.sspfusion_evidence import CONVENTION, REAL, fuse_reproducibly
+from benchmarks.sharpen_oracle import print_and_write, score_ratios
+from benchmarks.sspfusion_evidence import CONVENTION, REAL
 from fusion.base import LuminanceFusion
 from fusion.losses import fusion_loss
 from fusion.structure import high_pass
@@ -83,29 +79,18 @@ class LossOptimum(LuminanceFusion):
 
 def run(test_set: Path, variants: list[str], steps: int, lr: float) -> dict:
     from fusion.fuse import load_fusion_method
-    from fusion.scoring import score_folders
 
     methods = {"max": load_fusion_method("max", device="cpu")}
     for v in variants:
         form, weights = VARIANTS[v]
         methods[v] = LossOptimum(form, weights, steps, lr).eval()
-    with tempfile.TemporaryDirectory() as d:
-        folders = {}
-        for name, method in methods.items():
-            folders[name] = Path(d) / name
-            fuse_reproducibly(method, test_set / "ir", test_set / "vi", folders[name])
-        res = score_folders(test_set / "ir", test_set / "vi", folders, workers=1, conventions=CONVENTION,
-                            metrics=RATIO_METRICS).to_dict()["methods"]
-    means = {name: dict(r["mean"]) for name, r in res.items()}
-    ratios = {name: {k: means[name][k] / means["max"][k] for k in RATIO_METRICS} for name in means}
-    meets = {name: r["SF"] >= 1.02 and r["AG"] >= 1.02 and r["VIF"] >= 0.95 and r["Qabf"] >= 0.95
-             for name, r in ratios.items()}
+    scored = score_ratios(test_set, methods)
     losses = {v: {"lfus_max": sum(a for a, _ in methods[v].losses) / len(methods[v].losses),
                   "lfus_optimum": sum(b for _, b in methods[v].losses) / len(methods[v].losses)}
               for v in variants}
     return {"test_set": str(test_set), "convention": CONVENTION, "steps": steps, "lr": lr,
             "variants": {v: {"form": VARIANTS[v][0], "weights": VARIANTS[v][1]} for v in variants},
-            "means": means, "ratios_to_max": ratios, "lfus": losses, "meets_issue22_target": meets}
+            **scored, "lfus": losses}
 
 
 def main(argv=None) -> dict:
@@ -124,22 +109,10 @@ def main(argv=None) -> dict:
     if not (test_set / "ir").is_dir():
         raise SystemExit(f"error: {test_set}/ir not found: this benchmark needs ../shared/data/real/{args.set}.")
     out = run(test_set, variants, args.steps, args.lr)
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"L_fus minimised per image on {args.set} ({CONVENTION} preset), ratio to max")
-    for col in ("variant", *(f"{k}/max" for k in RATIO_METRICS), "L_fus max -> optimum", "meets #22"):
-        table.add_column(col, justify="left" if col == "variant" else "right")
-    for name, r in out["ratios_to_max"].items():
-        lf = out["lfus"].get(name)
-        table.add_row(name, *(f"{r[k]:.3f}" for k in RATIO_METRICS),
-                      f"{lf['lfus_max']:.4f} -> {lf['lfus_optimum']:.4f}" if lf else "",
-                      "yes" if out["meets_issue22_target"][name] else "no")
-    Console().print(table)
-    folder = args.out or RESULTS
-    path = write_record(make_record([], {"lfus_optimum": out}, quick=False, command=sys.argv),
-                        Path(folder) / f"lfus-optimum-{args.set}-{dt.date.today().isoformat()}.json")
-    print(f"written: {path}")
+    cells = [f"{out['lfus'][n]['lfus_max']:.4f} -> {out['lfus'][n]['lfus_optimum']:.4f}" if n in out["lfus"] else ""
+             for n in out["ratios_to_max"]]
+    print_and_write(out, f"L_fus minimised per image on {args.set} ({CONVENTION} preset), ratio to max",
+                    {"L_fus max -> optimum": cells}, "lfus_optimum", f"lfus-optimum-{args.set}", args.out)
     return out
 
 

@@ -49,17 +49,15 @@ class SharpenedMax(LuminanceFusion):
         return (m + self.amount * (src - gaussian_blur(src))).clamp(0, 1)
 
 
-def run(test_set: Path, amounts: list[float]) -> dict:
-    from fusion.fuse import load_fusion_method
+def score_ratios(test_set: Path, methods: dict) -> dict:
+    """Fuse ``test_set`` (ir/, vi/) with every method of ``methods`` (name -> fusion method; "max"
+    among them) and return the mean SF, AG, VIF, Qabf (``means``), their ratios to the max's
+    (``ratios_to_max``) and whether each meets issue #22's target (``meets_issue22_target``)."""
     from fusion.scoring import score_folders
 
-    variants = {"max": load_fusion_method("max", device="cpu")}
-    for kind in ("unsharp", "weak-hp"):
-        for a in amounts:
-            variants[f"{kind} {a:g}"] = SharpenedMax(kind, a).eval()
     with tempfile.TemporaryDirectory() as d:
         folders = {}
-        for name, method in variants.items():
+        for name, method in methods.items():
             folders[name] = Path(d) / name.replace(" ", "_")
             fuse_reproducibly(method, test_set / "ir", test_set / "vi", folders[name])
         res = score_folders(test_set / "ir", test_set / "vi", folders, workers=1, conventions=CONVENTION,
@@ -68,8 +66,37 @@ def run(test_set: Path, amounts: list[float]) -> dict:
     ratios = {name: {k: means[name][k] / means["max"][k] for k in RATIO_METRICS} for name in means}
     meets = {name: r["SF"] >= 1.02 and r["AG"] >= 1.02 and r["VIF"] >= 0.95 and r["Qabf"] >= 0.95
              for name, r in ratios.items()}
-    return {"test_set": str(test_set), "convention": CONVENTION, "means": means, "ratios_to_max": ratios,
-            "meets_issue22_target": meets}
+    return {"means": means, "ratios_to_max": ratios, "meets_issue22_target": meets}
+
+
+def print_and_write(out: dict, title: str, extra: dict[str, list[str]], key: str, stem: str,
+                    folder: Path | None) -> Path:
+    """Print the ratio table (``extra``: more columns, header -> one cell per variant) and write
+    ``out`` as the JSON record ``<folder>/<stem>-<date>.json`` (default folder results/benchmarks)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("variant", *(f"{k}/max" for k in RATIO_METRICS), *extra, "SF, AG >= 1.02 and VIF, Qabf >= 0.95"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for i, (name, r) in enumerate(out["ratios_to_max"].items()):
+        table.add_row(name, *(f"{r[k]:.3f}" for k in RATIO_METRICS), *(cells[i] for cells in extra.values()),
+                      "yes" if out["meets_issue22_target"][name] else "no")
+    Console().print(table)
+    path = write_record(make_record([], {key: out}, quick=False, command=sys.argv),
+                        Path(folder or RESULTS) / f"{stem}-{dt.date.today().isoformat()}.json")
+    print(f"written: {path}")
+    return path
+
+
+def run(test_set: Path, amounts: list[float]) -> dict:
+    from fusion.fuse import load_fusion_method
+
+    variants = {"max": load_fusion_method("max", device="cpu")}
+    for kind in ("unsharp", "weak-hp"):
+        for a in amounts:
+            variants[f"{kind} {a:g}"] = SharpenedMax(kind, a).eval()
+    return {"test_set": str(test_set), "convention": CONVENTION, **score_ratios(test_set, variants)}
 
 
 def main(argv=None) -> dict:
@@ -82,19 +109,8 @@ def main(argv=None) -> dict:
     if not (test_set / "ir").is_dir():
         raise SystemExit(f"error: {test_set}/ir not found: this benchmark needs ../shared/data/real/{args.set}.")
     out = run(test_set, [float(a) for a in args.amounts.split(",")])
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"sharpened max on {args.set} ({CONVENTION} preset), ratio to max")
-    for col in ("variant", *(f"{k}/max" for k in RATIO_METRICS), "SF, AG >= 1.02 and VIF, Qabf >= 0.95"):
-        table.add_column(col, justify="left" if col == "variant" else "right")
-    for name, r in out["ratios_to_max"].items():
-        table.add_row(name, *(f"{r[k]:.3f}" for k in RATIO_METRICS), "yes" if out["meets_issue22_target"][name] else "no")
-    Console().print(table)
-    folder = args.out or RESULTS
-    path = write_record(make_record([], {"sharpen_oracle": out}, quick=False, command=sys.argv),
-                        Path(folder) / f"sharpen-oracle-{args.set}-{dt.date.today().isoformat()}.json")
-    print(f"written: {path}")
+    print_and_write(out, f"sharpened max on {args.set} ({CONVENTION} preset), ratio to max", {},
+                    "sharpen_oracle", f"sharpen-oracle-{args.set}", args.out)
     return out
 
 
