@@ -93,7 +93,9 @@ def test_shipped_metrics_are_reproduced_on_msrs(tmp_path):
     assert {"MI", "SF", "AG", "VIF", "Qabf", "SSIM"} <= set(recorded)
     for k, v in recorded.items():
         if v is not None:  # null: a non-finite mean (PSNR of identical images)
-            assert got[k] == pytest.approx(v, abs=1e-6), k
+            # rel 1e-7: float sums of large metrics (MSE ~2,550) differ by ~1e-5 between CPUs'
+            # vector widths (measured: AVX-512 against the AVX2 machine that wrote the record)
+            assert got[k] == pytest.approx(v, rel=1e-7, abs=1e-6), k
 
 
 def test_experiment_checkpoint_pretrained_uses_the_shipped_weights(tmp_path, monkeypatch):
