@@ -83,14 +83,19 @@ def ssim(x: torch.Tensor, y: torch.Tensor, *, window_size: int = 11, sigma: floa
     return (num / den).mean(dim=(1, 2, 3))
 
 
+def _check_one_shape(name: str, fused: torch.Tensor, ir: torch.Tensor, vi: torch.Tensor) -> None:
+    """The losses that stack fused, ir and vi into one tensor need them of one shape."""
+    if fused.shape != ir.shape or fused.shape != vi.shape:
+        raise ValueError(f"{name} expects fused, ir and vi of one shape, got {tuple(fused.shape)}, "
+                         f"{tuple(ir.shape)} and {tuple(vi.shape)}")
+
+
 def ssim_loss(fused: torch.Tensor, ir: torch.Tensor, vi: torch.Tensor, **ssim_kwargs) -> torch.Tensor:
     """``L_ssim = 1 - mean_batch (SSIM(F, IR) + SSIM(F, VI)) / 2`` (Eq. 9); scalar.
 
     Both SSIMs in one call: SSIM averages over channels, so SSIM([F, F], [IR, VI]) over the
     2C channels is (SSIM(F, IR) + SSIM(F, VI)) / 2 (same-sized maps)."""
-    if fused.shape != ir.shape or fused.shape != vi.shape:
-        raise ValueError(f"ssim_loss expects fused, ir and vi of one shape, got {tuple(fused.shape)}, "
-                         f"{tuple(ir.shape)} and {tuple(vi.shape)}")
+    _check_one_shape("ssim_loss", fused, ir, vi)
     return 1.0 - ssim(torch.cat([fused, fused], dim=1), torch.cat([ir, vi], dim=1), **ssim_kwargs).mean()
 
 
@@ -129,9 +134,7 @@ def sobel_l1(x: torch.Tensor) -> torch.Tensor:
 def grad_loss(fused: torch.Tensor, ir: torch.Tensor, vi: torch.Tensor) -> torch.Tensor:
     """Max-gradient L1, ``L_grad = mean | |grad F| - max(|grad IR|, |grad VI|) |`` (Eq. 11), with
     ``|grad x| = |Gx| + |Gy|`` (:func:`sobel_l1`); scalar, float32."""
-    if fused.shape != ir.shape or fused.shape != vi.shape:
-        raise ValueError(f"grad_loss expects fused, ir and vi of one shape, got {tuple(fused.shape)}, "
-                         f"{tuple(ir.shape)} and {tuple(vi.shape)}")
+    _check_one_shape("grad_loss", fused, ir, vi)
     # the three images' Sobel filters in one grouped convolution (faster on CPU than three calls)
     g_f, g_a, g_b = sobel_l1(torch.cat([fused.float(), ir.float(), vi.float()], dim=1)).chunk(3, dim=1)
     return (g_f - torch.maximum(g_a, g_b)).abs().mean()
