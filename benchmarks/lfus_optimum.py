@@ -10,7 +10,9 @@ pixel-wise max M (Adam on a free correction z, ``--steps`` steps, lr ``--lr``):
   describe, a bound on what any network trained with it converges to on this image;
 * ``hp-...``: F = clamp(M + z - blur(z)): only a zero-mean, high-pass correction is allowed (no
   smooth intensity shift);
-* ``gradN``: the weights 1 : 1 : N (L_grad N times heavier).
+* ``gradN``: the weights 1 : 1 : N (L_grad N times heavier); ``smoothN``: 1 : N : 1;
+  ``no-ssim``: 0 : 1 : 1;
+* ``gainG``: L_grad's target is G times the stronger input's gradient (``grad_gain``, paper: 1).
 
 Each optimum's SF, AG, VIF and Qabf are printed as ratios to the max's (sspfusion preset, the
 target's: SF, AG >= 1.02 and VIF, Qabf >= 0.95), with L_fus of the optimum and of the max. It
@@ -31,12 +33,21 @@ from fusion.losses import fusion_loss
 from fusion.structure import high_pass
 
 VARIANTS = {
-    # name: (parametrisation, (w_ssim, w_smooth, w_grad))
-    "paper": ("free", (1.0, 1.0, 1.0)),
-    "hp-paper": ("highpass", (1.0, 1.0, 1.0)),
-    "grad4": ("free", (1.0, 1.0, 4.0)),
-    "hp-grad4": ("highpass", (1.0, 1.0, 4.0)),
-    "no-ssim": ("free", (0.0, 1.0, 1.0)),
+    # name: (parametrisation, (w_ssim, w_smooth, w_grad), grad_gain)
+    "paper": ("free", (1.0, 1.0, 1.0), 1.0),
+    "hp-paper": ("highpass", (1.0, 1.0, 1.0), 1.0),
+    "grad4": ("free", (1.0, 1.0, 4.0), 1.0),
+    "hp-grad4": ("highpass", (1.0, 1.0, 4.0), 1.0),
+    "no-ssim": ("free", (0.0, 1.0, 1.0), 1.0),
+    "hp-no-ssim": ("highpass", (0.0, 1.0, 1.0), 1.0),
+    "hp-smooth2": ("highpass", (1.0, 2.0, 1.0), 1.0),
+    "hp-smooth4": ("highpass", (1.0, 4.0, 1.0), 1.0),
+    "hp-smooth8": ("highpass", (1.0, 8.0, 1.0), 1.0),
+    "hp-smooth4-gain1.1": ("highpass", (1.0, 4.0, 1.0), 1.1),
+    "hp-smooth8-gain1.05": ("highpass", (1.0, 8.0, 1.0), 1.05),
+    "gain1.2": ("free", (1.0, 1.0, 1.0), 1.2),
+    "hp-gain1.2": ("highpass", (1.0, 1.0, 1.0), 1.2),
+    "hp-gain1.5": ("highpass", (1.0, 1.0, 1.0), 1.5),
 }
 
 
@@ -45,12 +56,14 @@ class LossOptimum(LuminanceFusion):
     max. ``form``: "free" (F = clamp(M + z)) or "highpass" (F = clamp(M + z - blur(z))). A probe,
     not registered; records L_fus of the max and of the optimum per image in ``self.losses``."""
 
-    def __init__(self, form: str, weights: tuple[float, float, float], steps: int, lr: float):
+    def __init__(self, form: str, weights: tuple[float, float, float], steps: int, lr: float,
+                 grad_gain: float = 1.0):
         super().__init__()
         if form not in ("free", "highpass"):
             raise ValueError(f"form must be free or highpass, got {form!r}")
         self.form, self.steps, self.lr = form, int(steps), float(lr)
         self.weights = dict(zip(("w_ssim", "w_smooth", "w_grad"), weights, strict=True))
+        self.weights["grad_gain"] = float(grad_gain)
         self.losses: list[tuple[float, float]] = []
 
     def _fused(self, m: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -82,14 +95,14 @@ def run(test_set: Path, variants: list[str], steps: int, lr: float) -> dict:
 
     methods = {"max": load_fusion_method("max", device="cpu")}
     for v in variants:
-        form, weights = VARIANTS[v]
-        methods[v] = LossOptimum(form, weights, steps, lr).eval()
+        form, weights, gain = VARIANTS[v]
+        methods[v] = LossOptimum(form, weights, steps, lr, gain).eval()
     scored = score_ratios(test_set, methods)
     losses = {v: {"lfus_max": sum(a for a, _ in methods[v].losses) / len(methods[v].losses),
                   "lfus_optimum": sum(b for _, b in methods[v].losses) / len(methods[v].losses)}
               for v in variants}
     return {"test_set": str(test_set), "convention": CONVENTION, "steps": steps, "lr": lr,
-            "variants": {v: {"form": VARIANTS[v][0], "weights": VARIANTS[v][1]} for v in variants},
+            "variants": {v: dict(zip(("form", "weights", "grad_gain"), VARIANTS[v])) for v in variants},
             **scored, "lfus": losses}
 
 

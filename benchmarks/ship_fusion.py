@@ -201,7 +201,7 @@ def record(run: Path, ckpt: dict, pt: Path, preset: str, metrics: dict | None) -
         info["structure_iou"] = structure_iou(rows)
     if "output" in kwargs:
         info.update(head=kwargs.get("output"), rec_reduction=kwargs.get("rec_reduction", "mean"),
-                    rec_vs_fus=rec_vs_fus(rows, kwargs))
+                    grad_gain=kwargs.get("grad_gain", 1.0), rec_vs_fus=rec_vs_fus(rows, kwargs))
     return info
 
 

@@ -18,26 +18,15 @@ autocast. Each returns a scalar tensor (mean over the batch).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion.structure import no_autocast, sobel
+from fusion.structure import gaussian_window, no_autocast, sobel
 
 __all__ = ["gaussian_window", "ssim", "SSIMLoss", "ssim_loss", "smooth_loss", "sobel_l1",
            "grad_loss", "fusion_loss", "charbonnier", "CharbonnierLoss", "rec_norm", "REC_REDUCTIONS",
            "rec_loss"]
-
-
-def gaussian_window(size: int = 11, sigma: float = 1.5, *, dtype=torch.float32, device=None) -> torch.Tensor:
-    """Normalised 1-D Gaussian (size,): ``g_i = exp(-(i - c)^2 / (2 sigma^2)) / sum``, c = (size-1)/2.
-    The 2-D window is the outer product ``g g^T`` (sums to 1)."""
-    c = (size - 1) / 2.0
-    g = torch.tensor([math.exp(-((i - c) ** 2) / (2.0 * sigma * sigma)) for i in range(size)],
-                     dtype=torch.float64)
-    return (g / g.sum()).to(dtype=dtype, device=device)
 
 
 def _blur(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -131,22 +120,27 @@ def sobel_l1(x: torch.Tensor) -> torch.Tensor:
 
 
 @no_autocast
-def grad_loss(fused: torch.Tensor, ir: torch.Tensor, vi: torch.Tensor) -> torch.Tensor:
-    """Max-gradient L1, ``L_grad = mean | |grad F| - max(|grad IR|, |grad VI|) |`` (Eq. 11), with
-    ``|grad x| = |Gx| + |Gy|`` (:func:`sobel_l1`); scalar, float32."""
+def grad_loss(fused: torch.Tensor, ir: torch.Tensor, vi: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+    """Max-gradient L1, ``L_grad = mean | |grad F| - gain * max(|grad IR|, |grad VI|) |`` (Eq. 11;
+    the paper's ``gain`` is 1), with ``|grad x| = |Gx| + |Gy|`` (:func:`sobel_l1`); scalar, float32.
+
+    ``gain > 1`` asks for edges stronger than the stronger input's (a sharpened max): a documented
+    departure from the paper, see ``benchmarks/lfus_optimum.py`` for what it buys."""
     _check_one_shape("grad_loss", fused, ir, vi)
     # the three images' Sobel filters in one grouped convolution (faster on CPU than three calls)
     g_f, g_a, g_b = sobel_l1(torch.cat([fused.float(), ir.float(), vi.float()], dim=1)).chunk(3, dim=1)
-    return (g_f - torch.maximum(g_a, g_b)).abs().mean()
+    return (g_f - gain * torch.maximum(g_a, g_b)).abs().mean()
 
 
 def fusion_loss(fused: torch.Tensor, ir: torch.Tensor, vi: torch.Tensor, *, w_ssim: float = 1.0,
-                w_smooth: float = 1.0, w_grad: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                w_smooth: float = 1.0, w_grad: float = 1.0,
+                grad_gain: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``L_fus = w_ssim L_ssim + w_smooth L_smooth + w_grad L_grad`` (Eq. 8; the paper's weights are
-    1 : 1 : 1). Returns (scalar float32 total, {"ssim", "smooth", "grad": unweighted scalars}).
+    1 : 1 : 1; ``grad_gain`` is :func:`grad_loss`'s ``gain``, the paper's 1).
+    Returns (scalar float32 total, {"ssim", "smooth", "grad": unweighted scalars}).
     Any (B, 1, H, W) ``fused`` may be scored, e.g. ``torch.maximum(ir, vi)`` as a trivial answer."""
     parts = {"ssim": ssim_loss(fused, ir, vi), "smooth": smooth_loss(fused, ir, vi),
-             "grad": grad_loss(fused, ir, vi)}
+             "grad": grad_loss(fused, ir, vi, grad_gain)}
     total = w_ssim * parts["ssim"] + w_smooth * parts["smooth"] + w_grad * parts["grad"]
     return total, parts
 

@@ -25,12 +25,14 @@ Conventions (all tensors (B, 1, H, W), float):
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["no_autocast", "sobel", "gaussian_blur", "high_pass", "gradient_magnitude", "structure_map", "structure_gt", "structure_pyramid",
-           "level_size", "xor_masks"]
+__all__ = ["no_autocast", "sobel", "gaussian_window", "gaussian_blur", "high_pass", "gradient_magnitude",
+           "structure_map", "structure_gt", "structure_pyramid", "level_size", "xor_masks"]
+
 
 def no_autocast(fn):
     """Decorator: run ``fn`` with autocast disabled on the device of its first tensor argument, so
@@ -47,17 +49,23 @@ def no_autocast(fn):
     return wrapper
 
 
+def gaussian_window(size: int = 11, sigma: float = 1.5, *, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Normalised 1-D Gaussian (size,): ``g_i = exp(-(i - c)^2 / (2 sigma^2)) / sum``, c = (size-1)/2.
+    The 2-D window is the outer product ``g g^T`` (sums to 1)."""
+    c = (size - 1) / 2.0
+    g = torch.tensor([math.exp(-((i - c) ** 2) / (2.0 * sigma * sigma)) for i in range(size)],
+                     dtype=torch.float64)
+    return (g / g.sum()).to(dtype=dtype, device=device)
+
+
 def gaussian_blur(x: torch.Tensor, sigma: float = 1.0, radius: int = 2) -> torch.Tensor:
-    """Separable Gaussian blur of (B, C, H, W), kernel ``exp(-t^2 / (2 sigma^2))`` for t in
-    [-radius, radius] normalised to sum 1, **reflect** padding (replicate where a side is not longer
-    than ``radius``); same shape and dtype; channels filtered independently (one grouped
-    convolution per direction)."""
+    """Separable Gaussian blur of (B, C, H, W), kernel :func:`gaussian_window` of size
+    ``2 radius + 1``, **reflect** padding (replicate where a side is not longer than ``radius``);
+    same shape and dtype; channels filtered independently (one grouped convolution per direction)."""
     if x.ndim != 4:
         raise ValueError(f"gaussian_blur expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
     c = x.shape[1]
-    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-t ** 2 / (2 * sigma ** 2))
-    k = (k / k.sum()).to(dtype=x.dtype, device=x.device)
+    k = gaussian_window(2 * radius + 1, sigma, dtype=x.dtype, device=x.device)
     mode = "reflect" if min(x.shape[-2:]) > radius else "replicate"
     x = F.pad(x, (radius, radius, radius, radius), mode=mode)
     x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)

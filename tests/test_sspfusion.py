@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fuseseg.errors import ConfigError
-from fusion.losses import SSIMLoss, charbonnier, grad_loss, smooth_loss, ssim, ssim_loss
+from fusion.losses import SSIMLoss, charbonnier, fusion_loss, grad_loss, smooth_loss, ssim, ssim_loss
 from fusion.models.sspfusion import SSPFusion
 from fusion.registry import create_method, get_entry
 from fusion.structure import structure_gt, structure_pyramid, xor_masks
@@ -160,6 +160,10 @@ def test_grad_loss_matches_numpy_and_is_nan_free_on_flat_images():
 
     expect = np.abs(l1grad(f) - np.maximum(l1grad(a), l1grad(b))).mean()
     assert grad_loss(t(f), t(a), t(b)).item() == pytest.approx(expect, rel=1e-5)
+    # grad_gain (a departure, default 1 = the paper): the target is gain x the stronger gradient
+    expect_gain = np.abs(l1grad(f) - 1.3 * np.maximum(l1grad(a), l1grad(b))).mean()
+    assert grad_loss(t(f), t(a), t(b), 1.3).item() == pytest.approx(expect_gain, rel=1e-5)
+    assert expect_gain != pytest.approx(expect, rel=1e-3)
     flat = torch.full((1, 1, 8, 8), 0.5, requires_grad=True)
     grad_loss(flat, t(rng.random((8, 8))), t(rng.random((8, 8)))).backward()
     assert torch.isfinite(flat.grad).all()
@@ -286,6 +290,20 @@ def test_structure_map_switch():
     np.testing.assert_array_equal(m_g._hard_map(p)[0, 0].numpy(), expect)
     with pytest.raises(ConfigError, match="structure_map"):
         SSPFusion(structure_map="otsu")
+
+
+def test_grad_gain_reaches_the_models_loss_and_its_record():
+    rng = np.random.default_rng(9)
+    f, a, b = (t(rng.random((16, 16))) for _ in range(3))
+    paper, gained = SSPFusion(**TINY), SSPFusion(**TINY, grad_gain=1.5)
+    assert paper.init_kwargs["grad_gain"] == 1.0 and gained.init_kwargs["grad_gain"] == 1.5
+    # only L_grad's target changes: the difference of the two totals is L_grad(1.5) - L_grad(1)
+    diff = gained.fusion_loss(f, a, b) - paper.fusion_loss(f, a, b)
+    assert diff.item() == pytest.approx((grad_loss(f, a, b, 1.5) - grad_loss(f, a, b)).item(), abs=1e-6)
+    assert abs(diff.item()) > 1e-3
+    assert fusion_loss(f, a, b, grad_gain=1.5)[1]["grad"].item() == pytest.approx(grad_loss(f, a, b, 1.5).item())
+    with pytest.raises(ConfigError, match="grad_gain.*> 0"):
+        SSPFusion(grad_gain=0.0)
 
 
 # ------------------------------------------------------------------ ablations and registry

@@ -180,6 +180,8 @@ class SSPFusion(LuminanceFusion):
       ("shared") or has its own ("separate").
     * ``charbonnier_eps`` (1.0, the paper's eps) and ``alpha`` (0.01): L_total = alpha L_rec + L_fus.
     * ``w_ssim``, ``w_smooth``, ``w_grad`` (1.0 each, the paper's 1:1:1): weights of L_fus.
+    * ``grad_gain`` (1.0, the paper's): L_grad's target is ``grad_gain`` times the stronger input's
+      gradient (:func:`fusion.losses.grad_loss`); > 1 asks for a sharpened max (a departure).
     * ``output`` ("sigmoid", the paper's): the fused Y is ``sigmoid(z)`` of the head's output z;
       ``"clamp"``: ``clamp(z, 0, 1)``; ``"max_residual"``: ``clamp(max(IR, VI_Y) + z, 0, 1)`` with
       the head initialised to zero, so training starts at the pixel-wise max (fusion/README.md);
@@ -205,7 +207,8 @@ class SSPFusion(LuminanceFusion):
                  use_spf: bool = True, structure_map: str = "G", charbonnier_eps: float = 1.0,
                  alpha: float = 0.01, structure_branch: str = "shared", w_ssim: float = 1.0,
                  w_smooth: float = 1.0, w_grad: float = 1.0, output: str = "sigmoid",
-                 init: str = "default", rec_reduction: str = "norm", clamp_grad: str = "restoring"):
+                 init: str = "default", rec_reduction: str = "norm", clamp_grad: str = "restoring",
+                 grad_gain: float = 1.0):
         super().__init__()
         channels = tuple(int(c) for c in channels)
         if int(levels) != levels or levels < 1:
@@ -230,6 +233,8 @@ class SSPFusion(LuminanceFusion):
         if min(w_ssim, w_smooth, w_grad) < 0:
             raise ConfigError(f"sspfusion: loss weights w_ssim, w_smooth, w_grad must be >= 0, got "
                               f"{w_ssim!r}, {w_smooth!r}, {w_grad!r}")
+        if not grad_gain > 0:
+            raise ConfigError(f"sspfusion: `grad_gain` must be > 0 (the paper's is 1.0), got {grad_gain!r}")
         if charbonnier_eps < 0 or alpha < 0:
             raise ConfigError(f"sspfusion: `charbonnier_eps` and `alpha` must be >= 0, got "
                               f"{charbonnier_eps!r} and {alpha!r}")
@@ -238,8 +243,10 @@ class SSPFusion(LuminanceFusion):
                             "charbonnier_eps": float(charbonnier_eps), "alpha": float(alpha),
                             "structure_branch": structure_branch, "w_ssim": float(w_ssim),
                             "w_smooth": float(w_smooth), "w_grad": float(w_grad), "output": output,
-                            "init": init, "rec_reduction": rec_reduction, "clamp_grad": clamp_grad}
-        self.loss_weights = {"w_ssim": float(w_ssim), "w_smooth": float(w_smooth), "w_grad": float(w_grad)}
+                            "init": init, "rec_reduction": rec_reduction, "clamp_grad": clamp_grad,
+                            "grad_gain": float(grad_gain)}
+        self.loss_weights = {"w_ssim": float(w_ssim), "w_smooth": float(w_smooth), "w_grad": float(w_grad),
+                             "grad_gain": float(grad_gain)}
         self.output = output
         self._clamp = restoring_clamp if clamp_grad == "restoring" else _torch_clamp
         self.levels, self.channels = levels, channels

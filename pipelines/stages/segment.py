@@ -192,6 +192,8 @@ def _recipe_text(method: str, kwargs: dict | None, shipped: bool) -> str:
         resolved = getattr(create_method(method, **kwargs), "init_kwargs", {})
     names = (("output", "head"), ("rec_reduction", "L_rec"))
     text = "".join(f", {label} {resolved[k]}" for k, label in names if k in resolved)
+    if resolved.get("grad_gain", 1.0) != 1.0:   # a departure from the paper's L_grad: say it
+        text += f", L_grad target x{resolved['grad_gain']:g}"
     if shipped and has_shipped(method) and (shipped_info(method) or {}).get("semantic_loss"):
         text += f", semantic loss {shipped_info(method)['semantic_loss'].split(':')[0]}"
     return text
