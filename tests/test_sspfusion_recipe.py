@@ -168,7 +168,8 @@ def test_reproduction_command_of_the_shipped_weights(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, expect", [("{output: max_residual}", "head max_residual, L_rec norm"),
-                                            ("{output: sigmoid, rec_reduction: mean}", "head sigmoid, L_rec mean")])
+                                            ("{output: sigmoid, rec_reduction: mean}", "head sigmoid, L_rec mean"),
+                                            ("{output: max_detail, grad_gain: 1.1}", "L_rec norm, L_grad target x1.1")])
 def test_protocol_line_names_the_head_and_the_rec_reduction(kwargs, expect):
     from pipelines.config import load_config
     from pipelines.experiment import ExperimentConfig

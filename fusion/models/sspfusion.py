@@ -245,8 +245,7 @@ class SSPFusion(LuminanceFusion):
                             "w_smooth": float(w_smooth), "w_grad": float(w_grad), "output": output,
                             "init": init, "rec_reduction": rec_reduction, "clamp_grad": clamp_grad,
                             "grad_gain": float(grad_gain)}
-        self.loss_weights = {"w_ssim": float(w_ssim), "w_smooth": float(w_smooth), "w_grad": float(w_grad),
-                             "grad_gain": float(grad_gain)}
+        self.loss_weights = {k: self.init_kwargs[k] for k in ("w_ssim", "w_smooth", "w_grad", "grad_gain")}
         self.output = output
         self._clamp = restoring_clamp if clamp_grad == "restoring" else _torch_clamp
         self.levels, self.channels = levels, channels
